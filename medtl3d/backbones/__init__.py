@@ -1,0 +1,53 @@
+"""The backbone zoo: 2D and 3D networks exposed as ordered units with named cut points.
+
+``create_backbone(name, spatial_dims, in_channels, weights)`` builds one and loads weights; importing this package
+registers every family module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import resnet  # noqa: F401  (registers the family)
+from ._base import LEVELS, Backbone, CutPoint, Unit
+from ._registry import BackboneEntry, build_backbone, get_entry, list_backbones, register_backbone
+
+
+def create_backbone(
+    name: str,
+    spatial_dims: int | None = None,
+    in_channels: int | None = None,
+    weights: str | Path | None = None,
+    **kwargs,
+) -> Backbone:
+    """Build backbone ``name`` and load ``weights`` (None, a registered name such as ``imagenet``, or a file).
+
+    The published classifier of a weight file is kept on ``backbone.pretrained_head`` (empty when none), so a
+    full model can reuse it; the load report is on ``backbone.weights_report``.
+    """
+    from ..weights import load_backbone_state, resolve_weights
+
+    backbone = build_backbone(name, spatial_dims, in_channels, **kwargs)
+    backbone.weights_source = None
+    backbone.pretrained_head = {}
+    if weights is not None:
+        state, source = resolve_weights(name, weights)
+        report = load_backbone_state(backbone, state, source)
+        backbone.weights_source = source
+        backbone.pretrained_head = report.head_state
+        backbone.weights_report = report
+    return backbone
+
+
+__all__ = [
+    "LEVELS",
+    "Backbone",
+    "BackboneEntry",
+    "CutPoint",
+    "Unit",
+    "build_backbone",
+    "create_backbone",
+    "get_entry",
+    "list_backbones",
+    "register_backbone",
+]

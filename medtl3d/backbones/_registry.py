@@ -1,0 +1,107 @@
+"""Backbone registry: ``@register_backbone`` on a builder, ``create_backbone`` and ``list_backbones`` to use it.
+
+Each entry records what a user (and the strategies) must know before building: which spatial dimensions the
+architecture supports, its default and smallest valid input size, which named weights it has (loaded through
+torchvision/timm's own hub mechanisms) and whether TransFusion can slim it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..errors import UnknownBackboneError
+from ._base import Backbone
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    """What the registry knows about one backbone name."""
+
+    name: str
+    builder: Callable[..., Backbone]
+    spatial_dims: tuple[int, ...]
+    default_input: dict[int, tuple[int, ...]]
+    min_input: dict[int, tuple[int, ...]]
+    in_channels: int = 3
+    family: str = ""
+    description: str = ""
+    hub_weights: dict[str, Callable[[], dict]] = field(default_factory=dict)
+    slimmable: bool = True
+    head_keys: tuple[str, ...] = ()
+
+
+_REGISTRY: dict[str, BackboneEntry] = {}
+
+
+def register_backbone(
+    name: str,
+    *,
+    spatial_dims: tuple[int, ...],
+    default_input: dict[int, tuple[int, ...]],
+    min_input: dict[int, tuple[int, ...]],
+    in_channels: int = 3,
+    family: str = "",
+    description: str = "",
+    hub_weights: dict[str, Callable[[], dict]] | None = None,
+    slimmable: bool = True,
+    head_keys: tuple[str, ...] = (),
+) -> Callable[[Callable[..., Backbone]], Callable[..., Backbone]]:
+    """Register a builder ``fn(spatial_dims, in_channels, **kwargs) -> Backbone`` under ``name``.
+
+    ``head_keys`` are the state_dict prefixes of the published classifier (``fc``, ``classifier``...): weight files
+    carry them, backbones do not. ``hub_weights`` maps a weight name (``imagenet``) to a function returning the
+    state_dict through the library hub (it raises when the hub is unreachable).
+    """
+
+    def decorator(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
+        if name in _REGISTRY:
+            raise ValueError(f"backbone {name!r} registered twice")
+        _REGISTRY[name] = BackboneEntry(
+            name=name,
+            builder=fn,
+            spatial_dims=tuple(spatial_dims),
+            default_input=dict(default_input),
+            min_input=dict(min_input),
+            in_channels=in_channels,
+            family=family,
+            description=description or (fn.__doc__ or "").strip().splitlines()[0],
+            hub_weights=dict(hub_weights or {}),
+            slimmable=slimmable,
+            head_keys=tuple(head_keys),
+        )
+        return fn
+
+    return decorator
+
+
+def list_backbones(spatial_dims: int | None = None) -> list[str]:
+    """Registered backbone names (optionally only those that support ``spatial_dims``), sorted."""
+    return sorted(n for n, e in _REGISTRY.items() if spatial_dims is None or spatial_dims in e.spatial_dims)
+
+
+def get_entry(name: str) -> BackboneEntry:
+    """Registry entry of ``name``; an unknown name raises an error listing the registered ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownBackboneError(
+            f"unknown backbone {name!r}; registered backbones: {', '.join(list_backbones())}"
+        ) from None
+
+
+def build_backbone(name: str, spatial_dims: int | None = None, in_channels: int | None = None, **kwargs) -> Backbone:
+    """Build a randomly initialised backbone (no weight loading); ``kwargs`` go to the family builder."""
+    entry = get_entry(name)
+    dims = entry.spatial_dims[0] if spatial_dims is None else int(spatial_dims)
+    if dims not in entry.spatial_dims:
+        raise UnknownBackboneError(
+            f"backbone {name!r} supports spatial_dims {entry.spatial_dims}, not {dims}"
+        )
+    channels = entry.in_channels if in_channels is None else int(in_channels)
+    if channels < 1:
+        raise UnknownBackboneError(f"in_channels must be >= 1, got {channels} for backbone {name!r}")
+    backbone = entry.builder(spatial_dims=dims, in_channels=channels, **kwargs)
+    backbone.name = name
+    backbone.build_args = {"spatial_dims": dims, "in_channels": channels, **kwargs}
+    return backbone

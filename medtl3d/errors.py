@@ -1,0 +1,31 @@
+"""Errors medtl3d raises for bad input: each names the offending thing and says what would be valid."""
+
+from __future__ import annotations
+
+
+class Medtl3dError(Exception):
+    """Base class of every error medtl3d raises on purpose."""
+
+
+class UnknownBackboneError(Medtl3dError, ValueError):
+    """A backbone name that is not registered, or a spatial dimension it does not support."""
+
+
+class UnknownCutPointError(Medtl3dError, ValueError):
+    """A cut point name (or index) that the backbone does not have."""
+
+
+class StrategyNotApplicableError(Medtl3dError, ValueError):
+    """A transfer-learning strategy, or a strategy argument, that does not apply to a backbone."""
+
+
+class WeightsError(Medtl3dError, ValueError):
+    """A weight file that cannot be read, or whose tensors do not fit the backbone."""
+
+
+class UnsafeCheckpointError(WeightsError):
+    """A checkpoint that would need arbitrary unpickling (torch.load(weights_only=False)) to read."""
+
+
+class HubUnavailableError(Medtl3dError, RuntimeError):
+    """Registered weights (e.g. ``imagenet``) that could not be fetched because no model hub is reachable."""

@@ -1,0 +1,165 @@
+"""Reading weight files safely and loading them into a backbone (and optionally its published head).
+
+Accepted sources: ``None``; a registered name (``imagenet``) fetched through torchvision/timm; a local
+``.pth/.pt/.bin/.ckpt/.safetensors/.npz`` file in any of the known layouts. Files are read with
+``torch.load(weights_only=True)`` (never arbitrary unpickling) or ``numpy.load(allow_pickle=False)``; wrappers such as
+``{"state_dict": ...}`` (Hara), ``{"model_state": ...}`` (PENet) and ``module.`` prefixes are removed; the family's
+converter maps foreign layouts onto the native keys; the first conv is adapted to the input channels and 2D kernels
+are inflated for 3D twins. Anything that still does not fit is an error that lists the keys.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UnsafeCheckpointError, WeightsError
+from ._adapt import adapt_input_channels, inflate_state_dict
+
+WRAPPER_KEYS = ("state_dict", "model_state", "model_state_dict", "model", "net", "network", "params_ema")
+PREFIXES = ("module.", "_orig_mod.")
+FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".npz", ".tar")
+
+
+@dataclass
+class LoadReport:
+    """What happened while loading: where from, which tensors were adapted, and the published head."""
+
+    source: str
+    adapted: list[str] = field(default_factory=list)
+    inflated: list[str] = field(default_factory=list)
+    head_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a weight file into a flat ``{key: tensor}`` dict, refusing anything that needs unpickling."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        raw: object = load_file(str(path))
+    elif suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                raw = {k: torch.from_numpy(np.array(archive[k])) for k in archive.files if archive[k].dtype != np.str_}
+        except ValueError as exc:
+            raise UnsafeCheckpointError(
+                f"{path}: the .npz holds object arrays that need pickle; refused ({exc})"
+            ) from exc
+    else:
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise UnsafeCheckpointError(
+                f"{path}: this checkpoint needs arbitrary unpickling (weights_only=False), which could run code "
+                f"from the file, so medtl3d refuses it. Re-save only its state_dict, e.g. "
+                f"torch.save(model.state_dict(), 'clean.pth'). Detail: {str(exc).splitlines()[0]}"
+            ) from exc
+        except Exception as exc:
+            raise WeightsError(f"{path}: not a readable PyTorch weight file ({type(exc).__name__}: {exc})") from exc
+    return flatten_checkpoint(raw, str(path))
+
+
+def flatten_checkpoint(raw: object, source: str) -> dict[str, torch.Tensor]:
+    """Unwrap ``{"state_dict": ...}``-style containers and strip ``module.`` prefixes."""
+    while isinstance(raw, Mapping) and not _is_state_dict(raw):
+        inner = next((raw[k] for k in WRAPPER_KEYS if isinstance(raw.get(k), Mapping)), None)
+        if inner is None:
+            kinds = {k: type(v).__name__ for k, v in list(raw.items())[:10]}
+            raise WeightsError(f"{source}: no state_dict found; top-level entries are {kinds}")
+        raw = inner
+    if not isinstance(raw, Mapping):
+        raise WeightsError(f"{source}: expected a dict of tensors, found {type(raw).__name__}")
+    state = {}
+    for key, value in raw.items():
+        for prefix in PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        state[key] = value
+    return state
+
+
+def _is_state_dict(raw: Mapping) -> bool:
+    return len(raw) > 0 and all(isinstance(v, torch.Tensor) for v in raw.values())
+
+
+def resolve_weights(backbone_name: str, weights: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """State dict and a description of its source, from a registered name or a file path."""
+    from ..backbones._registry import get_entry
+
+    entry = get_entry(backbone_name)
+    if isinstance(weights, str) and weights in entry.hub_weights:
+        fetch = entry.hub_weights[weights]
+        return flatten_checkpoint(fetch(), weights), getattr(fetch, "source", weights)
+    path = Path(weights)
+    if path.is_file():
+        return read_checkpoint(path), str(path)
+    known = ", ".join(sorted(entry.hub_weights)) or "none"
+    raise WeightsError(
+        f"weights={str(weights)!r} for backbone {backbone_name!r} is neither an existing file nor a registered "
+        f"weight name (registered for {backbone_name}: {known})"
+    )
+
+
+def first_conv_key(model: nn.Module, in_channels: int) -> str | None:
+    """State key of the first convolution that reads the input."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.in_channels == in_channels:
+            return f"{name}.weight"
+    return None
+
+
+def load_backbone_state(backbone, state: dict[str, torch.Tensor], source: str) -> LoadReport:
+    """Load ``state`` strictly into ``backbone``; published head keys are returned in the report, not loaded."""
+    from ..backbones._registry import get_entry
+
+    report = LoadReport(source=source)
+    state = backbone.convert_state_dict(dict(state))
+    head_prefixes = tuple(p + "." for p in get_entry(backbone.name).head_keys)
+    body: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        (report.head_state if key.startswith(head_prefixes) else body)[key] = value
+    target = backbone.state_dict()
+
+    body, report.inflated = inflate_state_dict(body, target)
+    conv_key = first_conv_key(backbone, backbone.in_channels)
+    if conv_key in body and conv_key in target and body[conv_key].shape[1] != target[conv_key].shape[1]:
+        body[conv_key] = adapt_input_channels(body[conv_key], target[conv_key].shape[1])
+        report.adapted.append(conv_key)
+
+    missing = sorted(set(target) - set(body))
+    unexpected = sorted(set(body) - set(target))
+    mismatched = sorted(
+        f"{k}: file {tuple(body[k].shape)} vs model {tuple(target[k].shape)}"
+        for k in set(body) & set(target)
+        if tuple(body[k].shape) != tuple(target[k].shape)
+    )
+    if missing or unexpected or mismatched:
+        raise WeightsError(_mismatch_message(backbone.name, source, missing, unexpected, mismatched))
+    backbone.load_state_dict({k: v.to(target[k].dtype) for k, v in body.items()}, strict=True)
+    return report
+
+
+def _mismatch_message(name, source, missing, unexpected, mismatched) -> str:
+    def listing(title: str, items: list[str]) -> str:
+        if not items:
+            return ""
+        shown = "\n    ".join(items[:15])
+        more = f"\n    ... and {len(items) - 15} more" if len(items) > 15 else ""
+        return f"\n  {title} ({len(items)}):\n    {shown}{more}"
+
+    return (
+        f"weights from {source} do not fit backbone {name!r} (is the file for another architecture?)"
+        + listing("missing in the file", missing)
+        + listing("unexpected in the file", unexpected)
+        + listing("shape mismatch", mismatched)
+    )
