@@ -165,19 +165,37 @@ class Backbone(nn.Module):
 
     # ----------------------------------------------------------------- ownership
     def unit_modules(self, index: int) -> list[nn.Module]:
-        return [self.get_submodule(p) for p in self.units[index].modules]
+        """Submodules owned by unit ``index`` (bare tensors it owns are left out)."""
+        return [m for m in map(self._owned, self.units[index].modules) if isinstance(m, nn.Module)]
+
+    def _owned(self, path: str) -> nn.Module | torch.Tensor:
+        """A unit path names a submodule or, for tokens such as ``cls_token``, a bare parameter/buffer."""
+        parent_path, _, child = path.rpartition(".")
+        parent = self.get_submodule(parent_path) if parent_path else self
+        if child in parent._parameters:
+            return parent._parameters[child]
+        if child in parent._buffers:
+            return parent._buffers[child]
+        return self.get_submodule(path)
 
     def unit_state_keys(self, index: int) -> list[str]:
         """``state_dict`` keys (parameters and buffers) owned by unit ``index``."""
         keys: list[str] = []
         for path in self.units[index].modules:
-            module = self.get_submodule(path)
-            keys.extend(f"{path}.{k}" for k in module.state_dict().keys())
+            owned = self._owned(path)
+            if isinstance(owned, torch.Tensor):
+                keys.append(path)
+            else:
+                keys.extend(f"{path}.{k}" for k in owned.state_dict().keys())
         return keys
 
     def unit_parameters(self, index: int) -> Iterator[nn.Parameter]:
-        for module in self.unit_modules(index):
-            yield from module.parameters()
+        for path in self.units[index].modules:
+            owned = self._owned(path)
+            if isinstance(owned, nn.Parameter):
+                yield owned
+            elif isinstance(owned, nn.Module):
+                yield from owned.parameters()
 
     def unit_of_key(self) -> dict[str, int]:
         """Map every ``state_dict`` key to the index of the unit that owns it."""
@@ -194,7 +212,8 @@ class Backbone(nn.Module):
                     continue
                 parent_path, _, child = path.rpartition(".")
                 parent = self.get_submodule(parent_path) if parent_path else self
-                del parent._modules[child]
+                for table in (parent._modules, parent._parameters, parent._buffers):
+                    table.pop(child, None)
         self.units = self.units[: point.unit + 1]
         self._remove_empty_containers()
         return self
