@@ -1,0 +1,109 @@
+"""The ``medtl3d`` console script.
+
+``medtl3d backbones`` lists the zoo; ``medtl3d backbones NAME`` prints a backbone's cut points as a table, with the
+parameters a truncation at each cut keeps. Errors from bad input are printed as one line (exit status 2), not as a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+import torch
+
+from .errors import Medtl3dError
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _size(shape: Sequence[int]) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def list_backbones_table() -> str:
+    from .backbones import build_backbone, get_entry, list_backbones
+
+    rows = []
+    for name in list_backbones():
+        entry = get_entry(name)
+        dims = entry.spatial_dims[0]
+        with torch.device("meta"):  # structure only: no memory, no initialisation cost
+            backbone = build_backbone(name, dims)
+        rows.append([
+            name,
+            "/".join(f"{d}D" for d in entry.spatial_dims),
+            entry.in_channels,
+            _size(entry.default_input[dims]),
+            len(backbone.cut_points_at("block")),
+            len(backbone.cut_points_at("layer")),
+            "yes" if entry.slimmable else "no",
+            ", ".join(sorted(entry.hub_weights)) or "-",
+            entry.description,
+        ])
+    headers = ["backbone", "dims", "in_ch", "default input", "block cuts", "layer cuts", "transfusion",
+               "hub weights", "description"]
+    return _table(headers, rows)
+
+
+def cut_points_table(name: str, spatial_dims: int | None = None, level: str | None = None) -> str:
+    from .backbones import build_backbone
+
+    with torch.device("meta"):
+        backbone = build_backbone(name, spatial_dims)
+    params_by_unit = [sum(p.numel() for p in backbone.unit_parameters(i)) for i in range(len(backbone.units))]
+    rows = []
+    for cut in backbone.cut_points_at(level):
+        kept = sum(params_by_unit[: cut.unit + 1])
+        rows.append([cut.name, cut.level, cut.channels, cut.reduction_str, f"{kept / 1e6:.3f}"])
+    title = f"{name} ({backbone.spatial_dims}D, {backbone.in_channels} input channels): {len(rows)} cut points"
+    return title + "\n" + _table(["cut point", "level", "channels", "reduction", "params kept (M)"], rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="medtl3d", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    zoo = commands.add_parser("backbones", help="list backbones, or one backbone's cut points")
+    zoo.add_argument("name", nargs="?", help="backbone whose cut points to print")
+    zoo.add_argument("--spatial-dims", type=int, choices=(2, 3), help="build the 2D or 3D variant")
+    zoo.add_argument("--level", choices=("block", "layer", "all"), default="all", help="cut-point level to show")
+    cost = commands.add_parser("efficiency", help="params, MACs and latency of a backbone at its cut points")
+    cost.add_argument("name", help="backbone to measure")
+    cost.add_argument("--strategy", default="truncate", help="transfer strategy measured at each cut (default truncate)")
+    cost.add_argument("--cuts", default="block", help="all, block, layer or comma-separated cut point names")
+    cost.add_argument("--input", help="input shape CxHxW or CxDxHxW (default: the backbone's default input)")
+    cost.add_argument("--batch", default="1", help="batch size(s), comma-separated")
+    cost.add_argument("--device", default="cpu")
+    cost.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    cost.add_argument("--amp", action="store_true", help="time under autocast")
+    cost.add_argument("--channels-last", action="store_true")
+    cost.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs")
+    cost.add_argument("--runs", type=int, default=20, help="timed runs (0: count only)")
+    cost.add_argument("--output", help="directory for the CSV, JSON, Markdown and PNG reports")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "backbones":
+            print(cut_points_table(args.name, args.spatial_dims, args.level) if args.name else list_backbones_table())
+        elif args.command == "efficiency":
+            from .efficiency import efficiency_report
+
+            report = efficiency_report(
+                args.name, args.strategy, args.cuts, args.input, [int(b) for b in args.batch.split(",")],
+                args.device, args.dtype, args.amp, args.channels_last, args.warmup, args.runs, output_dir=args.output,
+            )
+            print(report.to_markdown())
+    except Medtl3dError as exc:
+        print(f"medtl3d: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
