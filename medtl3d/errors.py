@@ -29,3 +29,7 @@ class UnsafeCheckpointError(WeightsError):
 
 class HubUnavailableError(Medtl3dError, RuntimeError):
     """Registered weights (e.g. ``imagenet``) that could not be fetched because no model hub is reachable."""
+
+
+class EfficiencyError(Medtl3dError, ValueError):
+    """An efficiency report that cannot be made as asked: input too small, device missing, untraceable model."""

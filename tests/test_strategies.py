@@ -184,3 +184,12 @@ def test_every_strategy_builds_and_trains_on_every_backbone(name, dims, strategy
         assert len(trainable) == 2
     if strategy in ("full", "random", "stats", "truncate", "transfusion", "partial"):
         assert not frozen
+
+
+@pytest.mark.parametrize("cut", ["stem", "layer1", "layer2", "layer3"])
+def test_transfusion_into_a_parameter_free_shortcut_stage(cut):
+    """MedicalNet's shortcut 'A' has no weights to narrow: a slimmed stage keeps the leading channels."""
+    backbone = build_backbone("resnet3d_18")
+    model = transfusion(backbone, cut, num_classes=2).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 32, 32, 32)).shape == (1, 2)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import resnet  # noqa: F401  (registers the family)
+from . import cbr, densenet, i3d, inception, mobilenet, penet, resnet, transformers  # noqa: F401  (each registers its family)
 from ._base import LEVELS, Backbone, CutPoint, Unit
 from ._registry import BackboneEntry, build_backbone, get_entry, list_backbones, register_backbone
 

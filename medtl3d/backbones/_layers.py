@@ -7,6 +7,8 @@ from typing import Sequence
 from monai.networks.layers.factories import Conv, Norm, Pool
 from torch import nn
 
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
 
 def as_tuple(value: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
     """``3 -> (3, 3)`` in 2D; a sequence must already have one entry per spatial axis."""
@@ -64,3 +66,22 @@ def slim(channels: int, factor: float, multiple: int = 1) -> int:
     """``channels / factor`` rounded to a positive multiple of ``multiple`` (TransFusion width reduction)."""
     value = max(multiple, int(round(channels / factor / multiple)) * multiple)
     return value
+
+
+def unit_width(channels: int, unit: int, multiple: int = 1, *, slim_from: int | None, width_factor: float) -> int:
+    """Width of a layer in unit ``unit``: unchanged below ``slim_from``, divided by ``width_factor`` from it on."""
+    if slim_from is None or unit < slim_from:
+        return channels
+    return slim(channels, width_factor, multiple)
+
+
+def init_conv_bn_(model: nn.Module, mode: str = "fan_out") -> None:
+    """Kaiming-normal (ReLU gain) convolutions with zero biases, BatchNorms at weight 1 / bias 0."""
+    for m in model.modules():
+        if isinstance(m, CONVS):
+            nn.init.kaiming_normal_(m.weight, mode=mode, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

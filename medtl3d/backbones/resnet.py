@@ -11,20 +11,22 @@ Units: ``stem`` (conv1, bn1, relu, maxpool; block cut ``stem``) and one unit per
 
 from __future__ import annotations
 
+from functools import partial
+
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..weights._hub import torchvision_weights
 from ._base import Backbone, Unit
-from ._layers import as_tuple, batch_norm, conv, max_pool, slim
+from ._layers import as_tuple, batch_norm, conv, init_conv_bn_, max_pool, unit_width
 from ._registry import register_backbone
 
 
 class ShortcutA(nn.Module):
-    """Parameter-free shortcut (MedicalNet 'A'): strided subsampling, then zero channels appended."""
+    """Parameter-free shortcut (MedicalNet 'A'): strided subsampling, then zero channels appended (or, into a
+    slimmed stage, the leading channels kept)."""
 
     def __init__(self, out_channels: int, stride: tuple[int, ...]) -> None:
         super().__init__()
@@ -35,6 +37,8 @@ class ShortcutA(nn.Module):
         index = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in self.stride)
         x = x[index]
         missing = self.out_channels - x.shape[1]
+        if missing < 0:  # only in TransFusion-slimmed stages: keep the leading channels, still parameter-free
+            return x[:, : self.out_channels]
         if missing > 0:
             x = torch.cat([x, x.new_zeros((x.shape[0], missing) + x.shape[2:])], dim=1)
         return x
@@ -117,10 +121,7 @@ class ResNet(Backbone):
         if shortcut not in ("A", "B"):
             raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
 
-        def width(channels: int, unit: int, multiple: int = 1) -> int:
-            if slim_from is None or unit < slim_from:
-                return channels
-            return slim(channels, width_factor, multiple)
+        width = partial(unit_width, slim_from=slim_from, width_factor=width_factor)
 
         stem_out = width(stem_channels, 0)
         stem_stride_t = as_tuple(stem_stride, dims)
@@ -159,16 +160,8 @@ class ResNet(Backbone):
                 in_ch, unit_index = out_w, unit_index + 1
             self.add_module(f"layer{stage_index}", layer)
         self._set_units(units)
-        self._init_weights()
+        init_conv_bn_(self)
 
-    def _init_weights(self) -> None:
-        """Kaiming-normal convolutions, unit norms (the torchvision/MONAI default)."""
-        for m in self.modules():
-            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
 
 def _stages(mids, outs, blocks) -> list[tuple[int, int, int, int]]:

@@ -130,6 +130,7 @@ def load_backbone_state(backbone, state: dict[str, torch.Tensor], source: str) -
         (report.head_state if key.startswith(head_prefixes) else body)[key] = value
     target = backbone.state_dict()
 
+    body = _normalise_batch_counters(body, target)
     body, report.inflated = inflate_state_dict(body, target)
     conv_key = first_conv_key(backbone, backbone.in_channels)
     if conv_key in body and conv_key in target and body[conv_key].shape[1] != target[conv_key].shape[1]:
@@ -147,6 +148,21 @@ def load_backbone_state(backbone, state: dict[str, torch.Tensor], source: str) -
         raise WeightsError(_mismatch_message(backbone.name, source, missing, unexpected, mismatched))
     backbone.load_state_dict({k: v.to(target[k].dtype) for k, v in body.items()}, strict=True)
     return report
+
+
+def _normalise_batch_counters(body: dict, target: dict) -> dict:
+    """BatchNorm ``num_batches_tracked`` as torch's own loader treats it: absent (old files, converted TF/Keras
+    weights) means 0, a one-element tensor becomes a scalar. The counter holds no learned information."""
+    body = dict(body)
+    for key, goal in target.items():
+        if not key.endswith("num_batches_tracked"):
+            continue
+        value = body.get(key)
+        if value is None:
+            body[key] = torch.zeros_like(goal)
+        elif value.numel() == 1 and value.shape != goal.shape:
+            body[key] = value.reshape(goal.shape)
+    return body
 
 
 def _mismatch_message(name, source, missing, unexpected, mismatched) -> str:

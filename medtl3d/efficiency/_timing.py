@@ -1,0 +1,143 @@
+"""Wall-clock latency: W warm-up runs (not measured), then N timed runs summarised by median, p90 and spread.
+
+A stopwatch times one run. :class:`PerfCounterStopwatch` reads ``time.perf_counter`` (CPU); :class:`CudaEventStopwatch`
+records CUDA events and synchronises before reading them (GPU work is asynchronous, so a host clock alone would time
+the kernel launches). Both take their clock / events / synchroniser as arguments, so tests can drive them with fakes.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+
+class PerfCounterStopwatch:
+    """Host-clock stopwatch (``time.perf_counter`` by default); ``synchronize`` runs before each reading."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter, synchronize: Callable[[], None] = lambda: None):
+        self.clock = clock
+        self.synchronize = synchronize
+        self._start = 0.0
+
+    def start(self) -> None:
+        self.synchronize()
+        self._start = self.clock()
+
+    def stop(self) -> float:
+        """Milliseconds since :meth:`start`."""
+        self.synchronize()
+        return (self.clock() - self._start) * 1000.0
+
+
+class CudaEventStopwatch:
+    """CUDA-event stopwatch: events bracket the run on the stream, a synchronise waits for it before reading."""
+
+    def __init__(self, event_factory: Callable[[], object] | None = None,
+                 synchronize: Callable[[], None] | None = None):
+        self.event_factory = event_factory or (lambda: torch.cuda.Event(enable_timing=True))
+        self.synchronize = synchronize or torch.cuda.synchronize
+        self._start = self._end = None
+
+    def start(self) -> None:
+        self._start, self._end = self.event_factory(), self.event_factory()
+        self._start.record()
+
+    def stop(self) -> float:
+        self._end.record()
+        self.synchronize()
+        return float(self._start.elapsed_time(self._end))
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Summary of the timed runs (warm-ups excluded), in milliseconds."""
+
+    median_ms: float
+    p90_ms: float
+    min_ms: float
+    max_ms: float
+    runs: int
+    warmup: int
+    samples_ms: tuple[float, ...]
+
+    @property
+    def spread_ms(self) -> float:
+        """p90 - median: how far the slow tail sits from the typical run."""
+        return self.p90_ms - self.median_ms
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "spread_ms": self.spread_ms}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolation percentile (numpy's default), ``q`` in [0, 100]."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100.0
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def measure_latency(run: Callable[[], object], stopwatch, warmup: int, runs: int,
+                    synchronize: Callable[[], None] = lambda: None) -> LatencyStats:
+    """Call ``run`` ``warmup`` times untimed (then ``synchronize``), then ``runs`` times, each timed by ``stopwatch``."""
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    for _ in range(warmup):
+        run()
+    synchronize()
+    samples = []
+    for _ in range(runs):
+        stopwatch.start()
+        run()
+        samples.append(stopwatch.stop())
+    return LatencyStats(statistics.median(samples), percentile(samples, 90), min(samples), max(samples), runs,
+                        warmup, tuple(samples))
+
+
+def stopwatch_for(device: torch.device):
+    """The stopwatch that times ``device`` correctly."""
+    return CudaEventStopwatch() if device.type == "cuda" else PerfCounterStopwatch()
+
+
+def synchronizer_for(device: torch.device) -> Callable[[], None]:
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+class PeakMemory:
+    """Peak memory of the runs inside the ``with`` block, in MiB.
+
+    CUDA: ``max_memory_allocated`` above what was allocated on entry. CPU: growth of the process's peak resident set
+    (``ru_maxrss``); it is a high-water mark, so it reads 0 when an earlier step of the process already peaked higher.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_mib = 0.0
+
+    @staticmethod
+    def _max_rss_mib() -> float:
+        scale = 1.0 if sys.platform == "darwin" else 1024.0  # bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._base = self._max_rss_mib()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        else:
+            self.peak_mib = self._max_rss_mib() - self._base

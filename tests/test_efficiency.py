@@ -1,0 +1,212 @@
+"""Efficiency reports: published counts, counter agreement over the registry, monotone truncation, the timer's
+logic (with fake clocks), clear errors on bad input, the written reports and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from medtl3d.backbones import build_backbone, get_entry, list_backbones
+from medtl3d.cli import main
+from medtl3d.efficiency import count_macs, efficiency_report, measure_latency
+from medtl3d.efficiency._counting import AGREEMENT_TOLERANCE
+from medtl3d.efficiency._timing import CudaEventStopwatch, PerfCounterStopwatch, percentile
+from medtl3d.errors import EfficiencyError, UnknownCutPointError
+
+
+def _require(name: str) -> None:
+    if name not in list_backbones():
+        pytest.skip(f"backbone {name!r} is not registered yet")
+
+
+# "About" 2.87 G / 0.31 G are fvcore's defaults, which count batch norms; norms excluded, the counts are 2.837 G and
+# 0.301 G (1.2% and 3% lower), hence the wider bands there.
+@pytest.mark.parametrize("name, params_m, gmacs", [
+    ("resnet50", (25.55, 25.57), (4.09, 4.12)),
+    ("densenet121", (7.97, 7.99), (2.81, 2.93)),
+    ("mobilenet_v2", (3.50, 3.51), (0.298, 0.322)),
+])
+def test_full_model_matches_published_counts(name, params_m, gmacs):
+    _require(name)
+    report = efficiency_report(name, cuts=[], input_shape="3x224x224", runs=0, num_classes=1000)
+    (full,) = report.full
+    assert params_m[0] <= full.params_m <= params_m[1]
+    assert gmacs[0] <= full.macs_g <= gmacs[1]
+    assert abs(full.mac_difference_pct) <= 100 * AGREEMENT_TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def registry_reports():
+    """Count-only truncate reports at each backbone's smallest valid input, every block cut (computed once)."""
+    reports = {}
+    for name in list_backbones():
+        entry = get_entry(name)
+        dims = entry.spatial_dims[0]
+        shape = (entry.in_channels, *entry.min_input[dims])
+        reports[name] = efficiency_report(name, "truncate", "block", shape, runs=0)
+    return reports
+
+
+def test_counters_agree_or_the_report_names_why(registry_reports):
+    for name, report in registry_reports.items():
+        for row in report.rows:
+            if abs(row.mac_difference_pct) > 100 * AGREEMENT_TOLERANCE:
+                assert row.mac_difference_ops and "UNEXPLAINED" not in row.mac_difference_ops, (name, row.cut)
+            assert row.macs_g > 0, (name, row.cut)
+
+
+def test_truncation_never_grows_as_the_cut_moves_earlier(registry_reports):
+    for name, report in registry_reports.items():
+        rows = report.rows_for(strategy="truncate")
+        assert [r.cut for r in rows] == [c.name for c in build_backbone(name).cut_points_at("block")]
+        for earlier, later in zip(rows, rows[1:]):
+            assert earlier.params <= later.params and earlier.macs_g <= later.macs_g, (name, earlier.cut)
+        assert rows[-1].params <= report.full[0].params
+
+
+def test_transfusion_has_fewer_params_than_full():
+    report = efficiency_report("resnet18", "transfusion", ["layer2", "layer3"], "3x32x32", runs=0)
+    full = report.full[0]
+    rows = report.rows_for(strategy="transfusion")
+    assert len(rows) == 2 and all(r.params < full.params and r.params_ratio < 1 for r in rows)
+
+
+def test_pooling_is_counted_by_rule_and_explains_the_difference():
+    model = nn.Sequential(nn.Conv3d(1, 1, 1, bias=False), nn.MaxPool3d(2), nn.Upsample(scale_factor=2,
+                          mode="trilinear"), nn.AdaptiveAvgPool3d(1))
+    count = count_macs(model, torch.randn(1, 1, 8, 8, 8), "toy")
+    assert count.fvcore_by_op == {"conv": 512, "max_pool3d": 64 * 8, "upsample_trilinear3d": 512 * 8,
+                                  "adaptive_avg_pool3d": 512}
+    assert count.flop_counter == 512
+    assert set(count.explaining_ops) == {"max_pool3d", "upsample_trilinear3d", "adaptive_avg_pool3d"}
+    assert count.explained and "max_pool3d" in count.difference_note()
+
+
+# ----------------------------------------------------------------- timer
+class FakeClock:
+    """perf_counter stand-in: each run advances time by the next scripted duration (seconds)."""
+
+    def __init__(self, durations):
+        self.durations, self.now, self.reads = list(durations), 0.0, 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return self.now
+
+    def run(self) -> None:
+        self.now += self.durations.pop(0)
+
+
+def test_warmups_are_excluded_and_spread_reported():
+    clock = FakeClock([9.0, 9.0] + [0.001 * d for d in (5, 1, 3, 2, 4, 10, 6, 7, 8, 9)])
+    stats = measure_latency(clock.run, PerfCounterStopwatch(clock), warmup=2, runs=10)
+    assert stats.samples_ms == pytest.approx((5, 1, 3, 2, 4, 10, 6, 7, 8, 9))
+    assert stats.median_ms == pytest.approx(5.5) and stats.p90_ms == pytest.approx(9.1)
+    assert (stats.min_ms, stats.max_ms) == pytest.approx((1, 10)) and stats.spread_ms == pytest.approx(3.6)
+    assert clock.reads == 20 and not clock.durations
+
+
+def test_percentile_matches_numpy_linear():
+    assert percentile([1, 2, 3, 4], 90) == pytest.approx(3.7)
+    assert percentile([7], 90) == 7
+
+
+def test_gpu_stopwatch_synchronises_before_reading():
+    calls = []
+
+    class FakeEvent:
+        def __init__(self):
+            self.time = None
+
+        def record(self):
+            calls.append("record")
+            self.time = len(calls)
+
+        def elapsed_time(self, end):
+            assert calls[-1] == "sync", "events read before synchronising"
+            return float(end.time - self.time)
+
+    stopwatch = CudaEventStopwatch(FakeEvent, lambda: calls.append("sync"))
+    stats = measure_latency(lambda: calls.append("run"), stopwatch, warmup=1, runs=2,
+                            synchronize=lambda: calls.append("sync"))
+    assert calls == ["run", "sync"] + ["record", "run", "record", "sync"] * 2
+    assert stats.samples_ms == (2.0, 2.0)
+
+
+def test_cpu_report_states_threads_and_timer(tmp_path):
+    report = efficiency_report("resnet18", "truncate", ["stem"], "3x32x32", runs=3, warmup=1)
+    assert report.metadata["threads"] == torch.get_num_threads()
+    assert report.metadata["timer"] == "time.perf_counter"
+    assert all(r.latency_median_ms > 0 and r.latency_p90_ms >= r.latency_median_ms for r in report.rows)
+    assert all(r.throughput_per_s > 0 and r.peak_memory_mib >= 0 for r in report.rows)
+
+
+# ----------------------------------------------------------------- bad input
+def test_input_too_small_is_a_clear_error():
+    with pytest.raises(EfficiencyError, match=r"too small for resnet18.*32x32"):
+        efficiency_report("resnet18", input_shape="3x16x16", runs=0)
+
+
+def test_runtime_shape_error_names_model_and_shape():
+    backbone = build_backbone("inception_v3")
+    backbone.name = "unregistered_inception"  # no registry minimum: the forward pass must catch it
+    with pytest.raises(EfficiencyError, match=r"unregistered_inception \(full model\) cannot run on input 3x8x8"):
+        efficiency_report(backbone, input_shape="3x8x8", runs=0)
+
+
+def test_unknown_cut_point_is_a_clear_error():
+    with pytest.raises(UnknownCutPointError, match="layer9.*Block cut points"):
+        efficiency_report("resnet18", cuts=["layer9"], input_shape="3x32x32", runs=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_missing_device_is_a_clear_error():
+    with pytest.raises(EfficiencyError, match="'cuda' is not available"):
+        efficiency_report("resnet18", input_shape="3x32x32", device="cuda")
+
+
+def test_untraceable_model_is_a_clear_error():
+    class ReturnsList(nn.Module):
+        def forward(self, x):
+            return x.tolist()
+
+    with pytest.raises(EfficiencyError, match="fvcore cannot trace toy-list"):
+        count_macs(ReturnsList(), torch.randn(1, 3), "toy-list")
+
+
+# ----------------------------------------------------------------- outputs
+def test_reports_written_with_rows_and_context(tmp_path):
+    report = efficiency_report("resnet18", "truncate", "block", "3x32x32", batch_sizes=(1, 2), runs=1, warmup=0,
+                               output_dir=tmp_path)
+    stem = tmp_path / "resnet18_truncate"
+    rows = list(csv.DictReader(open(f"{stem}.csv")))
+    assert len(rows) == len(report.rows) == 2 * (1 + 5)
+    assert {r["cut"] for r in rows} == {"stem", "layer1", "layer2", "layer3", "layer4"}
+    document = json.loads(open(f"{stem}.json").read())
+    meta = document["metadata"]
+    for key in ("device_name", "torch", "cuda", "threads", "input_shape", "batch_sizes", "dtype", "mac_convention"):
+        assert key in meta
+    assert meta["input_shape"] == "3x32x32" and meta["batch_sizes"] == [1, 2]
+    assert len(document["rows"]) == len(rows)
+    markdown = open(f"{stem}.md").read()
+    assert "(full model)" in markdown and markdown.count("| truncate |") == 10
+    assert open(f"{stem}.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_runs_end_to_end(tmp_path, capsys):
+    code = main(["efficiency", "resnet18", "--cuts", "stem,layer1", "--input", "3x32x32", "--runs", "2",
+                 "--warmup", "1", "--output", str(tmp_path)])
+    assert code == 0
+    assert "| truncate | layer1 | 1 |" in capsys.readouterr().out
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".csv", ".json", ".md", ".png"]
+
+
+def test_cli_bad_device_is_one_line(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    assert main(["efficiency", "resnet18", "--device", "cuda", "--input", "3x32x32"]) == 2
+    assert capsys.readouterr().err.startswith("medtl3d: error: device 'cuda' is not available")
