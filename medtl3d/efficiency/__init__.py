@@ -160,7 +160,8 @@ def efficiency_report(
         dims = len(parse_shape(input_shape)) - 1 if input_shape is not None else entry.spatial_dims[0]
         if dims not in entry.spatial_dims:
             raise EfficiencyError(f"{backbone} supports {entry.spatial_dims}D input, input shape {input_shape} is {dims}D")
-        backbone = build_backbone(backbone, dims)
+        channels = parse_shape(input_shape)[0] if input_shape is not None else None
+        backbone = build_backbone(backbone, dims, in_channels=channels)  # e.g. 1-channel CT into an RGB design
     if input_shape is None:
         shape = (backbone.in_channels, *get_entry(backbone.name).default_input[backbone.spatial_dims])
     else:
