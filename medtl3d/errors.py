@@ -33,3 +33,15 @@ class HubUnavailableError(Medtl3dError, RuntimeError):
 
 class EfficiencyError(Medtl3dError, ValueError):
     """An efficiency report that cannot be made as asked: input too small, device missing, untraceable model."""
+
+
+class DataError(Medtl3dError, ValueError):
+    """An image, DICOM folder or datalist that cannot be used: names the file/row and what is wrong with it."""
+
+
+class TrainingError(Medtl3dError, RuntimeError):
+    """A training or evaluation run that cannot start or continue as configured (bad option, unusable checkpoint)."""
+
+
+class AnalysisError(Medtl3dError, ValueError):
+    """An analysis asked of unusable inputs: mismatched datapoints, too few datapoints, unknown layer, NaNs."""
