@@ -145,6 +145,34 @@ def test_cpu_report_states_threads_and_timer(tmp_path):
     assert all(r.throughput_per_s > 0 and r.peak_memory_mib >= 0 for r in report.rows)
 
 
+def test_cpu_peak_memory_sees_a_forward_allocation():
+    """A forward pass that allocates 64 MiB must show up, even after the process already peaked higher."""
+    from medtl3d.efficiency._timing import PeakMemory
+
+    earlier_peak = torch.ones(2**28 // 4)  # 256 MiB: ru_maxrss would hide every later, smaller peak
+    del earlier_peak
+
+    class Allocates(nn.Module):
+        def forward(self, x):
+            return torch.ones(2**26 // 4).sum()  # 64 MiB
+
+    with PeakMemory(torch.device("cpu")) as memory:
+        measure_latency(lambda: Allocates()(None), PerfCounterStopwatch(), warmup=0, runs=3)
+    assert 56 <= memory.peak_mib <= 200
+
+
+def test_low_precision_and_channels_last_paths_run_on_cpu():
+    """AMP (bfloat16 autocast on CPU), a bfloat16 model and channels-last memory format all time and are stated."""
+    for options in ({"amp": True}, {"dtype": "bfloat16"}, {"channels_last": True}):
+        report = efficiency_report("resnet18", "truncate", ["layer1"], "3x32x32", runs=2, warmup=1, **options)
+        assert all(r.latency_median_ms > 0 for r in report.rows), options
+        for key, value in options.items():
+            assert report.metadata[key] == value
+    volume = efficiency_report("resnet18", "truncate", ["layer1"], "1x32x32x32", runs=1, warmup=0,
+                               channels_last=True)
+    assert volume.metadata["spatial_dims"] == 3 and all(r.latency_median_ms > 0 for r in volume.rows)
+
+
 # ----------------------------------------------------------------- bad input
 def test_input_too_small_is_a_clear_error():
     with pytest.raises(EfficiencyError, match=r"too small for resnet18.*32x32"):

@@ -121,7 +121,7 @@ def _metadata(backbone: Backbone, strategy: str, shape, batch_sizes, device: tor
         "warmup": warmup,
         "runs": runs,
         "timer": "CUDA events + synchronize" if cuda else "time.perf_counter",
-        "peak_memory": "CUDA max_memory_allocated" if cuda else "growth of peak resident set (ru_maxrss)",
+        "peak_memory": "CUDA max_memory_allocated" if cuda else "resident-set growth above the start (sampled from /proc/self/statm)",
         "mac_convention": MAC_CONVENTION,
         "pooling_rules": pooling_rules(),
         "excluded_ops": list(EXCLUDED_OPS),

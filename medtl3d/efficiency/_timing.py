@@ -7,9 +7,11 @@ the kernel launches). Both take their clock / events / synchroniser as arguments
 
 from __future__ import annotations
 
-import resource
+import ctypes
+import ctypes.util
+import os
 import statistics
-import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -110,34 +112,68 @@ def synchronizer_for(device: torch.device) -> Callable[[], None]:
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
+def _release_free_heap() -> None:
+    """Return free heap pages to the system where the C library can (glibc ``malloc_trim``); a no-op elsewhere."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory of the runs inside the ``with`` block, in MiB.
 
-    CUDA: ``max_memory_allocated`` above what was allocated on entry. CPU: growth of the process's peak resident set
-    (``ru_maxrss``); it is a high-water mark, so it reads 0 when an earlier step of the process already peaked higher.
+    CUDA: ``max_memory_allocated`` above what was allocated on entry. CPU: the highest resident set seen while the
+    block runs, above the resident set on entry, read from ``/proc/self/statm`` by a sampling thread (torch ops
+    release the GIL, so it samples during the forward passes). The process-wide ``ru_maxrss`` high-water mark is no
+    use here: an earlier, bigger step of the same process would hide every later peak. Where ``/proc`` is missing
+    (macOS, Windows) the peak is reported as ``None`` rather than a made-up number. On glibc, free heap memory is
+    first handed back to the system (``malloc_trim``): otherwise allocations reuse pages that are already resident
+    and the forward pass's peak would not show.
     """
 
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak_mib = 0.0
+    STATM = "/proc/self/statm"
 
-    @staticmethod
-    def _max_rss_mib() -> float:
-        scale = 1.0 if sys.platform == "darwin" else 1024.0  # bytes on macOS, KiB on Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+    def __init__(self, device: torch.device, interval_s: float = 0.0005):
+        self.device = device
+        self.interval_s = interval_s
+        self.peak_mib: float | None = None
+        self._page_mib = os.sysconf("SC_PAGE_SIZE") / 2**20 if hasattr(os, "sysconf") else 0.0
+
+    def _rss_mib(self) -> float | None:
+        try:
+            with open(self.STATM) as handle:
+                return int(handle.read().split()[1]) * self._page_mib
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            current = self._rss_mib()
+            if current is not None:
+                self._highest = max(self._highest, current)
+            self._stop.wait(self.interval_s)
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
-        else:
-            self._base = self._max_rss_mib()
+            return self
+        _release_free_heap()
+        self._base = self._rss_mib()
+        if self._base is not None:
+            self._highest = self._base
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, name="medtl3d-rss-sampler", daemon=True)
+            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak_mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
-        else:
-            self.peak_mib = self._max_rss_mib() - self._base
+        elif self._base is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mib = self._highest - self._base
