@@ -151,3 +151,20 @@ def test_inflated_resnet50_gives_the_2d_logits_on_a_depth_constant_volume(tmp_pa
     with torch.no_grad():
         logits_2d, logits_3d = model_2d(image), model_3d(volume)
     assert torch.allclose(logits_3d, logits_2d, atol=1e-4), (logits_3d - logits_2d).abs().max()
+
+
+def test_one_channel_3d_twin_of_an_rgb_2d_network(tmp_path):
+    """RGB 2D weights into a grey 3D twin: the first conv is summed over RGB, then inflated (in that order)."""
+    torch.manual_seed(0)
+    source = build_backbone("resnet18").eval()
+    path = tmp_path / "rgb_2d.pth"
+    torch.save(source.state_dict(), path)
+    grey_3d = create_backbone("resnet18", spatial_dims=3, in_channels=1, weights=path)
+    assert grey_3d.weights_report.adapted == ["conv1.weight"] and "conv1.weight" in grey_3d.weights_report.inflated
+    replicate_depth_padding_(grey_3d)
+    image = torch.randn(2, 1, 64, 64)
+    volume = image.unsqueeze(2).repeat(1, 1, 8, 1, 1)
+    with torch.no_grad():
+        features_2d = source(image.repeat(1, 3, 1, 1)).mean(dim=(2, 3))
+        features_3d = grey_3d.eval()(volume).mean(dim=(2, 3, 4))
+    assert torch.allclose(features_3d, features_2d, atol=1e-4)

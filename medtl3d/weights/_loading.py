@@ -131,11 +131,11 @@ def load_backbone_state(backbone, state: dict[str, torch.Tensor], source: str) -
     target = backbone.state_dict()
 
     body = _normalise_batch_counters(body, target)
-    body, report.inflated = inflate_state_dict(body, target)
     conv_key = first_conv_key(backbone, backbone.in_channels)
     if conv_key in body and conv_key in target and body[conv_key].shape[1] != target[conv_key].shape[1]:
         body[conv_key] = adapt_input_channels(body[conv_key], target[conv_key].shape[1])
         report.adapted.append(conv_key)
+    body, report.inflated = inflate_state_dict(body, target)  # after adapting: a 1-channel 3D twin of an RGB net
 
     missing = sorted(set(target) - set(body))
     unexpected = sorted(set(body) - set(target))
