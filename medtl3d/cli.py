@@ -1,7 +1,8 @@
 """The ``medtl3d`` console script.
 
 ``medtl3d backbones`` lists the zoo; ``medtl3d backbones NAME`` prints a backbone's cut points as a table, with the
-parameters a truncation at each cut keeps. Errors from bad input are printed as one line (exit status 2), not as a
+parameters a truncation at each cut keeps. ``efficiency`` measures params/MACs/latency per cut point, ``infer``
+predicts a folder of cases, ``phantoms`` writes the synthetic datasets, ``analyze`` runs the representation analyses. Errors from bad input are printed as one line (exit status 2), not as a
 traceback.
 """
 
@@ -87,7 +88,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     cost.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs")
     cost.add_argument("--runs", type=int, default=20, help="timed runs (0: count only)")
     cost.add_argument("--output", help="directory for the CSV, JSON, Markdown and PNG reports")
+    from .analysis import cli as analyze_cli
+    from .data import phantoms
+    from .inference import cli as infer_cli
+
+    delegated = {"infer": infer_cli.run, "phantoms": phantoms.run, "analyze": analyze_cli.run}
+    infer_cli.add_parser(commands)
+    phantoms.add_parser(commands)
+    analyze_cli.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command in delegated:
+        return delegated[args.command](args)
     try:
         if args.command == "backbones":
             print(cut_points_table(args.name, args.spatial_dims, args.level) if args.name else list_backbones_table())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -142,6 +142,7 @@ def efficiency_report(
     runs: int = 20,
     num_classes: int = 2,
     output_dir: str | None = None,
+    model_builder: Callable[..., nn.Module] | None = None,
     **strategy_kwargs,
 ) -> EfficiencyReport:
     """Measure the full model and ``strategy`` at each of ``cuts``; ``runs=0`` counts without timing.
@@ -149,6 +150,8 @@ def efficiency_report(
     ``backbone`` is a registry name (built with random weights: cost does not depend on them) or a built backbone.
     ``input_shape`` is channels first without the batch axis (default: the registry's default input). MACs are
     counted per sample in float32; latency uses ``dtype``/``amp``/``channels_last`` on ``device``.
+    ``model_builder(backbone, strategy, num_classes, cut=..., **strategy_kwargs)`` replaces
+    :func:`~medtl3d.strategies.apply_strategy` to measure other models built on the cut backbone (e.g. a U-Net).
     """
     target = resolve_device(device)
     if dtype not in DTYPES:
@@ -169,20 +172,21 @@ def efficiency_report(
     _check_input(backbone, shape)
     selected = _select_cuts(backbone, cuts) if strategy in CUT_STRATEGIES else []
 
+    build = model_builder or apply_strategy
     models: list[tuple[nn.Module, str, CutPoint, bool]] = []
     last = backbone.cut_points[-1]
-    models.append((apply_strategy(backbone, "full", num_classes), "full", last, True))
+    models.append((build(backbone, "full", num_classes), "full", last, True))
     notes: list[str] = []
     if strategy in CUT_STRATEGIES:
         for cut in selected:
             try:
-                model = apply_strategy(backbone, strategy, num_classes, cut=cut.name, **strategy_kwargs)
+                model = build(backbone, strategy, num_classes, cut=cut.name, **strategy_kwargs)
             except StrategyNotApplicableError as exc:
                 notes.append(f"{strategy} at {cut.name} skipped: {exc}")
                 continue
             models.append((model, strategy, cut, False))
     elif strategy != "full":
-        models.append((apply_strategy(backbone, strategy, num_classes, **strategy_kwargs), strategy, last, False))
+        models.append((build(backbone, strategy, num_classes, **strategy_kwargs), strategy, last, False))
 
     memory_format = {2: torch.channels_last, 3: torch.channels_last_3d}[backbone.spatial_dims]
     rows: list[EfficiencyRow] = []

@@ -1,0 +1,231 @@
+"""Grad-CAM and Grad-CAM++ at any cut point of a 2D or 3D model, overlays (PNG, NIfTI) and CAM mass in a mask.
+
+Built on MONAI's N-d ``monai.visualize.GradCAM`` / ``GradCAMpp`` (bilinear/trilinear upsampling to the input size),
+with these guards around it:
+
+- MONAI hooks a module by name, but a cut point's feature map is a unit's output, which in some families no single
+  submodule returns (DenseNet concatenates); :func:`cam_target` gives a copy whose backbone routes that output
+  through an ``nn.Identity`` tap and returns the tap's name.
+- MONAI registers its hooks permanently and flips ``inplace`` flags on the model it is given; here it works on that
+  deep copy, where every in-place activation is switched off (in-place ops after a hooked module break
+  ``register_full_backward_hook``) and every parameter requires grad (frozen units would otherwise not be reached).
+- MONAI's default post-processing maps (min, max) to (1, 0), i.e. it *inverts* the map; here each map is divided by
+  its maximum instead, so zero stays zero and CAM mass ratios are preserved.
+- With ``class_idx=None`` MONAI takes each sample's argmax but then sums ``logits[:, argmaxes]`` over the batch,
+  mixing classes when samples disagree; here samples are grouped by their target class. MONAI's ``GradCAMpp``
+  multiplies the gradients by ``exp(score)`` with ``score`` shaped ``(B,)``, which broadcasts along the last spatial
+  axis (wrong maps, or a shape error, for B > 1); Grad-CAM++ therefore runs one sample at a time.
+
+Token models (ViT, Swin) are refused: their units output tokens, not channels-first maps.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import AnalysisError
+from ._registry import register_analysis
+from ._report import atomic_write, save_figure
+from .weights import split_model
+
+
+TAP = "cam_tap"
+
+
+def cam_target(model: nn.Module, cut: str | None = None) -> tuple[nn.Module, str]:
+    """A CAM-ready copy of ``model`` and the layer name MONAI's CAM classes need for cut point ``cut`` (default:
+    the backbone's last cut point).
+
+    The copy's backbone passes the output of the cut's unit through an ``nn.Identity`` named ``cam_tap``, so the
+    hooked tensor is exactly the cut point's feature map in every family (a DenseNet unit's output is a
+    concatenation no single submodule returns). In-place activations are switched off and every parameter requires
+    grad; the original model is left untouched.
+    """
+    from ..backbones import Backbone
+
+    backbone, prefix = split_model(model)
+    if not prefix:
+        raise AnalysisError("Grad-CAM needs a classifier (a TransferModel), not a bare backbone")
+    if type(backbone).to_feature_map is not Backbone.to_feature_map:
+        raise AnalysisError(
+            f"Grad-CAM needs convolutional feature maps; {backbone.name} is a token model whose units output tokens"
+        )
+    unit = (backbone.cut_point(cut) if cut is not None else backbone.cut_points[-1]).unit
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        if getattr(module, "inplace", False):
+            module.inplace = False
+    for parameter in twin.parameters():
+        parameter.requires_grad_(True)
+    body, _ = split_model(twin)
+    body.add_module(TAP, nn.Identity())
+    run_unit = body.forward_unit
+
+    def forward_unit(index: int, x: torch.Tensor) -> torch.Tensor:
+        x = run_unit(index, x)
+        return getattr(body, TAP)(x) if index == unit else x
+
+    body.forward_unit = forward_unit
+    return twin, prefix + TAP
+
+
+def _scale_to_max(maps: torch.Tensor) -> torch.Tensor:
+    """Divide each map by its maximum (all-zero maps stay zero)."""
+    peak = maps.flatten(1).amax(dim=1).clamp_min(torch.finfo(maps.dtype).tiny)
+    return maps / peak.view(-1, *([1] * (maps.ndim - 1)))
+
+
+def _as_batch(model: nn.Module, image) -> tuple[torch.Tensor, bool]:
+    backbone, _ = split_model(model)
+    x = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
+    dims = backbone.spatial_dims
+    if x.ndim not in (dims + 1, dims + 2):
+        raise AnalysisError(
+            f"image must be (C, *spatial) or (B, C, *spatial) for a {dims}D model, got shape {tuple(x.shape)}"
+        )
+    batched = x.ndim == dims + 2
+    x = x if batched else x.unsqueeze(0)
+    if x.shape[1] != backbone.in_channels:
+        raise AnalysisError(f"image has {x.shape[1]} channels, the model expects {backbone.in_channels}")
+    return x.float(), batched
+
+
+def _cam(method: str, model: nn.Module, image, cut: str | None, class_idx: int | None) -> torch.Tensor:
+    from monai.visualize import GradCAM, GradCAMpp
+
+    x, batched = _as_batch(model, image)
+    twin, layer = cam_target(model, cut)
+    twin.eval()
+    x = x.to(next(twin.parameters()).device)
+    factory = GradCAMpp if method == "gradcampp" else GradCAM
+    cam = factory(nn_module=twin, target_layers=layer, postprocessing=_scale_to_max)
+    if class_idx is not None:
+        targets = torch.full((x.shape[0],), int(class_idx))
+    else:
+        with torch.no_grad():
+            logits = twin(x)
+        targets = logits.argmax(dim=1).cpu() if logits.shape[1] > 1 else torch.zeros(x.shape[0], dtype=torch.long)
+    maps = torch.empty((x.shape[0], *x.shape[2:]), dtype=torch.float32)
+    # GradCAMpp multiplies the gradients by exp(score) with score shaped (B,), which broadcasts along the last
+    # spatial axis when B > 1: it runs one sample at a time. GradCAM runs one batch per target class.
+    if method == "gradcampp":
+        runs = [torch.tensor([i]) for i in range(x.shape[0])]
+    else:
+        runs = [(targets == t).nonzero().flatten() for t in targets.unique().tolist()]
+    for chosen in runs:
+        result = cam(x[chosen], class_idx=int(targets[chosen[0]]))
+        maps[chosen] = result[:, 0].detach().float().cpu()
+    return maps if batched else maps[0]
+
+
+@register_analysis("attribution", "gradcam")
+def grad_cam(model: nn.Module, image, cut: str | None = None, class_idx: int | None = None) -> torch.Tensor:
+    """Grad-CAM at cut point ``cut`` (default: the last), upsampled to the image, each map scaled to max 1.
+
+    ``image`` is ``(C, *spatial)`` (returns ``(*spatial)``) or a batch ``(B, C, *spatial)`` (returns
+    ``(B, *spatial)``). ``class_idx`` None explains each sample's predicted class (the single logit of a binary
+    model).
+    """
+    return _cam("gradcam", model, image, cut, class_idx)
+
+
+@register_analysis("attribution", "gradcampp")
+def grad_cam_pp(model: nn.Module, image, cut: str | None = None, class_idx: int | None = None) -> torch.Tensor:
+    """Grad-CAM++ (Chattopadhyay et al. 2018); arguments and result as :func:`grad_cam`."""
+    return _cam("gradcampp", model, image, cut, class_idx)
+
+
+def cam_mass_inside(cam, mask) -> float:
+    """Share of the CAM's total mass inside ``mask`` (nonzero voxels); NaN when the map is all zero.
+
+    ``cam`` and ``mask`` have the same spatial shape (a leading channel axis of size 1 is ignored).
+    """
+    values = np.asarray(cam.detach().cpu() if isinstance(cam, torch.Tensor) else cam, dtype=np.float64)
+    inside = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask) != 0
+    values = values[0] if values.ndim == inside.ndim + 1 and values.shape[0] == 1 else values
+    inside = inside[0] if inside.ndim == values.ndim + 1 and inside.shape[0] == 1 else inside
+    if values.shape != inside.shape:
+        raise AnalysisError(f"CAM shape {values.shape} and mask shape {inside.shape} differ")
+    if (values < 0).any() or not np.isfinite(values).all():
+        raise AnalysisError("CAM values must be finite and non-negative")
+    total = values.sum()
+    return float(values[inside].sum() / total) if total > 0 else float("nan")
+
+
+def _numpy(array) -> np.ndarray:
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu()
+        array = array.as_tensor() if hasattr(array, "as_tensor") else array
+    return np.asarray(array, dtype=np.float32)
+
+
+def blend_cam(image, cam, alpha: float = 0.6, cmap: str = "jet") -> np.ndarray:
+    """RGB ``(3, *spatial)`` overlay of ``cam`` on ``image`` (``(C, *spatial)``, C = 1 or 3; other channel counts
+    show their mean) with MONAI's ``blend_images``; the CAM's opacity grows with its value."""
+    from monai.visualize import blend_images
+
+    picture, heat = _numpy(image), _numpy(cam)
+    if picture.ndim == heat.ndim:
+        picture = picture[None]
+    if picture.shape[0] not in (1, 3):
+        picture = picture.mean(axis=0, keepdims=True)
+    if picture.shape[1:] != heat.shape:
+        raise AnalysisError(f"image spatial shape {picture.shape[1:]} and CAM shape {heat.shape} differ")
+    heat = heat / heat.max() if heat.max() > 0 else heat
+    return np.clip(blend_images(picture, heat[None], alpha=alpha * heat[None], cmap=cmap), 0.0, 1.0)
+
+
+def save_cam_png(path: str | Path, image, cam, title: str = "", slices: int = 6, axis: int = 0,
+                 alpha: float = 0.6) -> Path:
+    """PNG of the overlay: the image itself for 2D; for 3D a montage of the ``slices`` slices (along spatial
+    ``axis``, the depth axis by default) holding the most CAM mass, in order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rgb = blend_cam(image, cam, alpha)
+    heat = _numpy(cam)
+    if heat.ndim == 2:
+        panels = [("", rgb)]
+    elif heat.ndim == 3:
+        mass = heat.sum(axis=tuple(i for i in range(3) if i != axis))
+        chosen = sorted(np.argsort(mass)[::-1][: max(1, min(slices, heat.shape[axis]))].tolist())
+        panels = [(f"slice {i}", np.take(rgb, i, axis=axis + 1)) for i in chosen]
+    else:
+        raise AnalysisError(f"CAM must be 2D or 3D, got shape {heat.shape}")
+    columns = min(len(panels), 3)
+    rows = -(-len(panels) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.2 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (label, picture) in zip(axes.flat, panels):
+        ax.imshow(np.moveaxis(picture, 0, -1), interpolation="nearest")
+        ax.set_title(label, fontsize="small")
+    if title:
+        figure.suptitle(title, fontsize="small")
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def save_cam_nifti(path: str | Path, cam, affine=None) -> Path:
+    """NIfTI (``.nii`` or ``.nii.gz``) of a 3D CAM with the image's affine (a MetaTensor image's ``.affine``
+    works as is; identity when None), so it overlays the input in any viewer."""
+    import nibabel as nib
+
+    heat = _numpy(cam)
+    if heat.ndim != 3:
+        raise AnalysisError(f"NIfTI output needs a 3D CAM, got shape {heat.shape}")
+    matrix = np.eye(4) if affine is None else np.asarray(_numpy(affine), dtype=np.float64)
+    if matrix.shape != (4, 4):
+        raise AnalysisError(f"affine must be 4x4, got shape {matrix.shape}")
+    data = nib.Nifti1Image(heat, matrix).to_bytes()
+    path = Path(path)
+    data = gzip.compress(data) if path.name.endswith(".gz") else data
+    return atomic_write(path, lambda temp: temp.write_bytes(data))

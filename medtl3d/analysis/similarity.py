@@ -1,0 +1,543 @@
+"""Representation similarity of two activation sets: linear / debiased / RBF CKA, CCA, SVCCA and PWCCA.
+
+Inputs are ``(datapoints, features)`` tensors or arrays whose rows describe the same inputs in the same order;
+4D/5D conv activations ``(N, C, *spatial)`` are flattened by an explicit policy (see :mod:`.activations`): CKA
+measures default to ``"flatten"`` (Kornblith et al. 2019), the CCA family to ``"spatial"`` (every position a
+datapoint, as in Raghu et al. 2017; two maps of different size are average-pooled to the smaller grid). Everything
+is computed in float64.
+
+Why our own code: no maintained library fits. google/svcca is not a package (its ``cca_core`` / ``pwcca`` are the
+reference the CCA family here reproduces, validated against ``shared/fixtures/svcca_reference.npz``), and torch-cka
+averages per-minibatch HSICs in float32. The debiased CKA uses the unbiased HSIC estimator of Song et al. (2012),
+as in Nguyen, Raghu & Kornblith (2021). :class:`MinibatchCKA` accumulates it over minibatches *exactly*: for linear
+kernels every term of the full-batch estimator is a sum over datapoints of feature-space statistics
+(``X^T Y``, column sums, squared row norms and their products), so the streamed value equals the full-batch one
+for any batch split, in ``O(features^2)`` memory per layer pair. ``estimator="minibatch"`` gives instead the
+average of per-minibatch unbiased HSICs of Nguyen et al. (2021) in ``O(batch^2)`` memory, for layers too wide
+for feature-space statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import AnalysisError
+from ._registry import get_analysis, register_analysis
+from ._report import write_matrix
+from .activations import flatten_activations, iter_paired_activations, resize_spatial
+
+logger = logging.getLogger(__name__)
+
+CKA_POLICY = "flatten"
+CCA_POLICY = "spatial"
+ESTIMATORS = ("exact", "minibatch")
+
+
+class UndefinedSimilarityError(AnalysisError):
+    """A similarity that is undefined for these inputs (constant activations, too few datapoints): a layer
+    similarity matrix records it as NaN instead of failing."""
+
+
+# ---------------------------------------------------------------------------------------------------- inputs
+def _tensor(a, name: str) -> torch.Tensor:
+    if isinstance(a, np.ndarray) or not isinstance(a, torch.Tensor):
+        a = torch.as_tensor(np.asarray(a))
+    if not a.is_floating_point():
+        a = a.to(torch.float64)
+    finite = torch.isfinite(a)
+    if not bool(finite.all()):
+        nan = int(torch.isnan(a).sum())
+        raise AnalysisError(f"{name} contains {nan} NaN and {int((~finite).sum()) - nan} inf values "
+                            f"(shape {tuple(a.shape)}): similarities need finite activations")
+    return a
+
+
+def as_features(a, policy: str = CKA_POLICY, spatial_size=None, channels: int | None = None, seed: int = 0,
+                name: str = "activations") -> torch.Tensor:
+    """A finite float64 ``(datapoints, features)`` matrix from an array/tensor (4D/5D maps follow ``policy``)."""
+    a = flatten_activations(_tensor(a, name), policy, spatial_size, channels, seed).to(torch.float64)
+    if a.shape[0] < 1 or a.shape[1] < 1:
+        raise AnalysisError(f"{name} has shape {tuple(a.shape)}: need at least one datapoint and one feature")
+    return a
+
+
+def prepare_pair(x, y, policy: str, spatial_size=None, channels: int | None = None,
+                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten two activation sets the same way and check they have the same datapoints.
+
+    With the ``"spatial"`` policy and maps of different spatial size (and no ``spatial_size``), both are pooled to
+    the smaller grid so that their positions correspond.
+    """
+    x, y = _tensor(x, "x"), _tensor(y, "y")
+    if policy == "spatial" and spatial_size is None and x.ndim >= 3 and y.ndim >= 3 and x.shape[2:] != y.shape[2:]:
+        if x.ndim != y.ndim:
+            raise AnalysisError(f"the 'spatial' policy needs maps with the same number of spatial axes, got x "
+                                f"{tuple(x.shape)} and y {tuple(y.shape)}")
+        common = tuple(min(a, b) for a, b in zip(x.shape[2:], y.shape[2:]))
+        x, y = resize_spatial(x, common), resize_spatial(y, common)
+    fx = as_features(x, policy, spatial_size, channels, seed, "x")
+    fy = as_features(y, policy, spatial_size, channels, seed, "y")
+    if fx.shape[0] != fy.shape[0]:
+        raise AnalysisError(
+            f"x has {fx.shape[0]} datapoints (rows) but y has {fy.shape[0]} (shapes {tuple(x.shape)} and "
+            f"{tuple(y.shape)}, policy {policy!r}): both activation sets must come from the same inputs in the "
+            "same order" + (" and, with 'spatial', share one spatial_size" if policy == "spatial" else "")
+        )
+    return fx, fy
+
+
+def _cka(hxy: float, hxx: float, hyy: float, what: str) -> float:
+    if not (hxx > 0 and hyy > 0):
+        raise UndefinedSimilarityError(
+            f"{what} is undefined: a self-HSIC is not positive (x: {hxx:.3g}, y: {hyy:.3g}); the activations are "
+            "constant across datapoints, or there are too few datapoints for the debiased estimator"
+        )
+    return float(hxy / math.sqrt(hxx * hyy))
+
+
+# ---------------------------------------------------------------------------------------------------- HSIC
+def hsic_gram(k: torch.Tensor, l: torch.Tensor, debiased: bool) -> float:
+    """HSIC of two ``(n, n)`` Gram matrices: ``tr(KHLH) / (n-1)^2``, or the unbiased estimator of Song et al.
+    (2012), ``[tr(K~L~) + 1'K~1 1'L~1 / ((n-1)(n-2)) - 2/(n-2) 1'K~L~1] / (n(n-3))`` with zeroed diagonals."""
+    n = k.shape[0]
+    if not debiased:
+        if n < 2:
+            raise UndefinedSimilarityError(f"HSIC needs at least 2 datapoints, got {n}")
+        kc = k - k.mean(0, keepdim=True) - k.mean(1, keepdim=True) + k.mean()
+        return float((kc * l).sum() / (n - 1) ** 2)
+    if n < 4:
+        raise UndefinedSimilarityError(f"the unbiased HSIC needs at least 4 datapoints, got {n}")
+    k = k - torch.diag(torch.diagonal(k))
+    l = l - torch.diag(torch.diagonal(l))
+    t1 = (k * l).sum()
+    t2 = k.sum() * l.sum() / ((n - 1) * (n - 2))
+    t3 = k.sum(1) @ l.sum(1)
+    return float((t1 + t2 - 2.0 * t3 / (n - 2)) / (n * (n - 3)))
+
+
+def _hsic_stats(c: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor, kx: float, ky: float, kl: float,
+                xl: torch.Tensor, yk: torch.Tensor, n: int, debiased: bool) -> float:
+    """Linear-kernel HSIC from additive feature-space statistics of ``X`` (n, p) and ``Y`` (n, q).
+
+    ``c = X'Y``, ``sx = X'1``, ``sy = Y'1``, ``kx = sum_i |x_i|^2``, ``ky = sum_i |y_i|^2``,
+    ``kl = sum_i |x_i|^2 |y_i|^2``, ``xl = sum_i x_i |y_i|^2``, ``yk = sum_i y_i |x_i|^2``. With ``K = XX'``:
+    ``tr(K~L~) = |X'Y|_F^2 - kl``, ``1'K~1 = |sx|^2 - kx`` and
+    ``1'K~L~1 = sx'(X'Y)sy - sx'xl - sy'yk + kl``.
+    """
+    if not debiased:
+        if n < 2:
+            raise UndefinedSimilarityError(f"HSIC needs at least 2 datapoints, got {n}")
+        centred = c - torch.outer(sx, sy) / n
+        return float((centred * centred).sum() / (n - 1) ** 2)
+    if n < 4:
+        raise UndefinedSimilarityError(f"the unbiased HSIC needs at least 4 datapoints, got {n}")
+    t1 = (c * c).sum() - kl
+    t2 = ((sx @ sx) - kx) * ((sy @ sy) - ky) / ((n - 1) * (n - 2))
+    t3 = sx @ (c @ sy) - sx @ xl - sy @ yk + kl
+    return float((t1 + t2 - 2.0 * t3 / (n - 2)) / (n * (n - 3)))
+
+
+class MinibatchCKA:
+    """Linear CKA (biased or debiased) of one or many layer pairs, accumulated over minibatches.
+
+    ``update(x, y)`` takes one batch of activations: two tensors (one pair, named ``x`` and ``y``) or two dicts
+    ``{layer: activation}`` (every layer of ``x`` against every layer of ``y``); ``y=None`` compares the layers of
+    ``x`` among themselves. ``compute()`` returns the ``(layers_x, layers_y)`` matrix (NaN where undefined).
+
+    ``estimator="exact"`` (default) streams the sufficient statistics of the full-batch estimator: the result equals
+    full-batch CKA for any batch split. Memory is ``8 * (p_x + p_y)^2`` bytes per pair, checked against
+    ``max_bytes``; batches are buffered up to ``chunk_rows`` rows so that each statistics update is one large
+    matrix product rather than many thin ones. ``estimator="minibatch"`` averages per-batch HSICs (Nguyen et al.
+    2021; every batch needs at least 4 rows when debiased).
+    """
+
+    def __init__(self, *, debiased: bool = True, estimator: str = "exact", policy: str = CKA_POLICY,
+                 spatial_size=None, channels: int | None = None, seed: int = 0, max_bytes: float = 4 * 2**30,
+                 chunk_rows: int = 512) -> None:
+        if estimator not in ESTIMATORS:
+            raise AnalysisError(f"unknown CKA estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        self.debiased, self.estimator, self.policy = debiased, estimator, policy
+        self.flatten = dict(policy=policy, spatial_size=spatial_size, channels=channels, seed=seed)
+        self.max_bytes = max_bytes
+        self.names_x: list[str] | None = None
+        self.names_y: list[str] | None = None
+        self.same = False
+        self.n = 0
+        self.batches = 0
+        self._layers: dict[tuple[str, str], dict] = {}
+        self._pairs: dict[tuple, dict] = {}
+        self.chunk_rows = chunk_rows
+        self._buffer: list[dict] = []
+        self._buffered = 0
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _keys(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        kx = [("x", n) for n in self.names_x]
+        return kx, (kx if self.same else [("y", n) for n in self.names_y])
+
+    def _pair_keys(self) -> list[tuple]:
+        """The layer pairs whose HSIC is needed (HSIC is symmetric: within one model, each pair once)."""
+        kx, ky = self._keys()
+        if self.same:
+            return [(a, b) for i, a in enumerate(kx) for b in kx[i:]]
+        return [(a, b) for a in kx for b in ky] + [(a, a) for a in kx] + [(b, b) for b in ky]
+
+    def _start(self, x: dict, y: dict | None, flat: dict) -> None:
+        self.names_x, self.same = list(x), y is None
+        self.names_y = list(x) if y is None else list(y)
+        if self.estimator == "exact":
+            size = sum(flat[a].shape[1] * flat[b].shape[1] for a, b in self._pair_keys()) * 8
+            if size > self.max_bytes:
+                widest = max(flat.items(), key=lambda item: item[1].shape[1])
+                raise AnalysisError(
+                    f"exact streaming CKA would hold {size / 2**30:.1f} GiB of feature statistics (widest layer "
+                    f"{widest[0][1]!r}: {widest[1].shape[1]} features under policy {self.policy!r}), over max_bytes="
+                    f"{self.max_bytes / 2**30:.1f} GiB; use estimator='minibatch', policy='pooled', or a smaller "
+                    "spatial_size / channels"
+                )
+
+    def _flatten(self, acts, side: str) -> dict[tuple[str, str], torch.Tensor]:
+        return {(side, name): as_features(a, name=f"{side} layer {name!r}", **self.flatten) for name, a in acts.items()}
+
+    # ------------------------------------------------------------------ accumulation
+    def update(self, x, y=None) -> "MinibatchCKA":
+        """Add one batch: ``x``/``y`` are tensors (one pair) or dicts of per-layer activations."""
+        if not isinstance(x, Mapping):
+            x, y = {"x": x}, (None if y is None else {"y": y})
+        elif y is not None and not isinstance(y, Mapping):
+            raise AnalysisError("x is a dict of layers but y is not: pass both as dicts or both as tensors")
+        flat = self._flatten(x, "x")
+        if y is not None:
+            flat.update(self._flatten(y, "y"))
+        rows = {key: a.shape[0] for key, a in flat.items()}
+        if len(set(rows.values())) != 1:
+            raise AnalysisError(
+                f"layers of one batch have different datapoint counts {rows} under policy {self.policy!r}: with "
+                "'spatial', give a common spatial_size"
+            )
+        (m,) = set(rows.values())
+        if self.names_x is None:
+            self._start(x, y, flat)
+        elif list(x) != self.names_x or (y is not None and list(y) != self.names_y) or (y is None) != self.same:
+            raise AnalysisError(f"this batch has layers {list(x)} / {None if y is None else list(y)}, earlier "
+                                f"batches had {self.names_x} / {None if self.same else self.names_y}")
+        if self.estimator == "exact":
+            self._buffer.append(flat)
+            self._buffered += m
+            if self._buffered >= self.chunk_rows:
+                self._flush()
+        else:
+            self._update_minibatch(flat, m)
+        self.n += m
+        self.batches += 1
+        return self
+
+    def _flush(self) -> None:
+        """Add the buffered rows to the feature-space statistics (in-place products)."""
+        if not self._buffer:
+            return
+        flat = {key: torch.cat([part[key] for part in self._buffer]) for key in self._buffer[0]}
+        self._buffer, self._buffered = [], 0
+        z, k = {}, {}
+        for key, a in flat.items():
+            state = self._layers.get(key)
+            if state is None:  # shift by the first batch's mean: HSIC is unchanged, cancellation is smaller
+                state = self._layers[key] = {"shift": a.mean(0), "s": 0.0, "k": 0.0}
+            z[key] = a - state["shift"]
+            k[key] = (z[key] * z[key]).sum(1)
+            state["s"] = state["s"] + z[key].sum(0)
+            state["k"] = state["k"] + float(k[key].sum())
+        for a, b in self._pair_keys():
+            stats = self._pairs.get((a, b))
+            if stats is None:
+                stats = self._pairs[(a, b)] = {"c": z[a].T @ z[b], "kl": float(k[a] @ k[b]), "xl": z[a].T @ k[b],
+                                               "yk": z[b].T @ k[a]}
+                continue
+            stats["c"].addmm_(z[a].T, z[b])
+            stats["kl"] += float(k[a] @ k[b])
+            stats["xl"].addmv_(z[a].T, k[b])
+            stats["yk"].addmv_(z[b].T, k[a])
+
+    def _update_minibatch(self, flat: dict, m: int) -> None:
+        if self.debiased and m < 4:
+            raise AnalysisError(f"the per-minibatch unbiased HSIC needs batches of at least 4 datapoints, got {m}")
+        grams = {key: a @ a.T for key, a in flat.items()}
+        for a, b in self._pair_keys():
+            self._pairs[(a, b)] = self._pairs.get((a, b), 0.0) + hsic_gram(grams[a], grams[b], self.debiased)
+
+    # ------------------------------------------------------------------ result
+    def _hsic(self, a, b) -> float:
+        self._flush()
+        if (a, b) not in self._pairs:
+            a, b = b, a
+        if self.estimator == "minibatch":
+            return self._pairs[(a, b)] / self.batches
+        p, la, lb = self._pairs[(a, b)], self._layers[a], self._layers[b]
+        return _hsic_stats(p["c"], la["s"], lb["s"], la["k"], lb["k"], p["kl"], p["xl"], p["yk"], self.n,
+                           self.debiased)
+
+    def compute(self) -> np.ndarray:
+        """The ``(layers_x, layers_y)`` CKA matrix; an undefined entry is NaN (and logged)."""
+        if self.names_x is None:
+            raise AnalysisError("MinibatchCKA.compute() before any update(): no datapoints")
+        kx, ky = self._keys()
+        matrix = np.full((len(kx), len(ky)), np.nan)
+        for i, a in enumerate(kx):
+            for j, b in enumerate(ky):
+                try:
+                    matrix[i, j] = _cka(self._hsic(a, b), self._hsic(a, a), self._hsic(b, b),
+                                        f"CKA of x layer {a[1]!r} and y layer {b[1]!r}")
+                except UndefinedSimilarityError as error:
+                    logger.warning("%s", error)
+        return matrix
+
+
+# ---------------------------------------------------------------------------------------------------- CKA
+@register_analysis("similarity", "linear_cka")
+def linear_cka(x, y, *, debiased: bool = False, policy: str = CKA_POLICY, spatial_size=None,
+               channels: int | None = None, seed: int = 0) -> float:
+    """Linear CKA (biased HSIC, Kornblith et al. 2019); ``debiased=True`` uses the unbiased HSIC."""
+    fx, fy = prepare_pair(x, y, policy, spatial_size, channels, seed)
+    n, p, q = fx.shape[0], fx.shape[1], fy.shape[1]
+    what = "debiased linear CKA" if debiased else "linear CKA"
+    if (p + q) ** 2 <= 2 * n * n:  # feature-space statistics are the smaller computation
+        return _cka_from(MinibatchCKA(debiased=debiased, max_bytes=math.inf).update(fx, fy), what)
+    k, l = fx @ fx.T, fy @ fy.T
+    return _cka(hsic_gram(k, l, debiased), hsic_gram(k, k, debiased), hsic_gram(l, l, debiased), what)
+
+
+def _cka_from(accumulator: MinibatchCKA, what: str) -> float:
+    a, b = ("x", "x"), ("y", "y")
+    return _cka(accumulator._hsic(a, b), accumulator._hsic(a, a), accumulator._hsic(b, b), what)
+
+
+@register_analysis("similarity", "debiased_cka")
+def debiased_cka(x, y, **options) -> float:
+    """Linear CKA with the unbiased HSIC estimator (Song et al. 2012; Nguyen et al. 2021)."""
+    return linear_cka(x, y, debiased=True, **options)
+
+
+def rbf_gram(x: torch.Tensor, sigma_fraction: float = 1.0) -> torch.Tensor:
+    """RBF Gram ``exp(-d^2 / (2 sigma^2))`` with ``sigma = sigma_fraction * median pairwise distance``
+    (the median of all squared distances, diagonal included, as in Kornblith et al.'s ``gram_rbf``)."""
+    norms = (x * x).sum(1)
+    sq = (norms[:, None] + norms[None, :] - 2.0 * (x @ x.T)).clamp_min(0.0)
+    median = float(np.median(sq.cpu().numpy()))
+    if median <= 0:
+        raise UndefinedSimilarityError("RBF CKA is undefined: the median pairwise distance is 0 (most datapoints "
+                                       "are identical)")
+    return torch.exp(-sq / (2.0 * sigma_fraction**2 * median))
+
+
+@register_analysis("similarity", "rbf_cka")
+def rbf_cka(x, y, *, sigma_fraction: float = 1.0, debiased: bool = False, policy: str = CKA_POLICY,
+            spatial_size=None, channels: int | None = None, seed: int = 0) -> float:
+    """CKA with RBF kernels, bandwidth a fraction of the median distance (full batch: ``O(n^2)`` memory)."""
+    if sigma_fraction <= 0:
+        raise AnalysisError(f"sigma_fraction must be > 0, got {sigma_fraction}")
+    fx, fy = prepare_pair(x, y, policy, spatial_size, channels, seed)
+    k, l = rbf_gram(fx, sigma_fraction), rbf_gram(fy, sigma_fraction)
+    return _cka(hsic_gram(k, l, debiased), hsic_gram(k, k, debiased), hsic_gram(l, l, debiased), "RBF CKA")
+
+
+# ---------------------------------------------------------------------------------------------------- CCA family
+def _numpy_pair(x, y, policy, spatial_size, channels, seed) -> tuple[np.ndarray, np.ndarray]:
+    fx, fy = prepare_pair(x, y, policy, spatial_size, channels, seed)
+    return fx.cpu().numpy(), fy.cpu().numpy()
+
+
+def _need_datapoints(n: int, p: int, q: int, what: str) -> None:
+    if n <= p + q:
+        raise AnalysisError(
+            f"{what} needs more datapoints than the two sides' features together: got {n} datapoints for {p} + {q} "
+            f"features, need at least {p + q + 1} (otherwise some canonical correlations are 1 by construction); "
+            "use more inputs, the 'spatial' policy, fewer channels (channels=...) or SVCCA"
+        )
+
+
+def _inv_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """``sigma^(-1/2)`` of a symmetric PSD matrix, pseudo-inverse style (null directions map to 0)."""
+    w, v = np.linalg.eigh(sigma)
+    cutoff = max(w.max(), 0.0) * sigma.shape[0] * np.finfo(np.float64).eps
+    inv = np.where(w > cutoff, 1.0 / np.sqrt(np.where(w > cutoff, w, 1.0)), 0.0)
+    return (v * inv) @ v.T
+
+
+def _cca(x: np.ndarray, y: np.ndarray, epsilon: float, what: str = "CCA") -> dict:
+    """CCA of ``(n, p)`` and ``(n, q)`` as google/svcca's ``cca_core.get_cca_similarity`` does it.
+
+    Covariances (N-1 normalised) are rescaled by their largest entry, features whose rescaled variance is below
+    ``epsilon`` are dropped, ``epsilon * I`` is added, and the canonical correlations are the singular values of
+    ``Sxx^-1/2 Sxy Syy^-1/2``. Returns ``rho`` (descending), the rotations ``u``/``vt``, kept-feature masks and means.
+    """
+    n, p = x.shape
+    q = y.shape[1]
+    _need_datapoints(n, p, q, what)
+    mx, my = x.mean(0), y.mean(0)
+    xc, yc = x - mx, y - my
+    sxx, syy, sxy = xc.T @ xc / (n - 1), yc.T @ yc / (n - 1), xc.T @ yc / (n - 1)
+    xmax, ymax = np.abs(sxx).max(), np.abs(syy).max()
+    if xmax == 0 or ymax == 0:
+        raise UndefinedSimilarityError(f"{what} is undefined: {'x' if xmax == 0 else 'y'} is constant across "
+                                       "datapoints")
+    sxx, syy, sxy = sxx / xmax, syy / ymax, sxy / math.sqrt(xmax * ymax)
+    keep_x, keep_y = np.abs(np.diag(sxx)) >= epsilon, np.abs(np.diag(syy)) >= epsilon
+    sxx, syy, sxy = sxx[np.ix_(keep_x, keep_x)], syy[np.ix_(keep_y, keep_y)], sxy[np.ix_(keep_x, keep_y)]
+    ix = _inv_sqrt(sxx + epsilon * np.eye(len(sxx)))
+    iy = _inv_sqrt(syy + epsilon * np.eye(len(syy)))
+    u, s, vt = np.linalg.svd(ix @ sxy @ iy)
+    return {"rho": np.abs(s), "u": u, "vt": vt, "keep_x": keep_x, "keep_y": keep_y, "mean_x": mx, "mean_y": my}
+
+
+def cca_coefficients(x, y, *, epsilon: float = 1e-10, policy: str = CCA_POLICY, spatial_size=None,
+                     channels: int | None = None, seed: int = 0) -> np.ndarray:
+    """Canonical correlations ``rho`` (descending, ``min(p, q)`` of them)."""
+    return _cca(*_numpy_pair(x, y, policy, spatial_size, channels, seed), epsilon)["rho"]
+
+
+@register_analysis("similarity", "cca")
+def cca(x, y, **options) -> float:
+    """Mean canonical correlation (google/svcca's mean of ``cca_coef1``)."""
+    return float(cca_coefficients(x, y, **options).mean())
+
+
+def _top_directions(a: np.ndarray, k: int | None, variance: float, name: str) -> np.ndarray:
+    """``a`` centred and projected on its top singular directions: ``k`` of them, or as many as explain
+    ``variance`` of the total variance (squared singular values)."""
+    centred = a - a.mean(0)
+    w, v = np.linalg.eigh(centred.T @ centred)
+    w, v = np.clip(w[::-1], 0.0, None), v[:, ::-1]
+    if w.sum() == 0:
+        raise UndefinedSimilarityError(f"SVCCA is undefined: {name} is constant across datapoints")
+    if k is None:
+        k = int(np.searchsorted(np.cumsum(w) / w.sum(), variance - 1e-12) + 1)
+    return centred @ v[:, : min(k, a.shape[1])]
+
+
+@register_analysis("similarity", "svcca")
+def svcca(x, y, *, k: int | None = None, variance: float = 0.99, epsilon: float = 1e-10,
+          policy: str = CCA_POLICY, spatial_size=None, channels: int | None = None, seed: int = 0) -> float:
+    """SVCCA (Raghu et al. 2017): each side reduced to its top singular directions (``k`` of them, or enough to
+    explain ``variance``, default 99%), then the mean canonical correlation."""
+    if k is not None and k < 1:
+        raise AnalysisError(f"k must be >= 1, got {k}")
+    if not 0 < variance <= 1:
+        raise AnalysisError(f"variance must be in (0, 1], got {variance}")
+    fx, fy = _numpy_pair(x, y, policy, spatial_size, channels, seed)
+    rx, ry = _top_directions(fx, k, variance, "x"), _top_directions(fy, k, variance, "y")
+    return float(_cca(rx, ry, epsilon, "SVCCA")["rho"].mean())
+
+
+@register_analysis("similarity", "pwcca")
+def pwcca(x, y, *, epsilon: float = 1e-10, policy: str = CCA_POLICY, spatial_size=None,
+          channels: int | None = None, seed: int = 0) -> float:
+    """Projection-weighted CCA (Morcos et al. 2018) as google/svcca's ``pwcca.compute_pwcca`` computes it.
+
+    The weights come from the side with fewer features (``x`` on a tie), which is passed to the CCA first, as the
+    reference expects: its activations rotated by the CCA rotation (plus its feature means, as the reference
+    does) are orthonormalised (QR), and weight ``i`` is ``sum_j |<P_i, a_j>|`` over that side's features
+    ``a_j``. Because of that mean offset the value depends on the singular vectors' signs (LAPACK's convention,
+    as in the reference); ordering the sides makes ``pwcca(x, y) == pwcca(y, x)``.
+    """
+    fx, fy = _numpy_pair(x, y, policy, spatial_size, channels, seed)
+    if fy.shape[1] < fx.shape[1]:
+        fx, fy = fy, fx
+    result = _cca(fx, fy, epsilon, "PWCCA")
+    if result["keep_x"].sum() <= result["keep_y"].sum():
+        acts, rotation, mean = fx[:, result["keep_x"]], result["u"].T, result["mean_x"][result["keep_x"]]
+    else:
+        acts, rotation, mean = fy[:, result["keep_y"]], result["vt"], result["mean_y"][result["keep_y"]]
+    directions = rotation @ (acts - mean).T + mean[:, None]
+    basis, _ = np.linalg.qr(directions.T)
+    weights = np.abs(basis.T @ acts).sum(1)
+    return float((weights * result["rho"]).sum() / weights.sum())
+
+
+# ---------------------------------------------------------------------------------------------------- matrices
+def _measure(measure: str | Callable) -> tuple[str, Callable]:
+    if callable(measure):
+        return getattr(measure, "__name__", "similarity"), measure
+    return measure, get_analysis("similarity", measure)
+
+
+def layer_similarity_matrix(acts_a: Mapping[str, object], acts_b: Mapping[str, object],
+                            measure: str | Callable = "debiased_cka",
+                            **options) -> tuple[list[str], list[str], np.ndarray]:
+    """``(names_a, names_b, matrix)`` of ``measure(acts_a[i], acts_b[j], **options)`` for every layer pair.
+
+    ``measure`` is a registered similarity name or a callable; an undefined entry (constant layer) is NaN.
+    """
+    name, fn = _measure(measure)
+    names_a, names_b = list(acts_a), list(acts_b)
+    if not names_a or not names_b:
+        raise AnalysisError("layer_similarity_matrix needs at least one layer on each side")
+    matrix = np.full((len(names_a), len(names_b)), np.nan)
+    for i, a in enumerate(names_a):
+        for j, b in enumerate(names_b):
+            try:
+                matrix[i, j] = fn(acts_a[a], acts_b[b], **options)
+            except UndefinedSimilarityError as error:
+                logger.warning("%s of %r and %r: %s", name, a, b, error)
+            except AnalysisError as error:
+                raise AnalysisError(f"{name} of layers {a!r} and {b!r}: {error}") from error
+    return names_a, names_b, matrix
+
+
+def write_similarity_matrix(output_dir: str | Path, names_a: Sequence[str], names_b: Sequence[str], matrix,
+                            measure: str = "similarity", stem: str | None = None, model_a: str = "model A",
+                            model_b: str = "model B", metadata: Mapping | None = None) -> dict[str, Path]:
+    """Write a layer x layer similarity matrix as CSV, JSON, Markdown and a heatmap PNG (atomically)."""
+    meta = {"measure": measure, "model_a": model_a, "model_b": model_b, **dict(metadata or {})}
+    matrix = np.asarray(matrix, dtype=float)
+    finite = matrix[np.isfinite(matrix)]
+    lowest = min(0.0, float(finite.min())) if finite.size else 0.0  # debiased CKA can dip below 0
+    return write_matrix(output_dir, stem or measure, matrix, list(names_a), list(names_b), meta,
+                        title=f"{measure}: {model_a} vs {model_b}", value_label=measure, row_axis=model_a,
+                        col_axis=model_b, vmin=lowest, vmax=1.0)
+
+
+def model_similarity(model_a: torch.nn.Module, model_b: torch.nn.Module, data, cuts_a, cuts_b=None,
+                     measure: str = "debiased_cka", *, policy: str | None = None, spatial_size=None,
+                     channels: int | None = None, seed: int = 0, batch_size: int = 32, device=None,
+                     estimator: str = "exact", output_dir: str | Path | None = None, progress: bool = False,
+                     **options) -> tuple[list[str], list[str], np.ndarray]:
+    """Layer x layer similarity of two models on the same data (``cuts_b`` defaults to ``cuts_a``).
+
+    Linear and debiased CKA stream through :class:`MinibatchCKA` (``estimator``); other measures collect the
+    flattened activations first. With ``output_dir`` the matrix is also written (see
+    :func:`write_similarity_matrix`).
+    """
+    streaming = measure in ("linear_cka", "debiased_cka")
+    policy = policy or (CKA_POLICY if measure.endswith("cka") else CCA_POLICY)
+    flatten = dict(policy=policy, spatial_size=spatial_size, channels=channels, seed=seed, batch_size=batch_size,
+                   device=device, progress=progress)
+    pairs = iter_paired_activations(model_a, model_b, data, cuts_a, cuts_b, **flatten)
+    if streaming:
+        accumulator = MinibatchCKA(debiased=measure == "debiased_cka", estimator=estimator, policy=policy)
+        for acts_a, acts_b in pairs:
+            accumulator.update(acts_a, acts_b)
+        names_a, names_b, matrix = accumulator.names_x, accumulator.names_y, accumulator.compute()
+    else:
+        parts_a: dict[str, list] = {}
+        parts_b: dict[str, list] = {}
+        for acts_a, acts_b in pairs:
+            for parts, acts in ((parts_a, acts_a), (parts_b, acts_b)):
+                for name, a in acts.items():
+                    parts.setdefault(name, []).append(a.cpu())
+        options.setdefault("policy", policy)
+        names_a, names_b, matrix = layer_similarity_matrix(
+            {k: torch.cat(v) for k, v in parts_a.items()}, {k: torch.cat(v) for k, v in parts_b.items()},
+            measure, **options)
+    if output_dir is not None:
+        write_similarity_matrix(output_dir, names_a, names_b, matrix, measure,
+                                model_a=getattr(model_a, "name", type(model_a).__name__),
+                                model_b=getattr(model_b, "name", type(model_b).__name__),
+                                metadata={"policy": policy, "spatial_size": spatial_size, "channels": channels,
+                                          "estimator": estimator if streaming else "full-batch"})
+    return names_a, names_b, matrix

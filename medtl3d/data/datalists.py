@@ -1,0 +1,368 @@
+"""Datalists (MONAI/decathlon JSON or CSV) with validation before training, and patient-grouped splits.
+
+Formats read by :func:`load_datalist`:
+
+- JSON: ``{"training": [{"image": ..., "label": ..., "patient": ...}, ...]}`` (another top-level key with ``key=``)
+  or a plain list of such items. Multi-label labels are lists of 0/1 flags.
+- CSV: columns ``image``, ``label`` and optionally ``patient`` (or ``group``); other columns are kept as strings.
+  Multi-label labels are either one ``label`` column of ``;``-joined 0/1 flags (``0;1;1``) or several ``label_*``
+  columns (one 0/1 flag each, classes in column order); :func:`write_datalist` writes the ``;`` form.
+
+Relative paths (``image``; ``label`` for segmentation; fields named in ``path_keys``) are resolved against
+``base_dir`` (default: the datalist's folder) into absolute strings. Every item gets a ``patient`` (default: the image's file stem). Every row is checked
+before anything trains; all problems are reported at once in one DataError naming the file, the 1-based row (CSV
+header not counted) and the field.
+
+Splits are by patient: :func:`kfold_split` uses scikit-learn's ``StratifiedGroupKFold`` (``GroupKFold`` where there
+is no class to stratify on) and :func:`holdout_split` stratifies scikit-learn's ``train_test_split`` over patients.
+Stratification key: the class index (classification), the first positive class or -1 for none (multi-label), none
+for segmentation (group-only).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from medtl3d.errors import DataError
+
+__all__ = ["TASKS", "load_datalist", "write_datalist", "kfold_split", "holdout_split"]
+
+TASKS = ("classification", "multilabel", "segmentation")
+_MAX_REPORTED = 20
+
+
+def _stem(path: str) -> str:
+    name = Path(path.rstrip("/\\")).name
+    for suffix in (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".dcm", ".tif", ".tiff", ".bmp"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _read_rows(path: Path, key: str) -> tuple[list[tuple[int, Any]], str]:
+    """Raw (1-based row number, row) pairs of a JSON or CSV datalist, and its kind ("json" / "csv")."""
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read datalist: {e}") from e
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON: {e}") from e
+        if isinstance(data, dict):
+            if key not in data:
+                raise DataError(f"{path}: no key {key!r} (keys: {', '.join(map(repr, data)) or 'none'})")
+            data = data[key]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a list of items under {key!r}, got {type(data).__name__}")
+        rows = [(i, {"image": row} if isinstance(row, str) else row) for i, row in enumerate(data, start=1)]
+        return rows, "json"
+    if suffix == ".csv":
+        table = [r for r in csv.reader(io.StringIO(text))]
+        if not table:
+            raise DataError(f"{path}: empty CSV (no header)")
+        fields = [f.strip() for f in table[0]]
+        if "image" not in fields:
+            raise DataError(f"{path}: missing column 'image' (columns: {', '.join(fields)})")
+        rows = []
+        for i, values in enumerate(table[1:], start=1):
+            if not any(v.strip() for v in values):
+                continue
+            if len(values) != len(fields):
+                raise DataError(f"{path}: row {i} has {len(values)} values, the header has {len(fields)} columns")
+            rows.append((i, {f: v.strip() for f, v in zip(fields, values)}))
+        return rows, "csv"
+    raise DataError(f"{path}: unknown datalist format {suffix!r} (expected .json or .csv)")
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            f = float(value)
+        except ValueError:
+            return None
+        return int(f) if f.is_integer() else None
+    return None
+
+
+def load_datalist(path: str | Path, *, base_dir: str | Path | None = None, key: str = "training",
+                  task: str = "classification", num_classes: int | None = None, check_files: bool = True,
+                  labels: bool = True, path_keys: Sequence[str] = (), label_key: str = "label") -> list[dict]:
+    """Read and validate a datalist; returns items with absolute path strings, ``label`` and ``patient``.
+
+    ``label_key`` is the field holding the label (e.g. ``mask`` in a datalist that also has a class label); the
+    items carry it as ``label``.
+
+    ``task``: ``classification`` (label an int in [0, num_classes); num_classes 1 or 2 both mean {0, 1}),
+    ``multilabel`` (label a list of num_classes 0/1 flags) or ``segmentation`` (label a mask file).
+    ``labels=False`` reads unlabelled lists (inference): labels are validated only where present.
+    ``path_keys`` names further path fields (e.g. ``("mask",)``) to resolve like ``image``.
+    ``check_files`` checks that images, segmentation masks and ``path_keys`` files exist.
+    """
+    path = Path(path)
+    if task not in TASKS:
+        raise DataError(f"task={task!r}: expected one of {TASKS}")
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise DataError(f"num_classes={num_classes!r}: expected a positive integer")
+    base = Path(base_dir) if base_dir is not None else path.parent
+    rows, kind = _read_rows(path, key)
+    if label_key != "label":
+        rows = [(i, {**{k: v for k, v in row.items() if k not in ("label", label_key)}, "label": row.get(label_key)})
+                if isinstance(row, dict) else (i, row) for i, row in rows]
+    if not rows:
+        raise DataError(f"{path}: datalist is empty" + (f" under {key!r}" if kind == "json" else ""))
+    n_binary = 2 if num_classes in (1, 2) else num_classes
+    columns = list(rows[0][1]) if kind == "csv" else []
+    flag_columns = [c for c in columns if c.startswith("label_")] \
+        if task == "multilabel" and "label" not in columns else []
+    if kind == "csv" and labels and "label" not in columns and not flag_columns:
+        raise DataError(f"{path}: missing column 'label'" + (" (or label_* columns)" if task == "multilabel" else "")
+                        + f" (columns: {', '.join(columns)})")
+    errors: list[str] = []
+    items: list[dict] = []
+    expected_len = num_classes if task == "multilabel" else None
+    length_from = "num_classes"
+
+    def resolve(value: str) -> str:
+        p = Path(os.path.expanduser(value))
+        return str((p if p.is_absolute() else base / p).resolve())
+
+    for i, row in rows:
+        def bad(field: str, why: str) -> None:
+            errors.append(f"row {i}, field {field!r}: {why}")
+
+        if not isinstance(row, dict):
+            bad("image", f"item is {type(row).__name__}, expected an object with 'image'")
+            continue
+        item = {k: v for k, v in row.items() if not k.startswith("label_")} if flag_columns else dict(row)
+        image = row.get("image")
+        if image in (None, "") or not (isinstance(image, str) or
+                                       (isinstance(image, list) and all(isinstance(x, str) for x in image))):
+            bad("image", "missing" if image in (None, "") else f"expected a path, got {image!r}")
+            continue
+        item["image"] = [resolve(x) for x in image] if isinstance(image, list) else resolve(image)
+        if check_files:
+            for p in (item["image"] if isinstance(item["image"], list) else [item["image"]]):
+                if not Path(p).exists():
+                    bad("image", f"file not found: {p}")
+
+        for k in path_keys:
+            if row.get(k) in (None, ""):
+                bad(k, "missing")
+            elif not isinstance(row[k], str):
+                bad(k, f"expected a path, got {row[k]!r}")
+            else:
+                item[k] = resolve(row[k])
+                if check_files and not Path(item[k]).exists():
+                    bad(k, f"file not found: {item[k]}")
+
+        label = [row[c] for c in flag_columns] if flag_columns else row.get("label")
+        if label in (None, "") or (isinstance(label, list) and any(v in (None, "") for v in label)):
+            if labels:
+                bad("label", "missing" if not flag_columns else f"empty value in {', '.join(flag_columns)}")
+            item.pop("label", None)
+        elif task == "classification":
+            value = _as_int(label)
+            if value is None or value < 0:
+                bad("label", f"{label!r} is not a non-negative integer class index")
+            elif n_binary is not None and value >= n_binary:
+                bad("label", f"{value} is out of range for num_classes={num_classes} (expected 0..{n_binary - 1})")
+            else:
+                item["label"] = value
+        elif task == "multilabel":
+            flags = label.split(";") if isinstance(label, str) else label
+            values = [_as_int(v) for v in flags] if isinstance(flags, list) else None
+            if values is None or any(v not in (0, 1) for v in values):
+                bad("label", f"{label!r} is not a list of 0/1 flags")
+            elif expected_len is not None and len(values) != expected_len:
+                bad("label", f"{len(values)} flags, expected {expected_len} (from {length_from})")
+            else:
+                if expected_len is None:
+                    expected_len, length_from = len(values), f"row {i}"
+                item["label"] = values
+        else:  # segmentation: a mask file
+            if not isinstance(label, str):
+                bad("label", f"{label!r} is not a mask path")
+            else:
+                item["label"] = resolve(label)
+                if check_files and not Path(item["label"]).is_file():
+                    bad("label", f"mask file not found: {item['label']}")
+
+        patient = row.get("patient", row.get("group"))
+        if isinstance(patient, float) and math.isnan(patient):
+            patient = None
+        first_image = item["image"][0] if isinstance(item["image"], list) else item["image"]
+        item["patient"] = str(patient) if patient not in (None, "") else _stem(first_image)
+        items.append(item)
+
+    if errors:
+        more = f"\n  ... and {len(errors) - _MAX_REPORTED} more" if len(errors) > _MAX_REPORTED else ""
+        raise DataError(f"{path}: {len(errors)} invalid entr{'y' if len(errors) == 1 else 'ies'}"
+                        f"{f' under {key!r}' if kind == 'json' else ''}:\n  " +
+                        "\n  ".join(errors[:_MAX_REPORTED]) + more)
+    return items
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_datalist(items: Sequence[dict], path: str | Path, *, base_dir: str | Path | None = None,
+                   key: str = "training") -> Path:
+    """Write items as decathlon JSON (``{key: [...]}``) or CSV (by extension), atomically.
+
+    Absolute path strings (``image``, a segmentation ``label``, any other path field) are written relative to
+    ``base_dir`` (default: the datalist's folder). In CSV, list values are ``;``-joined (multi-label flags) and columns are the union of keys.
+    """
+    path = Path(path)
+    base = Path(base_dir) if base_dir is not None else path.parent
+    base = base.resolve()
+
+    def rel(value: Any) -> Any:
+        if isinstance(value, list):
+            return [rel(v) for v in value]
+        if isinstance(value, (str, os.PathLike)) and os.path.isabs(value):
+            return Path(os.path.relpath(os.fspath(value), base)).as_posix()
+        return value
+
+    out = []
+    for item in items:
+        d = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in item.items()}
+        out.append({k: rel(v) if isinstance(v, (str, os.PathLike)) or k == "image" else v for k, v in d.items()})
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        text = json.dumps({key: out}, indent=2) + "\n"
+    elif suffix == ".csv":
+        columns = list(dict.fromkeys(k for d in out for k in d))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for d in out:
+            writer.writerow({k: ";".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in d.items()})
+        text = buf.getvalue()
+    else:
+        raise DataError(f"{path}: unknown datalist format {suffix!r} (expected .json or .csv)")
+    _atomic_write_text(path, text)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------- splits
+
+
+def _patient(item: dict) -> str:
+    p = item.get("patient", item.get("group"))
+    if p not in (None, ""):
+        return str(p)
+    image = item.get("image")
+    return _stem(str(image[0] if isinstance(image, list) else image))
+
+
+def _stratum(item: dict) -> int | None:
+    """Stratification key: class index; first positive flag (or -1) for multi-label; None otherwise."""
+    label = item.get("label")
+    if isinstance(label, (list, tuple, np.ndarray)):
+        flags = [int(v) for v in label]
+        return flags.index(1) if 1 in flags else -1
+    if isinstance(label, str) and _as_int(label) is None:
+        return None  # a mask path
+    return _as_int(label)
+
+
+def _strata(items: Sequence[dict], stratify: bool) -> list[int] | None:
+    keys = [_stratum(it) for it in items]
+    return keys if stratify and all(k is not None for k in keys) and len(set(keys)) > 1 else None
+
+
+def kfold_split(items: Sequence[dict], n_folds: int, fold: int, *, seed: int = 0,
+                stratify: bool = True) -> tuple[list[dict], list[dict]]:
+    """(train, val) of fold ``fold`` in ``n_folds``-fold cross-validation: patient-grouped (no patient in both),
+    label-stratified (``StratifiedGroupKFold``, shuffled with ``seed``). Items keep their order in each part."""
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
+    items = list(items)
+    if not isinstance(n_folds, int) or n_folds < 2:
+        raise DataError(f"n_folds={n_folds!r}: expected an integer >= 2")
+    if not isinstance(fold, int) or not 0 <= fold < n_folds:
+        raise DataError(f"fold={fold!r} out of range for n_folds={n_folds} (expected 0..{n_folds - 1})")
+    groups = [_patient(it) for it in items]
+    n_patients = len(set(groups))
+    if n_patients < n_folds:
+        raise DataError(f"n_folds={n_folds} exceeds the number of patients ({n_patients})")
+    y = _strata(items, stratify)
+    if y is not None:
+        per_class: dict[int, set] = defaultdict(set)
+        for k, g in zip(y, groups):
+            per_class[k].add(g)
+        smallest, members = min(per_class.items(), key=lambda kv: (len(kv[1]), kv[0]))
+        if len(members) < n_folds:
+            name = "no positive label" if smallest == -1 else f"class {smallest}"
+            raise DataError(f"n_folds={n_folds} exceeds the number of patients in the smallest class: {name} has "
+                            f"{len(members)} patient{'s' if len(members) != 1 else ''}; use fewer folds or "
+                            "stratify=False")
+        splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        splits = splitter.split(np.zeros(len(items)), y, groups)
+    else:
+        splits = GroupKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(np.zeros(len(items)),
+                                                                                     groups=groups)
+    train_idx, val_idx = list(splits)[fold]
+    return [items[i] for i in sorted(train_idx)], [items[i] for i in sorted(val_idx)]
+
+
+def holdout_split(items: Sequence[dict], test_fraction: float, *, seed: int = 0,
+                  stratify: bool = True) -> tuple[list[dict], list[dict]]:
+    """(train, test) with about ``test_fraction`` of the patients in test, no patient in both, stratified over
+    patients by label (a patient's key is its most frequent stratification key) with ``train_test_split``."""
+    from sklearn.model_selection import train_test_split
+
+    items = list(items)
+    if not 0.0 < float(test_fraction) < 1.0:
+        raise DataError(f"test_fraction={test_fraction!r}: expected a number in (0, 1)")
+    groups = [_patient(it) for it in items]
+    patients = list(dict.fromkeys(groups))
+    if len(patients) < 2:
+        raise DataError(f"holdout_split needs at least 2 patients, got {len(patients)}")
+    y = _strata(items, stratify)
+    strata = None
+    if y is not None:
+        votes: dict[str, Counter] = defaultdict(Counter)
+        for k, g in zip(y, groups):
+            votes[g][k] += 1
+        strata = [max(sorted(votes[p].items()), key=lambda kv: kv[1])[0] for p in patients]
+        counts = Counter(strata)
+        n_test = math.ceil(test_fraction * len(patients))
+        rare, n_rare = min(counts.items(), key=lambda kv: (kv[1], kv[0]))
+        if n_rare < 2 or n_test < len(counts) or len(patients) - n_test < len(counts):
+            raise DataError(f"cannot stratify a {test_fraction:g} holdout of {len(patients)} patients over "
+                            f"{len(counts)} classes (class {rare} has {n_rare} patient{'s' if n_rare != 1 else ''}); "
+                            "change test_fraction or pass stratify=False")
+    _, test_patients = train_test_split(patients, test_size=test_fraction, random_state=seed, stratify=strata)
+    test_set = set(test_patients)
+    return ([it for it, g in zip(items, groups) if g not in test_set],
+            [it for it, g in zip(items, groups) if g in test_set])

@@ -1,0 +1,410 @@
+"""Preprocessing presets per modality: MONAI dictionary-transform ``Compose`` pipelines, 2D and 3D alike.
+
+``preset(name, train=..., keys=("image",), label_key=None, **options)`` builds one of
+
+=============  ==========================================================================================
+``ct``         3D CT (CTPA): one channel; HU window ``window`` (PENet's [-100, 900]) scaled to [0, 1] with
+               clipping; ``Orientationd`` (``orientation``, default RAS); ``Spacingd`` (``spacing`` in mm, None
+               keeps the voxel grid); in-plane resize to ``resize`` then crop to ``size`` (192); train: random
+               in-plane crop, small in-plane rotation/zoom, intensity scale/shift, optional flips.
+``cxr``        2D X-ray: one channel (RGB(A) -> gray with ITU-R 601 luma weights, like PIL's ``convert("L")``);
+               intensity scaled to [0, 1] per image (``intensity="minmax"``) or from a fixed range; resize to
+               ``size`` (224); train: small rotation/zoom and contrast (gamma) jitter. No horizontal flip by
+               default: chest anatomy is lateralised (heart on the left), a mirrored film is a different anatomy.
+``pathology``  2D RGB patches: 8-bit range scaled to [0, 1]; resize to ``resize`` then crop to ``size`` (128);
+               train: flips, 90-degree rotations and colour jitter (brightness/contrast/saturation/hue, the
+               stain-agnostic augmentation of Tellez et al. 2019 minus HED: ``torchvision.ColorJitter`` through
+               MONAI's ``RandTorchVisiond``); ImageNet normalisation by default.
+=============  ==========================================================================================
+
+Input: dictionaries of channel-first ``MetaTensor``s as MONAI's ``LoadImage(ensure_channel_first=True)`` (and
+:func:`medtl3d.data.io.load_image`) produce them: (C, x, y[, z]), x = columns. Output, the axis order models take:
+(C, H, W) for 2D (rows first, as PIL/pydicom show the image) and (C, D, H, W) for 3D with D the axial/slice axis
+(PENet-style). :class:`ReverseSpatialAxesd` makes that conversion right after the affine-aware steps (orientation,
+spacing); it updates the affine and is invertible, so MONAI's ``Invertd`` with the same ``Compose`` brings a
+predicted mask back to the original voxel grid (see :mod:`medtl3d.inference`).
+
+``label_key`` names a segmentation mask: it goes through the same spatial transforms with nearest-neighbour
+interpolation, no intensity transform, and leaves as ``int64``. Random transforms come after all deterministic ones
+(so MONAI's ``CacheDataset`` and :class:`~medtl3d.data.windows.WindowDataset` cache the deterministic part).
+In-plane resizing does not keep the aspect ratio (like ``torchvision.transforms.Resize((h, w))``); images are
+anti-aliased when downsampled.
+
+The three small transforms below exist because MONAI has no equivalent: its ``Transposed`` leaves the affine
+stale (so later inverses break), and it has no rank or colour-space conversion for channel-first images.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from typing import Any, Callable, Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    CastToTyped,
+    CenterSpatialCropd,
+    Compose,
+    InvertibleTransform,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandFlipd,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandSpatialCropd,
+    RandTorchVisiond,
+    RandomizableTransform,
+    Resized,
+    ScaleIntensityd,
+    ScaleIntensityRanged,
+    Spacingd,
+)
+
+from ..errors import DataError, Medtl3dError
+
+#: PENet's contrast window (``ct_pe_constants.CONTRAST_HU_MIN/MAX``) and the mean it subtracts after scaling.
+PENET_WINDOW = (-100.0, 900.0)
+PENET_MEAN = 0.15897
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _source(img) -> str:
+    meta = getattr(img, "meta", None) or {}
+    name = meta.get("filename_or_obj")
+    return f"{name}: " if name else ""
+
+
+class ToSpatialDimsd(MapTransform, InvertibleTransform):
+    """Make images ``spatial_dims``-D: a single slice (C, x, y) becomes a one-slice volume (C, x, y, 1) for 3D, a
+    one-frame volume (C, x, y, 1) becomes (C, x, y) for 2D; any other mismatch is a :class:`DataError`."""
+
+    def __init__(self, keys, spatial_dims: int, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.spatial_dims = spatial_dims
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            have = img.ndim - 1
+            if have == self.spatial_dims:
+                change = 0
+            elif have == 2 and self.spatial_dims == 3:
+                img, change = img.unsqueeze(-1), 1
+            elif have == 3 and self.spatial_dims == 2 and img.shape[-1] == 1:
+                img, change = img.squeeze(-1), -1
+            else:
+                raise DataError(
+                    f"{_source(img)}{key!r} has shape {tuple(img.shape)} (channels + {have} spatial axes); this "
+                    f"preset needs a {self.spatial_dims}D image"
+                    + (" (a 3D volume cannot go through a 2D preset)" if have == 3 else "")
+                )
+            d[key] = img
+            self.push_transform(d, key, extra_info={"change": change})
+        return d
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            change = self.pop_transform(d, key)["extra_info"]["change"]
+            if change == 1:
+                d[key] = d[key].squeeze(-1)
+            elif change == -1:
+                d[key] = d[key].unsqueeze(-1)
+        return d
+
+
+class ToChannelsd(MapTransform):
+    """Bring images to ``channels`` (1 or 3): RGB(A) -> gray with ITU-R 601 luma weights (PIL's ``convert("L")``),
+    gray -> RGB by repetition, alpha dropped."""
+
+    def __init__(self, keys, channels: int, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if channels not in (1, 3):
+            raise DataError(f"channels must be 1 or 3, got {channels!r}")
+        self.channels = channels
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            have = img.shape[0]
+            if have in (2, 4):  # gray + alpha, RGB + alpha
+                img, have = img[: have - 1], have - 1
+            if have == 3 and self.channels == 1:
+                weights = torch.tensor(_LUMA, dtype=img.dtype, device=img.device).view(3, *[1] * (img.ndim - 1))
+                img = (img * weights).sum(0, keepdim=True)
+            elif have == 1 and self.channels == 3:
+                img = img.repeat(3, *[1] * (img.ndim - 1))
+            elif have != self.channels:
+                raise DataError(f"{_source(img)}{key!r} has {d[key].shape[0]} channels; cannot make {self.channels}")
+            d[key] = img
+        return d
+
+
+class ReverseSpatialAxesd(MapTransform, InvertibleTransform):
+    """MONAI's (C, x, y[, z]) -> the models' (C, [z,] y, x): rows first, slices first. Reverses the spatial axes and
+    the matching affine columns (so the image keeps its place in the world); its own inverse."""
+
+    @staticmethod
+    def _reverse(img):
+        spatial = img.ndim - 1
+        out = img.permute(0, *range(spatial, 0, -1))
+        if isinstance(out, MetaTensor):
+            affine = out.affine.clone()
+            affine[:, :spatial] = affine[:, list(range(spatial - 1, -1, -1))]
+            out.affine = affine
+        return out
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self._reverse(d[key])
+            self.push_transform(d, key)
+        return d
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            self.pop_transform(d, key)
+            d[key] = self._reverse(d[key])
+        return d
+
+
+# ----------------------------------------------------------------------------------------------- option checks
+def _pair(name: str, value, preset_name: str) -> tuple[int, int]:
+    size = (value, value) if isinstance(value, (int, np.integer)) else tuple(value) if value is not None else ()
+    if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in size):
+        raise DataError(f"preset {preset_name!r}: option {name}={value!r} must be a positive int or (height, width)")
+    return int(size[0]), int(size[1])
+
+
+def _range(name: str, value, preset_name: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise DataError(f"preset {preset_name!r}: option {name}={value!r} must be a pair (low, high)") from None
+    if not lo < hi:
+        raise DataError(f"preset {preset_name!r}: option {name}={value!r} needs low < high")
+    return lo, hi
+
+
+def _normalize_transform(keys, normalize, channels: int, preset_name: str):
+    """``None``, ``"imagenet"`` (gray: the channel mean 0.449 / 0.226, as timm does for 1-channel models),
+    ``"penet"`` (subtract PENet's mean 0.15897), or ``(mean, std)``."""
+    if normalize is None:
+        return []
+    if normalize == "imagenet":
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.449,), (0.226,))
+    elif normalize == "penet":
+        mean, std = (PENET_MEAN,), (1.0,)
+    else:
+        try:
+            mean, std = (float(normalize[0]),), (float(normalize[1]),)
+            if len(normalize) != 2 or std[0] <= 0:
+                raise ValueError
+        except (TypeError, ValueError, IndexError):
+            raise DataError(f"preset {preset_name!r}: option normalize={normalize!r} must be None, 'imagenet', "
+                            "'penet' or (mean, std > 0)") from None
+    return [NormalizeIntensityd(keys, subtrahend=np.array(mean * (channels // len(mean)), dtype=np.float32),
+                                divisor=np.array(std * (channels // len(std)), dtype=np.float32),
+                                channel_wise=True)]
+
+
+def _spatial_chain(spatial_dims: int, keys: list, label_key, *, size, resize, train: bool, preset_name: str):
+    """Resize in-plane to ``resize`` then crop to ``size`` (random crop when training), in model axis order."""
+    size = _pair("size", size, preset_name)
+    resize = size if resize is None else _pair("resize", resize, preset_name)
+    if resize[0] < size[0] or resize[1] < size[1]:
+        raise DataError(f"preset {preset_name!r}: resize={resize} must be at least size={size}")
+    all_keys = keys + ([label_key] if label_key else [])
+    keep_depth = (-1,) * (spatial_dims - 2)
+    image_mode = "bilinear" if spatial_dims == 2 else "trilinear"
+    chain = [Resized(all_keys, keep_depth + resize, mode=[image_mode] * len(keys) + ["nearest"] * bool(label_key),
+                     anti_aliasing=[True] * len(keys) + [False] * bool(label_key))]
+    if resize != size:
+        crop = RandSpatialCropd if train else CenterSpatialCropd
+        kwargs = {"random_size": False} if train else {}
+        chain.append(crop(all_keys, roi_size=keep_depth + size, **kwargs))
+    return chain
+
+
+def _geometric_augmentation(spatial_dims: int, keys: list, label_key, *, rotate: float, zoom: float,
+                            flip: bool | Sequence[int], prob: float) -> list:
+    """Small in-plane rotation/zoom (rotation about the slice axis in 3D) and optional flips of the in-plane axes."""
+    all_keys = keys + ([label_key] if label_key else [])
+    modes = ["bilinear"] * len(keys) + ["nearest"] * bool(label_key)
+    chain = []
+    if rotate or zoom:
+        rotate_range = (np.deg2rad(rotate),) + (0.0,) * (spatial_dims - 2)  # 3D: about the slice axis only
+        scale_range = (0.0,) * (spatial_dims - 2) + (zoom, zoom)
+        chain.append(RandAffined(all_keys, prob=prob, rotate_range=rotate_range, scale_range=scale_range,
+                                 mode=modes, padding_mode="zeros"))
+    axes = [] if not flip else list(range(spatial_dims - 2, spatial_dims)) if flip is True else list(flip)
+    chain += [RandFlipd(all_keys, prob=0.5, spatial_axis=int(axis)) for axis in axes]
+    return chain
+
+
+# ----------------------------------------------------------------------------------------------- presets
+def ct_preset(keys: list, label_key, train: bool, *, window=PENET_WINDOW, orientation: str | None = "RAS",
+              spacing=None, size=192, resize=None, normalize=None, rotate: float = 15.0, zoom: float = 0.1,
+              intensity: float = 0.05, flip=False, prob: float = 0.5) -> Compose:
+    """CT volumes -> (1, D, H, W) in [0, 1] (before ``normalize``); ``size``/``resize`` are in-plane (H, W).
+    ``orientation="LPS"`` makes each axial slice look as DICOM viewers show it (row 0 anterior, column 0 the
+    patient's right); RAS shows it mirrored in both axes."""
+    lo, hi = _range("window", window, "ct")
+    all_keys = keys + ([label_key] if label_key else [])
+    chain: list[Callable] = [ToSpatialDimsd(all_keys, 3), ToChannelsd(keys, 1)]
+    if orientation:
+        chain.append(Orientationd(all_keys, axcodes=orientation, labels=None))
+    if spacing is not None:
+        try:
+            pixdim = tuple(float(s) for s in spacing)
+            if len(pixdim) != 3 or min(pixdim) <= 0:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise DataError(f"preset 'ct': option spacing={spacing!r} must be None or 3 positive mm values "
+                            "(x, y, z)") from None
+        chain.append(Spacingd(all_keys, pixdim=pixdim, mode=["bilinear"] * len(keys) + ["nearest"] * bool(label_key)))
+    chain.append(ScaleIntensityRanged(keys, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
+    chain.append(ReverseSpatialAxesd(all_keys))
+    chain += _spatial_chain(3, keys, label_key, size=size, resize=resize, train=train, preset_name="ct")
+    if train:
+        chain += _geometric_augmentation(3, keys, label_key, rotate=rotate, zoom=zoom, flip=flip, prob=prob)
+        if intensity:
+            chain += [RandScaleIntensityd(keys, factors=intensity, prob=prob),
+                      RandShiftIntensityd(keys, offsets=intensity, prob=prob)]
+    return _finish(chain, keys, label_key, normalize, 1, "ct")
+
+
+def cxr_preset(keys: list, label_key, train: bool, *, size=224, resize=None, intensity="minmax", normalize=None,
+               rotate: float = 10.0, zoom: float = 0.1, gamma: float = 0.2, flip=False,
+               prob: float = 0.5) -> Compose:
+    """X-rays -> (1, H, W) in [0, 1] (before ``normalize``). ``intensity``: ``"minmax"`` per image, or a fixed
+    ``(low, high)`` range clipped to [0, 1] (e.g. (0, 255) keeps 8-bit brightness)."""
+    all_keys = keys + ([label_key] if label_key else [])
+    chain: list[Callable] = [ToSpatialDimsd(all_keys, 2), ToChannelsd(keys, 1)]
+    if intensity == "minmax":
+        chain.append(ScaleIntensityd(keys, minv=0.0, maxv=1.0))
+    else:
+        lo, hi = _range("intensity", intensity, "cxr")
+        chain.append(ScaleIntensityRanged(keys, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True))
+    chain.append(ReverseSpatialAxesd(all_keys))
+    chain += _spatial_chain(2, keys, label_key, size=size, resize=resize, train=train, preset_name="cxr")
+    if train:
+        chain += _geometric_augmentation(2, keys, label_key, rotate=rotate, zoom=zoom, flip=flip, prob=prob)
+        if gamma:
+            chain.append(RandAdjustContrastd(keys, prob=prob, gamma=(1.0 - gamma, 1.0 + gamma)))
+    return _finish(chain, keys, label_key, normalize, 1, "cxr")
+
+
+def pathology_preset(keys: list, label_key, train: bool, *, size=128, resize=None, intensity=(0.0, 255.0),
+                     normalize="imagenet", jitter=(0.25, 0.25, 0.25, 0.05), flip=True,
+                     prob: float = 0.8) -> Compose:
+    """RGB patches -> (3, H, W). ``jitter`` = ColorJitter's (brightness, contrast, saturation, hue), applied with
+    probability ``prob``; ``flip`` adds flips of both axes and random 90-degree rotations (orientation-free tissue)."""
+    all_keys = keys + ([label_key] if label_key else [])
+    lo, hi = _range("intensity", intensity, "pathology")
+    chain: list[Callable] = [ToSpatialDimsd(all_keys, 2), ToChannelsd(keys, 3),
+                             ScaleIntensityRanged(keys, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
+                             ReverseSpatialAxesd(all_keys)]
+    chain += _spatial_chain(2, keys, label_key, size=size, resize=resize, train=train, preset_name="pathology")
+    if train:
+        chain += _geometric_augmentation(2, keys, label_key, rotate=0.0, zoom=0.0, flip=flip, prob=prob)
+        if flip:
+            chain.append(RandRotate90d(all_keys, prob=0.5, spatial_axes=(0, 1)))
+        if jitter:
+            try:
+                brightness, contrast, saturation, hue = (float(j) for j in jitter)
+            except (TypeError, ValueError):
+                raise DataError(f"preset 'pathology': option jitter={jitter!r} must be (brightness, contrast, "
+                                "saturation, hue)") from None
+            color = RandTorchVisiond(keys, name="ColorJitter", brightness=brightness, contrast=contrast,
+                                     saturation=saturation, hue=hue)
+            chain.append(_RandApplyd(color, prob))
+    return _finish(chain, keys, label_key, normalize, 3, "pathology")
+
+
+class _RandApplyd(RandomizableTransform, MapTransform):
+    """Apply a map transform with probability ``prob`` (torchvision's ColorJitter alone always fires)."""
+
+    def __init__(self, transform: MapTransform, prob: float) -> None:
+        MapTransform.__init__(self, transform.keys)
+        RandomizableTransform.__init__(self, prob)
+        self.transform = transform
+
+    def __call__(self, data):
+        self.randomize(None)
+        return self.transform(data) if self._do_transform else dict(data)
+
+
+def medtl3d_cause(err: BaseException) -> Medtl3dError | None:
+    """The medtl3d error behind ``err``: MONAI wraps every transform error in ``RuntimeError("applying
+    transform ...")`` (once per nested ``Compose``/dataset)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, Medtl3dError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextmanager
+def monai_errors_unwrapped():
+    """Let a medtl3d error out as itself when MONAI wrapped it in ``RuntimeError("applying transform ...")``."""
+    try:
+        yield
+    except RuntimeError as err:
+        cause = medtl3d_cause(err)
+        if cause is None:
+            raise
+        raise type(cause)(str(cause)) from err
+
+
+class PresetCompose(Compose):
+    """A ``Compose`` that lets our own errors (a 3D volume given to a 2D preset, ...) out as they are."""
+
+    def __call__(self, input_, *args, **kwargs):
+        with monai_errors_unwrapped():
+            return super().__call__(input_, *args, **kwargs)
+
+
+def _finish(chain: list, keys: list, label_key, normalize, channels: int, preset_name: str) -> PresetCompose:
+    chain += _normalize_transform(keys, normalize, channels, preset_name)
+    if label_key:
+        chain.append(CastToTyped(label_key, dtype=torch.int64))
+    return PresetCompose(chain)
+
+
+PRESETS: dict[str, Callable[..., Compose]] = {"ct": ct_preset, "cxr": cxr_preset, "pathology": pathology_preset}
+
+
+def preset_options(name: str) -> dict[str, Any]:
+    """The options of a preset with their defaults."""
+    if name not in PRESETS:
+        raise DataError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
+    params = inspect.signature(PRESETS[name]).parameters.values()
+    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def preset(name: str, *, train: bool, keys: Sequence[str] | str = ("image",), label_key: str | None = None,
+           **options) -> Compose:
+    """The ``name`` preset as a MONAI ``Compose`` over ``keys`` (and the mask ``label_key``); see the module doc."""
+    valid = preset_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise DataError(f"preset {name!r} has no option {', '.join(map(repr, unknown))}; its options are "
+                        + ", ".join(f"{k}={v!r}" for k, v in valid.items()))
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    if not keys or label_key in keys:
+        raise DataError(f"preset {name!r}: keys={keys!r} must be non-empty and not contain label_key={label_key!r}")
+    return PRESETS[name](keys, label_key, bool(train), **options)

@@ -1,0 +1,26 @@
+"""Training and evaluation on MONAI's ignite engines: losses and metrics per task, LWFT parameter groups,
+gradient clipping, AMP, early stopping, TensorBoard/MLflow, atomic checkpoints that carry the model's initial
+state, and bit-exact resume.
+
+``train(model, train_data, val_data, task=...)`` fine-tunes and checkpoints, ``evaluate(model, data, task=...)``
+scores (optionally per series), ``load_model(path)`` rebuilds a checkpointed model from its ``model_config``.
+"""
+
+from ._checkpoint import load_checkpoint, load_model
+from ._tasks import TASKS
+from ._trainer import OPTIMIZERS, EvalResult, TrainResult, evaluate, train
+from .metrics import aggregate_series, classification_metrics, segmentation_metrics
+
+__all__ = [
+    "OPTIMIZERS",
+    "TASKS",
+    "EvalResult",
+    "TrainResult",
+    "aggregate_series",
+    "classification_metrics",
+    "evaluate",
+    "load_checkpoint",
+    "load_model",
+    "segmentation_metrics",
+    "train",
+]

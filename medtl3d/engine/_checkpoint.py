@@ -1,0 +1,124 @@
+"""Training checkpoints: plain dicts of tensors and python containers, written atomically, read with
+``torch.load(weights_only=True)``, and enough to rebuild the model (``model_config``) and to resume bit-exactly
+(optimizer, scaler, engine counters, early-stopping state, history, RNG states).
+
+Written by hand rather than with ignite's ``Checkpoint``/MONAI's ``CheckpointSaver`` because the file must also
+carry the RNG states, the history and the model's *initial* state, and it must stay loadable without unpickling
+arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import TrainingError
+
+FORMAT = "medtl3d-checkpoint-1"
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, flushed to disk, then ``os.replace``d into place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save({"format": FORMAT, **state}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``); clear errors otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        raise TrainingError(f"checkpoint {path} cannot be read safely (torch.load weights_only=True): {err}") from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise TrainingError(f"{path} is not a medtl3d training checkpoint (no format={FORMAT!r} entry)")
+    return state
+
+
+def rng_state() -> dict:
+    """Every global RNG the training loop draws from (python, numpy, torch CPU and CUDA)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def _builder(config: dict):
+    config = dict(config)
+    dotted = config.pop("builder", None)
+    if dotted is None:
+        from ..strategies import create_model
+
+        return create_model, {**config, "weights": None}
+    module_name, _, attr = str(dotted).rpartition(".")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise TrainingError(f"model_config builder {dotted!r} cannot be imported: {err}") from err
+    if "weights" in config:
+        config["weights"] = None
+    return fn, config
+
+
+def load_model(checkpoint_path, map_location="cpu") -> nn.Module:
+    """Rebuild the model of a checkpoint from its ``model_config`` and load its weights (and ``initial_state``).
+
+    ``model_config`` is passed to :func:`medtl3d.strategies.create_model` with ``weights=None`` (the checkpoint
+    holds the weights), or, when it has a ``builder`` key (dotted path of a callable), to that callable instead.
+    The model is returned in eval mode.
+    """
+    state = load_checkpoint(checkpoint_path, map_location)
+    config = state.get("model_config")
+    if not isinstance(config, dict):
+        raise TrainingError(f"checkpoint {checkpoint_path} has no model_config; rebuild the model yourself and "
+                            "load checkpoint['model'] into it (pass model_config=... to train() next time)")
+    fn, kwargs = _builder(config)
+    try:
+        model = fn(**kwargs)
+    except TrainingError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any builder failure becomes one clear message
+        raise TrainingError(f"checkpoint {checkpoint_path}: model_config {config} does not build a model: "
+                            f"{type(err).__name__}: {err}") from err
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise TrainingError(f"checkpoint {checkpoint_path}: weights do not fit the model rebuilt from its "
+                            f"model_config: {err}") from err
+    model.initial_state = state["initial_state"]
+    return model.to(map_location).eval()

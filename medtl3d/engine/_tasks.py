@@ -1,0 +1,242 @@
+"""What a task means to the engines: its loss, how a batch's labels are checked and shaped, and how predictions
+become metrics (an ignite ``Metric`` that collects probabilities per case, so AUROC & co. see the whole epoch and
+window-level outputs can be aggregated per series first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from ignite.metrics import Metric
+from monai.data import MetaTensor
+from monai.losses import DiceCELoss
+from monai.utils import CommonKeys
+from torch import nn
+
+from ..errors import TrainingError
+from .metrics import (
+    CLASSIFICATION_METRICS,
+    SEGMENTATION_METRICS,
+    _nanmean,
+    aggregate_series,
+    classification_metrics,
+    segmentation_case_scores,
+)
+
+TASKS = ("binary", "multiclass", "multilabel", "segmentation")
+IMAGE, LABEL = CommonKeys.IMAGE, CommonKeys.LABEL
+
+
+def check_task(task: str) -> None:
+    if task not in TASKS:
+        raise TrainingError(f"task={task!r} is not supported; choose one of {', '.join(TASKS)}")
+
+
+def task_metrics(task: str) -> tuple[str, ...]:
+    return SEGMENTATION_METRICS if task == "segmentation" else CLASSIFICATION_METRICS
+
+
+def default_key_metric(task: str) -> str:
+    return "dice" if task == "segmentation" else "auroc"
+
+
+def make_loss(task: str) -> nn.Module:
+    """BCE-with-logits (binary: one logit; multilabel), cross-entropy (multiclass), Dice+CE (segmentation)."""
+    if task in ("binary", "multilabel"):
+        return nn.BCEWithLogitsLoss()
+    if task == "multiclass":
+        return nn.CrossEntropyLoss()
+    return DiceCELoss(to_onehot_y=True, softmax=True)
+
+
+def check_outputs(task: str, num_outputs: int) -> None:
+    """The model's output channel count must fit the task."""
+    if task == "binary" and num_outputs != 1:
+        raise TrainingError(f"task='binary' needs a model with a single output logit (num_classes=1); this model "
+                            f"outputs {num_outputs} — use num_classes=1, or task='multiclass'")
+    if task in ("multiclass", "segmentation") and num_outputs < 2:
+        raise TrainingError(f"task={task!r} needs a model with >= 2 output channels, this one outputs {num_outputs}")
+
+
+def _label_problem(task: str, label: torch.Tensor, num_outputs: int) -> str | None:
+    """Why one sample's label does not fit the task (None when it does)."""
+    label = label.float()
+    if task == "multilabel":
+        if label.numel() != num_outputs:
+            return f"has {label.numel()} entries, the model outputs {num_outputs} labels"
+        valid = (label == 0) | (label == 1)
+        what = "0/1 values"
+    else:
+        if task != "segmentation" and label.numel() != 1:
+            return f"has shape {tuple(label.shape)}; a {task} label is one class index"
+        high = 1 if task == "binary" else num_outputs - 1
+        valid = (label >= 0) & (label <= high) & (label == label.round())
+        what = f"integers in [0, {high}]"
+    if not bool(valid.all()):
+        bad = label[~valid]
+        return f"holds {bad.reshape(-1)[:5].tolist()}; {task} labels must be {what}"
+    return None
+
+
+def _ids(batch: Mapping, id_key: str | None, size: int) -> list | None:
+    if id_key is None or id_key not in batch:
+        return None
+    ids = batch[id_key]
+    ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    return ids if len(ids) == size else None
+
+
+def _plain_tensor(value) -> torch.Tensor:
+    """MetaTensor -> torch.Tensor: the metadata is not needed past this point and costs time in every op."""
+    return value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)
+
+
+class BatchPreparer:
+    """``prepare_batch`` for the MONAI engines: checks labels against the task (naming the case) and shapes them
+    for the loss — binary ``(B, 1)`` float, multiclass ``(B,)`` long, multilabel ``(B, K)`` float, segmentation
+    ``(B, 1, *spatial)`` — then moves image and label to the device."""
+
+    def __init__(self, task: str, num_outputs: int, id_key: str | None = None, where: str = "data") -> None:
+        self.task, self.num_outputs, self.id_key, self.where = task, num_outputs, id_key, where
+
+    def __call__(self, batch: Mapping, device=None, non_blocking: bool = False, **kwargs):
+        if not isinstance(batch, Mapping) or IMAGE not in batch or LABEL not in batch:
+            keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+            raise TrainingError(f"{self.where}: each sample must be a dict with '{IMAGE}' and '{LABEL}'; got {keys}")
+        image, label = _plain_tensor(batch[IMAGE]), _plain_tensor(batch[LABEL])
+        label = self.shape_label(label, image)
+        if self.task == "multilabel":
+            if label.shape[1] != self.num_outputs:
+                self._raise(batch, 0, label, image.shape[0])
+            bad = (label != 0) & (label != 1)
+        else:
+            high = 1 if self.task == "binary" else self.num_outputs - 1
+            bad = (label < 0) | (label > high) | (label != label.round())
+        if bad.any():  # one vectorised test per batch; the message is built only on failure
+            self._raise(batch, int(bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()[0, 0]), label, image.shape[0])
+        return (image.to(device, non_blocking=non_blocking, **kwargs),
+                label.to(device, non_blocking=non_blocking, **kwargs))
+
+    def shape_label(self, label: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        size = image.shape[0]
+        if self.task == "segmentation":
+            if label.ndim == image.ndim - 1:
+                label = label.unsqueeze(1)
+            if label.shape[0] != size or label.shape[1] != 1 or label.shape[2:] != image.shape[2:]:
+                raise TrainingError(f"{self.where}: segmentation labels must be (1, *spatial) masks matching the "
+                                    f"image {tuple(image.shape[1:])}, got {tuple(label.shape[1:])} per sample")
+            return label
+        if self.task == "multilabel":
+            return label.reshape(size, -1).float()
+        if label.numel() != size:
+            raise TrainingError(f"{self.where}: a {self.task} label is one class index per sample, got labels of "
+                                f"shape {tuple(label.shape)} for a batch of {size}")
+        return label.reshape(size, 1).float() if self.task == "binary" else label.reshape(size).long()
+
+    def _raise(self, batch: Mapping, row: int, label: torch.Tensor, size: int) -> None:
+        ids = _ids(batch, self.id_key, size)
+        who = f"case {ids[row]!r}" if ids else f"row {row} of a batch"
+        problem = _label_problem(self.task, label[row], self.num_outputs)
+        raise TrainingError(f"{self.where}: label of {who} {problem}")
+
+
+def check_labels_upfront(dataset, task: str, num_outputs: int, where: str, id_key: str | None = None) -> None:
+    """Validate every label before the first iteration when the dataset exposes its rows (MONAI ``Dataset.data``
+    with numeric labels); other datasets are checked batch by batch as they are read."""
+    rows = getattr(dataset, "data", None)
+    if task == "segmentation" or not isinstance(rows, Sequence) or not rows or not isinstance(rows[0], Mapping):
+        return
+    for index, row in enumerate(rows):
+        if LABEL not in row:
+            raise TrainingError(f"{where}: row {index} has no '{LABEL}' (keys: {sorted(row)})")
+        value = row[LABEL]
+        if isinstance(value, (str, bytes)):
+            return  # labels are loaded by transforms (e.g. files); checked per batch
+        try:
+            label = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError):
+            return
+        problem = _label_problem(task, label, num_outputs)
+        if problem:
+            name = f" ({id_key}={row[id_key]!r})" if id_key and id_key in row else ""
+            raise TrainingError(f"{where}: label of row {index}{name} {problem}")
+
+
+class CaseCollector(Metric):
+    """Collects per-case outputs of an evaluator epoch and computes every metric of the task at its end.
+
+    Classification keeps probabilities (sigmoid / softmax of the logits) and labels; with ``series_key`` the rows
+    are aggregated per series (max or mean) first. Segmentation keeps per-case Dice/Jaccard of the arg-max mask,
+    never the masks. ``rows`` holds the per-case (or per-series) predictions after ``compute``. Attached in
+    ``flatten`` mode, so each metric lands in ``engine.state.metrics`` under its own name.
+    """
+
+    def __init__(self, task: str, id_key: str | None = None, series_key: str | None = None,
+                 aggregation: str = "max") -> None:
+        self.task, self.id_key, self.series_key, self.aggregation = task, id_key, series_key, aggregation
+        self.rows: list[dict] = []
+        super().__init__(metrics_result_mode="flatten")
+
+    def reset(self) -> None:
+        self._scores: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+        self._ids: list = []
+
+    def iteration_completed(self, engine) -> None:
+        # the ids live in the collated batch, which the default output-only path does not pass on
+        output = engine.state.output
+        pred, label = output[CommonKeys.PRED], output[CommonKeys.LABEL]
+        self.update((pred, label, _ids(engine.state.batch, self.series_key or self.id_key, pred.shape[0])))
+
+    def update(self, output: tuple[torch.Tensor, torch.Tensor, list | None]) -> None:
+        pred, label, ids = output
+        pred, label = pred.detach().float(), label.detach()
+        if self.task == "segmentation":
+            masks = pred.argmax(dim=1, keepdim=True).cpu()
+            dice, iou = segmentation_case_scores(masks, label.cpu(), pred.shape[1])
+            self._scores.append(torch.stack([dice, iou], dim=1))
+        else:
+            check_outputs(self.task, pred.shape[1])
+            probs = torch.softmax(pred, dim=1) if self.task == "multiclass" else torch.sigmoid(pred)
+            self._scores.append(probs.cpu())
+            self._labels.append(label.cpu())
+        if self.series_key and ids is None:
+            raise TrainingError(f"series_key={self.series_key!r} is not a key of the evaluation samples")
+        self._ids.extend(ids if ids is not None else [None] * pred.shape[0])
+
+    def compute(self) -> dict[str, float]:
+        if not self._scores:
+            raise TrainingError("the evaluation data produced no batches")
+        scores = torch.cat(self._scores)
+        ids = self._ids
+        has_ids = any(i is not None for i in ids)
+        if self.task == "segmentation":
+            dice, iou = scores[:, 0], scores[:, 1]
+            metrics = {"dice": _nanmean(dice), "jaccard": _nanmean(iou)}
+            self.rows = [{**({"id": ids[i]} if has_ids else {}), "dice": _nanmean(dice[i]),
+                          "jaccard": _nanmean(iou[i])} for i in range(scores.shape[0])]
+            return metrics
+        labels = torch.cat(self._labels)
+        if self.task == "binary":
+            labels = labels.reshape(-1).long()
+        elif self.task == "multilabel":
+            labels = labels.long()
+        if self.series_key:
+            _, per_series = aggregate_series(scores, ids, self.aggregation)
+            ids, series_labels = aggregate_series(labels, ids, "max")
+            if self.task == "multiclass":
+                _, lowest = aggregate_series(-labels.double(), self._ids, "max")
+                mixed = [sid for sid, hi, lo in zip(ids, series_labels, -lowest) if hi != lo]
+                if mixed:
+                    raise TrainingError(f"series {mixed[:5]} have windows with different multiclass labels; a "
+                                        "series needs one label")
+            scores, labels = per_series.float(), series_labels.long()
+        metrics = classification_metrics(scores, labels, self.task)
+        self.rows = [
+            {**({"id": ids[i]} if has_ids else {}),
+             "label": labels[i].tolist(),
+             "probabilities": scores[i].reshape(-1).tolist()}
+            for i in range(scores.shape[0])
+        ]
+        return metrics

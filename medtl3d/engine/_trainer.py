@@ -1,0 +1,546 @@
+"""``train`` and ``evaluate`` on MONAI's ignite engines (``SupervisedTrainer`` / ``SupervisedEvaluator``).
+
+The engines, ``ValidationHandler``, ignite ``EarlyStopping`` / ``ProgressBar`` and MONAI's TensorBoard / MLflow
+handlers do the work; this module wires them for a task and adds what they lack for this project:
+
+- per-(seed, epoch) deterministic shuffling and augmentation seeds, and RNG states in every checkpoint, so a run
+  killed mid-epoch resumes from ``last.pt`` and ends bit-identical (on CPU) to an uninterrupted run;
+- one checkpoint format holding the model's initial state and the config to rebuild it (see ``_checkpoint``);
+- options and labels checked before the first iteration, with errors naming the option / row.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from ignite.engine import Events
+from ignite.handlers import EarlyStopping
+from monai.data import DataLoader
+from monai.data.utils import set_rnd
+from monai.engines import IterationEvents, SupervisedEvaluator, SupervisedTrainer
+from monai.handlers import ValidationHandler
+from monai.utils import CommonKeys, optional_import, set_determinism
+from torch import nn
+from torch.utils.data.distributed import DistributedSampler
+
+from ..errors import TrainingError
+from ._checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ._tasks import (
+    IMAGE,
+    LABEL,
+    BatchPreparer,
+    CaseCollector,
+    check_labels_upfront,
+    check_outputs,
+    check_task,
+    default_key_metric,
+    make_loss,
+    task_metrics,
+)
+from .metrics import AGGREGATIONS
+
+logger = logging.getLogger("medtl3d.engine")
+
+OPTIMIZERS = {
+    "adamw": torch.optim.AdamW,
+    "adam": torch.optim.Adam,
+    "sgd": partial(torch.optim.SGD, momentum=0.9),
+}
+ID_KEY = "id"
+# options that may change when a run is resumed; every other option must match the checkpoint's
+_RESUMABLE_CHANGES = ("epochs", "early_stop_patience", "device", "num_workers", "progress", "tensorboard",
+                      "mlflow_uri")
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced (``best_metric`` is nan when no validation had a defined key metric)."""
+
+    best_metric: float
+    best_epoch: int
+    key_metric: str
+    history: list[dict] = field(default_factory=list)
+    best_checkpoint: Path | None = None
+    last_checkpoint: Path | None = None
+    epochs_run: int = 0
+
+
+@dataclass
+class EvalResult:
+    """Metrics of an evaluation and one prediction row per case (per series with ``series_key``)."""
+
+    metrics: dict[str, float]
+    predictions: list[dict]
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def _first_sample(dataset, where: str) -> Mapping:
+    try:
+        size = len(dataset)
+    except TypeError as err:
+        raise TrainingError(f"{where} must be a map-style dataset with a length") from err
+    if size == 0:
+        raise TrainingError(f"{where} is empty")
+    sample = dataset[0]
+    if not isinstance(sample, Mapping) or IMAGE not in sample or LABEL not in sample:
+        keys = sorted(sample) if isinstance(sample, Mapping) else type(sample).__name__
+        raise TrainingError(f"{where}: samples must be dicts with '{IMAGE}' and '{LABEL}' (row 0 has {keys})")
+    return sample
+
+
+def _probe_outputs(model: nn.Module, sample: Mapping, task: str, device: torch.device, where: str) -> int:
+    """One forward pass in eval mode on the first sample: does the model take the image, and how many outputs?"""
+    image = torch.as_tensor(sample[IMAGE])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(image[None].to(device))
+    except Exception as err:  # noqa: BLE001 - any failure here means the model cannot take this input
+        raise TrainingError(f"{where}: the model cannot take an image of shape {tuple(image.shape)} "
+                            f"(channels first, no batch dim): {type(err).__name__}: {err}") from err
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        raise TrainingError(f"the model returns {type(out).__name__}; the engine needs one tensor of logits")
+    expected = 2 + image.ndim - 1 if task == "segmentation" else 2
+    if out.ndim != expected or (task == "segmentation" and out.shape[2:] != image.shape[1:]):
+        raise TrainingError(f"task={task!r}: the model maps an image {tuple(image.shape)} to {tuple(out.shape[1:])}; "
+                            + ("expected (C, *spatial) logits of the image's size" if task == "segmentation"
+                               else "expected one logit vector per image"))
+    check_outputs(task, out.shape[1])
+    return out.shape[1]
+
+
+def _plain(value, name: str):
+    """``model_config`` must survive ``torch.load(weights_only=True)``: plain python values only."""
+    if isinstance(value, (Path, torch.device)):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v, f"{name}[{i}]") for i, v in enumerate(value))
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, f"{name}.{k}") for k, v in value.items()}
+    raise TrainingError(f"{name} is a {type(value).__name__}; model_config may hold only plain python values")
+
+
+def _check_options(task, epochs, lr, weight_decay, optimizer, batch_size, num_workers, grad_clip, key_metric,
+                   early_stop_patience, val_every, series_key, aggregation) -> str:
+    check_task(task)
+    key_metric = key_metric or default_key_metric(task)
+    if key_metric not in task_metrics(task):
+        raise TrainingError(f"key_metric={key_metric!r} is not produced for task={task!r}; choose one of "
+                            f"{', '.join(task_metrics(task))}")
+    if optimizer not in OPTIMIZERS:
+        raise TrainingError(f"optimizer={optimizer!r} is not supported; choose one of {', '.join(OPTIMIZERS)}")
+    if aggregation not in AGGREGATIONS:
+        raise TrainingError(f"aggregation={aggregation!r} is not supported; choose one of {', '.join(AGGREGATIONS)}")
+    for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("val_every", val_every, 1),
+                             ("num_workers", num_workers, 0)):
+        if not isinstance(value, int) or value < low:
+            raise TrainingError(f"{name} must be an integer >= {low}, got {value!r}")
+    if early_stop_patience is not None and (not isinstance(early_stop_patience, int) or early_stop_patience < 1):
+        raise TrainingError(f"early_stop_patience must be None or an integer >= 1, got {early_stop_patience!r}")
+    if not lr > 0:
+        raise TrainingError(f"lr must be > 0, got {lr!r}")
+    if weight_decay < 0:
+        raise TrainingError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if grad_clip is not None and not grad_clip > 0:
+        raise TrainingError(f"grad_clip must be None or > 0, got {grad_clip!r}")
+    if series_key is not None and task == "segmentation":
+        raise TrainingError("series_key (window -> series aggregation) applies to classification tasks only")
+    return key_metric
+
+
+def _device_and_amp(device, amp: bool) -> tuple[torch.device, bool]:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise TrainingError(f"device={device!r} is not a torch device: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"device={str(device)!r} but CUDA is not available on this machine")
+    if amp and device.type != "cuda":
+        logger.warning("amp=True: mixed precision is used on CUDA only; training on %s in float32", device)
+    return device, bool(amp and device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------- building blocks
+def _param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+    if callable(getattr(model, "param_groups", None)):
+        groups = model.param_groups(lr, weight_decay)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr,
+                   "weight_decay": weight_decay, "name": "all"}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise TrainingError("the model has no trainable parameters (every parameter has requires_grad=False)")
+    return groups
+
+
+def _evaluator(model, dataset, task, num_outputs, batch_size, num_workers, device, amp, series_key, aggregation,
+               where) -> tuple[SupervisedEvaluator, CaseCollector]:
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    evaluator = SupervisedEvaluator(
+        device=device, val_data_loader=loader, network=model,
+        prepare_batch=BatchPreparer(task, num_outputs, series_key or ID_KEY, where), amp=amp, decollate=False,
+    )
+    collector = CaseCollector(task, id_key=ID_KEY, series_key=series_key, aggregation=aggregation)
+    collector.attach(evaluator, "metrics")
+    return evaluator, collector
+
+
+class _EpochLoss:
+    """Mean training loss of the epoch (summed on the device: no host sync per iteration) into state.metrics."""
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self.started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.completed)
+
+    def started(self, engine) -> None:
+        self.total, self.count, self.start = 0.0, 0, time.perf_counter()
+
+    def iteration(self, engine) -> None:
+        self.total = self.total + engine.state.output[CommonKeys.LOSS].detach()
+        self.count += 1
+
+    def completed(self, engine) -> None:
+        loss = float(self.total) / max(self.count, 1)
+        if not math.isfinite(loss):
+            raise TrainingError(f"training diverged: mean loss of epoch {engine.state.epoch} is {loss}; lower lr or "
+                                "set grad_clip")
+        engine.state.metrics["train_loss"] = loss
+        engine.state.metrics["epoch_seconds"] = time.perf_counter() - self.start
+
+
+class _GradClip:
+    """Clip the gradient norm between backward and optimizer step (unscaling AMP gradients first)."""
+
+    def __init__(self, params: list[nn.Parameter], max_norm: float) -> None:
+        self.params, self.max_norm = params, max_norm
+
+    def __call__(self, engine) -> None:
+        if engine.amp and engine.scaler is not None:
+            engine.scaler.unscale_(engine.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+
+
+class _EpochSeeds:
+    """Worker and in-process augmentation seeds derived from (seed, epoch), so any epoch replays identically."""
+
+    def __init__(self, generator: torch.Generator, dataset, seed: int, num_workers: int) -> None:
+        self.generator, self.dataset, self.seed, self.num_workers = generator, dataset, seed, num_workers
+
+    def __call__(self, engine) -> None:
+        epoch_seed = (self.seed * 1_000_003 + engine.state.epoch) % (2**31 - 1)
+        self.generator.manual_seed(epoch_seed)
+        if self.num_workers == 0:  # workers are seeded from the generator by MONAI's worker_init_fn
+            set_rnd(self.dataset, epoch_seed)
+
+
+@dataclass
+class _Run:
+    """Bookkeeping of one run, written into every checkpoint at the end of each epoch."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    evaluator: SupervisedEvaluator
+    output_dir: Path
+    key_metric: str
+    metric_names: tuple[str, ...]
+    val_every: int
+    initial_state: dict
+    model_config: dict | None
+    run_config: dict
+    early_stopping: EarlyStopping | None = None
+    history: list = field(default_factory=list)
+    best_metric: float = math.nan
+    best_epoch: int = 0
+    stopped_early: bool = False
+
+    def state(self, trainer) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
+            "engine": {"epoch": trainer.state.epoch, "iteration": trainer.state.iteration,
+                       "epoch_length": trainer.state.epoch_length},
+            "key_metric": self.key_metric,
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "early_stopping": dict(self.early_stopping.state_dict()) if self.early_stopping else None,
+            "stopped_early": self.stopped_early,
+            "history": self.history,
+            "rng": rng_state(),
+            "initial_state": self.initial_state,
+            "model_config": self.model_config,
+            "run_config": self.run_config,
+        }
+
+    def epoch_completed(self, trainer) -> None:
+        epoch = trainer.state.epoch
+        record = {"epoch": epoch, "train_loss": trainer.state.metrics["train_loss"],
+                  "seconds": round(trainer.state.metrics["epoch_seconds"], 3)}
+        improved = False
+        if epoch % self.val_every == 0:
+            metrics = self.evaluator.state.metrics
+            record.update({f"val_{name}": float(metrics[name]) for name in self.metric_names})
+            value = float(metrics[self.key_metric])
+            improved = not math.isnan(value) and (math.isnan(self.best_metric) or value > self.best_metric)
+            if improved:
+                self.best_metric, self.best_epoch = value, epoch
+        self.history.append(record)
+        self.stopped_early = bool(trainer.should_terminate) and epoch < trainer.state.max_epochs
+        state = self.state(trainer)
+        if improved:  # best first: a kill between the two writes replays this epoch and rewrites both
+            save_checkpoint(state, self.output_dir / "best.pt")
+        save_checkpoint(state, self.output_dir / "last.pt")
+        _write_history(self.history, self.output_dir / "history.csv")
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("epoch", "seconds"))
+        logger.info("epoch %d/%d: %s%s", epoch, trainer.state.max_epochs, shown,
+                    " (best)" if improved else "")
+
+    def result(self, epochs_run: int) -> TrainResult:
+        best = self.output_dir / "best.pt"
+        return TrainResult(
+            best_metric=self.best_metric, best_epoch=self.best_epoch, key_metric=self.key_metric,
+            history=list(self.history), best_checkpoint=best if best.exists() else None,
+            last_checkpoint=self.output_dir / "last.pt", epochs_run=epochs_run,
+        )
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_history(history: list[dict], path: Path) -> None:
+    columns: list[str] = []
+    for row in history:
+        columns.extend(k for k in row if k not in columns)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    _atomic_text(path, buffer.getvalue())
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def _attach_trackers(trainer, evaluator, output_dir: Path, tensorboard: bool, mlflow_uri: str | None,
+                     progress: bool, run_config: dict) -> list:
+    """TensorBoard / MLflow (per-epoch train loss and validation metrics) and a progress bar; returns what must be
+    closed when training ends."""
+    epoch_of_trainer = lambda _: trainer.state.epoch  # noqa: E731 - validation is logged at the trainer's epoch
+    closables = []
+    if tensorboard:
+        writer_cls, has_tb = optional_import("torch.utils.tensorboard", name="SummaryWriter")
+        if has_tb:
+            from monai.handlers import TensorBoardStatsHandler
+
+            writer = writer_cls(log_dir=str(output_dir / "tensorboard"))
+            TensorBoardStatsHandler(summary_writer=writer, iteration_log=False,
+                                    output_transform=lambda _: None).attach(trainer)
+            TensorBoardStatsHandler(summary_writer=writer, iteration_log=False, output_transform=lambda _: None,
+                                    global_epoch_transform=epoch_of_trainer).attach(evaluator)
+            closables.append(writer)
+        else:
+            logger.warning("tensorboard is not installed (pip install tensorboard): no TensorBoard logs written")
+    if mlflow_uri:
+        _, has_mlflow = optional_import("mlflow")
+        if not has_mlflow:
+            raise TrainingError(f"mlflow_uri={mlflow_uri!r} but mlflow is not installed (pip install mlflow)")
+        from monai.handlers import MLFlowHandler
+
+        common = {"tracking_uri": str(mlflow_uri), "experiment_name": "medtl3d", "run_name": output_dir.name,
+                  "iteration_log": False, "output_transform": lambda _: None}
+        try:
+            MLFlowHandler(**common, experiment_param={k: str(v) for k, v in run_config.items()}).attach(trainer)
+            MLFlowHandler(**common, global_epoch_transform=epoch_of_trainer).attach(evaluator)
+        except ValueError as err:
+            raise TrainingError(f"mlflow_uri={mlflow_uri!r}: {err}") from err
+    if progress:
+        from ignite.handlers import ProgressBar
+
+        ProgressBar(persist=False).attach(trainer, output_transform=lambda out: {"loss": out[CommonKeys.LOSS]})
+    return closables
+
+
+def _resume_check(saved: dict, current: dict, path: Path) -> None:
+    diffs = [f"{k}: {saved.get(k)!r} (checkpoint) vs {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+             if k not in _RESUMABLE_CHANGES and saved.get(k) != current.get(k)]
+    if diffs:
+        raise TrainingError(f"{path} was written by a different run ({'; '.join(diffs)}); pass resume=False to "
+                            "start over, or use another output_dir")
+
+
+# ----------------------------------------------------------------------------------------------- public API
+def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epochs: int = 10, lr: float = 1e-3,
+          weight_decay: float = 0.0, optimizer: str = "adamw", batch_size: int = 8, num_workers: int = 0,
+          amp: bool = False, grad_clip: float | None = None, key_metric: str | None = None,
+          early_stop_patience: int | None = None, seed: int = 0, device="cpu", resume: bool = True,
+          tensorboard: bool = True, mlflow_uri: str | None = None, progress: bool = True, val_every: int = 1,
+          series_key: str | None = None, aggregation: str = "max", model_config: dict | None = None) -> TrainResult:
+    """Fine-tune ``model`` on ``train_data``, validating on ``val_data`` every ``val_every`` epochs.
+
+    Samples are dicts with ``"image"`` (C, *spatial) and ``"label"`` (class index; 0/1 vector for multilabel;
+    (1, *spatial) or (*spatial) mask for segmentation), optionally an ``"id"`` and, for window-level CTPA data, a
+    series id under ``series_key`` (validation metrics are then computed per series, ``aggregation`` max/mean).
+    ``output_dir`` receives ``last.pt`` (every epoch), ``best.pt`` (best ``key_metric``), ``history.csv``,
+    ``result.json`` and ``tensorboard/``. With ``resume`` an existing ``last.pt`` of the same run is continued.
+    The model is trained in place (it ends with the last epoch's weights; :func:`load_model` reads ``best.pt``).
+    """
+    key_metric = _check_options(task, epochs, lr, weight_decay, optimizer, batch_size, num_workers, grad_clip,
+                                key_metric, early_stop_patience, val_every, series_key, aggregation)
+    device, use_amp = _device_and_amp(device, amp)
+    model_config = None if model_config is None else _plain(dict(model_config), "model_config")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    set_determinism(seed=seed)
+
+    model.to(device)
+    _first_sample(train_data, "train_data")
+    num_outputs = _probe_outputs(model, _first_sample(val_data, "val_data"), task, device, "val_data")
+    check_labels_upfront(train_data, task, num_outputs, "train_data", series_key or ID_KEY)
+    check_labels_upfront(val_data, task, num_outputs, "val_data", series_key or ID_KEY)
+
+    initial = getattr(model, "initial_state", None)  # a TransferModel's own detached copy, else a snapshot now
+    initial_state = ({k: v.detach().cpu() for k, v in initial.items()} if initial
+                     else {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+    if val_every > epochs:
+        logger.warning("val_every=%d > epochs=%d: no validation will run, so no best.pt", val_every, epochs)
+    groups = _param_groups(model, lr, weight_decay)
+    opt = OPTIMIZERS[optimizer](groups, lr=lr, weight_decay=weight_decay)
+
+    # A single-replica DistributedSampler shuffles with seed + epoch (MONAI's Workflow calls its set_epoch), so
+    # an epoch's order never depends on how earlier epochs consumed a shared generator; the loader's own generator
+    # (reseeded per epoch) only seeds the workers.
+    sampler = DistributedSampler(train_data, num_replicas=1, rank=0, shuffle=True, seed=seed)
+    generator = torch.Generator()
+    loader = DataLoader(train_data, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        generator=generator, pin_memory=device.type == "cuda")
+    evaluator, _ = _evaluator(model, val_data, task, num_outputs, batch_size, num_workers, device, use_amp,
+                              series_key, aggregation, "val_data")
+    trainer = SupervisedTrainer(
+        device=device, max_epochs=epochs, train_data_loader=loader, network=model, optimizer=opt,
+        loss_function=make_loss(task), prepare_batch=BatchPreparer(task, num_outputs, series_key or ID_KEY,
+                                                                   "train_data"),
+        amp=use_amp, decollate=False, optim_set_to_none=True,
+    )
+    run_config = {
+        "task": task, "lr": lr, "weight_decay": weight_decay, "optimizer": optimizer, "batch_size": batch_size,
+        "amp": bool(amp), "grad_clip": grad_clip, "key_metric": key_metric, "seed": seed, "val_every": val_every,
+        "series_key": series_key, "aggregation": aggregation, "model_config": model_config,
+        "train_size": len(train_data), "val_size": len(val_data),
+    }
+    run = _Run(model, opt, evaluator, output_dir, key_metric, task_metrics(task), val_every, initial_state,
+               model_config, run_config)
+    if early_stop_patience is not None:
+        score = lambda e: _score(e.state.metrics[key_metric])  # noqa: E731
+        run.early_stopping = EarlyStopping(patience=early_stop_patience, score_function=score, trainer=trainer)
+
+    saved = None
+    if resume and (output_dir / "last.pt").exists():
+        saved = _restore(run, trainer, output_dir / "last.pt")
+        if run.stopped_early or trainer.state.epoch >= epochs:
+            logger.info("%s: run already finished at epoch %d; nothing to train", output_dir, trainer.state.epoch)
+            return _finish(run, trainer.state.epoch)
+        if saved["scaler"] is not None and use_amp:  # the trainer creates its GradScaler when it starts
+            trainer.add_event_handler(Events.STARTED, lambda e: e.scaler.load_state_dict(saved["scaler"]))
+        logger.info("resuming %s after epoch %d", output_dir, trainer.state.epoch)
+
+    trainer.add_event_handler(Events.EPOCH_STARTED, _EpochSeeds(generator, train_data, seed, num_workers))
+    _EpochLoss().attach(trainer)
+    if grad_clip is not None:
+        params = [p for g in groups for p in g["params"]]
+        trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, _GradClip(params, grad_clip))
+    ValidationHandler(interval=val_every, validator=evaluator, epoch_level=True).attach(trainer)
+    if run.early_stopping is not None:
+        evaluator.add_event_handler(Events.COMPLETED, run.early_stopping)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, run.epoch_completed)
+    closables = _attach_trackers(trainer, evaluator, output_dir, tensorboard, mlflow_uri, progress, run_config)
+
+    model.train()
+    if saved is not None:
+        set_rng_state(saved["rng"])  # last: nothing may draw random numbers between this and the first batch
+    try:
+        trainer.run()
+    finally:
+        for closable in closables:
+            closable.close()
+    return _finish(run, trainer.state.epoch)
+
+
+def _score(value: float) -> float:
+    """Early-stopping score: an undefined metric (nan) never counts as an improvement."""
+    return -math.inf if math.isnan(value) else value
+
+
+def _restore(run: _Run, trainer: SupervisedTrainer, last: Path) -> dict:
+    """Load ``last.pt`` of the same run into the model, optimizer, bookkeeping and engine counters."""
+    saved = load_checkpoint(last)
+    _resume_check(saved["run_config"], run.run_config, last)
+    try:
+        run.model.load_state_dict(saved["model"])
+        run.optimizer.load_state_dict(saved["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise TrainingError(f"{last} does not fit this model/optimizer: {err}") from err
+    run.history, run.best_metric, run.best_epoch = saved["history"], saved["best_metric"], saved["best_epoch"]
+    run.initial_state, run.stopped_early = saved["initial_state"], saved["stopped_early"]
+    if run.early_stopping is not None and saved["early_stopping"] is not None:
+        run.early_stopping.load_state_dict(saved["early_stopping"])
+    trainer.state.epoch, trainer.state.iteration = saved["engine"]["epoch"], saved["engine"]["iteration"]
+    return saved
+
+
+def _finish(run: _Run, epochs_run: int) -> TrainResult:
+    result = run.result(epochs_run)
+    summary = {**asdict(result), "stopped_early": run.stopped_early}
+    _atomic_text(run.output_dir / "result.json", json.dumps(_json_safe(summary), indent=2))
+    return result
+
+
+def evaluate(model: nn.Module, data, *, task: str, batch_size: int = 8, device="cpu", series_key: str | None = None,
+             aggregation: str = "max", amp: bool = False) -> EvalResult:
+    """Metrics of ``model`` on ``data`` (same sample format as :func:`train`) and one prediction row per case.
+
+    Rows hold ``id`` (when samples carry one), ``label`` and ``probabilities`` (classification) or ``dice`` /
+    ``jaccard`` (segmentation). With ``series_key`` rows and metrics are per series, windows aggregated by
+    ``aggregation`` (max or mean) — the CTPA protocol.
+    """
+    check_task(task)
+    if aggregation not in AGGREGATIONS:
+        raise TrainingError(f"aggregation={aggregation!r} is not supported; choose one of {', '.join(AGGREGATIONS)}")
+    if series_key is not None and task == "segmentation":
+        raise TrainingError("series_key (window -> series aggregation) applies to classification tasks only")
+    device, use_amp = _device_and_amp(device, amp)
+    model.to(device)
+    num_outputs = _probe_outputs(model, _first_sample(data, "data"), task, device, "data")
+    check_labels_upfront(data, task, num_outputs, "data", series_key or ID_KEY)
+    evaluator, collector = _evaluator(model, data, task, num_outputs, batch_size, 0, device, use_amp, series_key,
+                                      aggregation, "data")
+    evaluator.run()
+    metrics = {name: float(evaluator.state.metrics[name]) for name in task_metrics(task)}
+    return EvalResult(metrics=metrics, predictions=collector.rows)

@@ -1,0 +1,6 @@
+"""Inference over a folder of cases (DICOM series, NIfTI, PNG/JPEG): one CSV row per case with its status, NIfTI
+masks for segmentation; ``medtl3d infer`` is its command line (:mod:`medtl3d.inference.cli`)."""
+
+from ._folder import InferenceSummary, infer_folder, resolve_model
+
+__all__ = ["InferenceSummary", "infer_folder", "resolve_model"]
