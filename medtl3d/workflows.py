@@ -58,8 +58,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def check_ids(**ids: Any) -> bool:
     """Validate the bundle's ids before anything is built; each problem names its id.
 
-    Known ids: backbone, spatial_dims, in_channels, strategy, cut, weights, dataset_dir, datalist, task,
-    num_classes, n_folds, fold, lr, epochs, batch_size, num_slices, overlap, aggregation, cuts, ckpt_path.
+    Known ids: backbone, spatial_dims, in_channels, strategy, cut, freeze_up_to, weights, dataset_dir, datalist,
+    task, num_classes, n_folds, fold, lr, epochs, batch_size, num_slices, overlap, aggregation, cuts, ckpt_path.
     """
     from .backbones import build_backbone, get_entry, list_backbones
     from .errors import UnknownCutPointError
@@ -80,20 +80,20 @@ def check_ids(**ids: Any) -> bool:
         raise ConfigIdError("cut", f"strategy {strategy!r} needs a cut point (see `medtl3d backbones {backbone}`)")
     if strategy is not None and strategy not in CUT_STRATEGIES and strategy != "stats" and cut is not None:
         raise ConfigIdError("cut", f"strategy {strategy!r} takes no cut point (got {cut!r}); set cut to null")
-    names = [cut] if cut is not None else []
+    named = [(key, ids[key]) for key in ("cut", "freeze_up_to") if ids.get(key) is not None]
     cuts = ids.get("cuts")
     if isinstance(cuts, (list, tuple)):
-        names += list(cuts)
+        named += [("cuts", c) for c in cuts]
     elif isinstance(cuts, str) and cuts not in ("all", "block", "layer"):
-        names += [c.strip() for c in cuts.split(",")]
-    if backbone is not None and names:
+        named += [("cuts", c.strip()) for c in cuts.split(",")]
+    if backbone is not None and named:
         with torch.device("meta"):
             body = build_backbone(backbone, ids.get("spatial_dims"))
-        for name in names:
+        for key, name in named:
             try:
                 body.cut_point(name)
             except UnknownCutPointError as err:
-                raise ConfigIdError("cut" if name == cut else "cuts", str(err)) from None
+                raise ConfigIdError(key, str(err)) from None
     for key in ("weights", "ckpt_path", "datalist"):
         value = ids.get(key)
         if value not in (None, "", "imagenet", "kinetics") and not Path(str(value)).exists():
@@ -157,19 +157,23 @@ def split_items(items: Sequence[dict], *, n_folds: int = 5, fold: int = 0, seed:
                 test_fraction: float = 0.2, test_items: Sequence[dict] | None = None) -> dict[str, list[dict]]:
     """Train / val / test by patient: ``test_items`` (the datalist's own test list) or a stratified patient
     hold-out of ``test_fraction``; then fold ``fold`` of a patient-grouped, label-stratified ``n_folds`` split
-    (``n_folds=1``: the whole rest trains and the test split validates)."""
+    (``n_folds=1``: a patient hold-out of the same fraction validates). The test split never selects a model."""
     from .data.datalists import holdout_split, kfold_split
+    from .errors import DataError
 
-    items = list(items)
-    if test_items:
-        rest, test = items, list(test_items)
-    elif test_fraction > 0:
-        rest, test = holdout_split(items, test_fraction, seed=seed)
-    else:
-        rest, test = items, []
-    if int(n_folds) == 1:
-        return {"train": rest, "val": test, "test": test}
-    train, val = kfold_split(rest, int(n_folds), int(fold), seed=seed)
+    rest, test = list(items), list(test_items or [])
+    if not test and test_fraction > 0:
+        try:
+            rest, test = holdout_split(rest, test_fraction, seed=seed)
+        except DataError as err:
+            raise ConfigIdError("test_fraction", str(err)) from None
+    try:
+        if int(n_folds) == 1:
+            train, val = holdout_split(rest, test_fraction if test_fraction > 0 else 0.2, seed=seed)
+        else:
+            train, val = kfold_split(rest, int(n_folds), int(fold), seed=seed)
+    except DataError as err:
+        raise ConfigIdError("n_folds", str(err)) from None
     return {"train": train, "val": val, "test": test or val}
 
 
@@ -177,8 +181,9 @@ def load_items(datalist: str, *, task: str, num_classes: int, key: str = "traini
                path_keys: Sequence[str] = (), label_key: str = "label") -> list[dict]:
     """Datalist entries for ``task`` (see :func:`medtl3d.data.datalists.load_datalist`; ``label_key`` is the
     field holding the label, e.g. ``mask``); a missing ``key`` section gives an empty list (a datalist without a
-    separate test split)."""
+    separate test split). Invalid rows stop the run with every problem listed, under config id ``datalist``."""
     from .data.datalists import load_datalist
+    from .errors import DataError
 
     if key != "training" and Path(datalist).suffix.lower() == ".json":
         document = json.loads(Path(datalist).read_text())
@@ -187,8 +192,11 @@ def load_items(datalist: str, *, task: str, num_classes: int, key: str = "traini
     elif key != "training":
         return []
     kind = "segmentation" if task == "segmentation" else ("multilabel" if task == "multilabel" else "classification")
-    return load_datalist(datalist, key=key, task=kind, num_classes=num_classes, path_keys=tuple(path_keys),
-                         label_key=label_key)
+    try:
+        return load_datalist(datalist, key=key, task=kind, num_classes=num_classes, path_keys=tuple(path_keys),
+                             label_key=label_key)
+    except DataError as err:
+        raise ConfigIdError("datalist", str(err)) from None
 
 
 class _Labels:

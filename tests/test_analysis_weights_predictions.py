@@ -268,6 +268,11 @@ def test_analyze_cli_methods(analyze_inputs, capsys):
     assert document["rows"] == ["cbr1", "cbr2", "cbr3", "cbr4"] and len(document["matrix"]) == 4
     assert document["matrix"][0][0] == pytest.approx(1.0)  # cbr1 did not change: initial == final
     assert (out / "sim" / "debiased_cka.png").exists()
+    assert analyze("similarity", "--checkpoint", a, "--checkpoint-b", b, "--cuts", "cbr1,cbr3", "--measure",
+                   "linear_cka", "--policy", "pooled", *data, "--output", out / "sim_ab") == 0
+    document = json.loads((out / "sim_ab" / "linear_cka.json").read_text())
+    assert document["columns"] == ["cbr1", "cbr3"] and document["metadata"]["model_b"] == "b"
+    assert document["matrix"][0][0] == pytest.approx(1.0)  # a and b share cbr1
 
     assert analyze("gradcam", "--checkpoint", a, *data, "--lesion-key", "lesion", "--max-cases", 2,
                    "--output", out / "cam") == 0

