@@ -49,7 +49,7 @@ def bundle_root(name: str) -> str:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: torchrun ranks may write at once
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -144,13 +144,16 @@ def prepare_datalist(dataset_dir: str | None, datalist: str | None, *, phantom: 
     stamp = target / "phantom_settings.json"
     settings = {"phantom": phantom, "n_cases": int(n_cases), "seed": int(seed),
                 **{k: list(v) if isinstance(v, tuple) else v for k, v in phantom_options.items()}}
-    if existing.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == settings:
-        return str(existing)
-    generate = {"ctpa": phantoms.generate_ctpa, "cxr": phantoms.generate_cxr,
-                "histology": phantoms.generate_histology}[phantom]
-    path = generate(target, int(n_cases), seed=int(seed), **phantom_options)
-    _atomic_write_text(stamp, json.dumps(settings, sort_keys=True))
-    return str(path)
+    distributed = torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:  # under torchrun rank 0 writes, the others wait
+        if not (existing.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == settings):
+            generate = {"ctpa": phantoms.generate_ctpa, "cxr": phantoms.generate_cxr,
+                        "histology": phantoms.generate_histology}[phantom]
+            generate(target, int(n_cases), seed=int(seed), **phantom_options)
+            _atomic_write_text(stamp, json.dumps(settings, sort_keys=True))
+    if distributed:
+        torch.distributed.barrier()
+    return str(existing)
 
 
 def split_items(items: Sequence[dict], *, n_folds: int = 5, fold: int = 0, seed: int = 0,
@@ -213,7 +216,8 @@ class _Labels:
 
 def image_dataset(items: Sequence[dict], transform, *, task: str, cache: bool = True):
     """A MONAI (Cache)Dataset that loads ``image`` (and, for segmentation, the ``label`` mask) with medtl3d's
-    readers, then applies ``transform`` (a preset built with ``label_key="label"`` for segmentation)."""
+    readers, then applies ``transform`` (a preset built with ``label_key="label"`` for segmentation). Each item
+    keeps an ``id`` (default: its image path) so evaluation writes one identified row per case."""
     from monai.data import CacheDataset, Dataset
     from monai.transforms import Compose
 
@@ -221,7 +225,8 @@ def image_dataset(items: Sequence[dict], transform, *, task: str, cache: bool = 
 
     keys = ["image"] + (["label"] if task == "segmentation" else [])
     chain = Compose([LoadCased(keys), _Labels(task), *transform.transforms])
-    items = [dict(item) for item in items]
+    items = [{"id": str(item["image"][0] if isinstance(item["image"], list) else item["image"]), **item}
+             for item in items]
     if cache:
         return CacheDataset(items, chain, cache_rate=1.0, num_workers=1, progress=False, copy_cache=True)
     return Dataset(items, chain)
@@ -300,10 +305,12 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir: str,
 
     result = engine.train(model, train_data, val_data, task=task, output_dir=output_dir,
                           model_config=getattr(model, "model_config", None), **engine_options)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:  # rank 0 writes the bundle's files
+        return {"key_metric": result.key_metric, "best_metric": result.best_metric, "best_epoch": result.best_epoch}
     source = engine.load_checkpoint(result.best_checkpoint or result.last_checkpoint)
     target = Path(ckpt_path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     # the bundle's model: weights, the initial state (for the analyses) and how to rebuild it; no optimizer state
     torch.save({k: source[k] for k in BUNDLE_CHECKPOINT_KEYS if k in source}, tmp)
     os.replace(tmp, target)

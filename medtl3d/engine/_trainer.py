@@ -6,7 +6,11 @@ handlers do the work; this module wires them for a task and adds what they lack 
 - per-(seed, epoch) deterministic shuffling and augmentation seeds, and RNG states in every checkpoint, so a run
   killed mid-epoch resumes from ``last.pt`` and ends bit-identical (on CPU) to an uninterrupted run;
 - one checkpoint format holding the model's initial state and the config to rebuild it (see ``_checkpoint``);
-- options and labels checked before the first iteration, with errors naming the option / row.
+- options and labels checked before the first iteration, with errors naming the option / row;
+- data-parallel training when ``torch.distributed`` is initialised with more than one process (``torchrun``, the
+  bundles' ``multi_gpu_train.yaml``): ``DistributedDataParallel`` around the model, each rank its share of every
+  epoch, rank 0's validation metrics on every rank (identical best-checkpoint and early-stopping decisions), and
+  only rank 0 writing checkpoints, history and logs.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from ignite.engine import Events
 from ignite.handlers import EarlyStopping
 from monai.data import DataLoader
@@ -32,6 +37,7 @@ from monai.engines import IterationEvents, SupervisedEvaluator, SupervisedTraine
 from monai.handlers import ValidationHandler
 from monai.utils import CommonKeys, optional_import, set_determinism
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
 from ..errors import TrainingError
@@ -203,7 +209,11 @@ def _evaluator(model, dataset, task, num_outputs, batch_size, num_workers, devic
 
 
 class _EpochLoss:
-    """Mean training loss of the epoch (summed on the device: no host sync per iteration) into state.metrics."""
+    """Mean training loss of the epoch (summed on the device: no host sync per iteration) into state.metrics; with
+    ``reduce_on`` (a device, in distributed runs) the mean over every rank's batches, the same on all ranks."""
+
+    def __init__(self, reduce_on: torch.device | None = None) -> None:
+        self.reduce_on = reduce_on
 
     def attach(self, engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self.started)
@@ -218,7 +228,12 @@ class _EpochLoss:
         self.count += 1
 
     def completed(self, engine) -> None:
-        loss = float(self.total) / max(self.count, 1)
+        total, count = float(self.total), self.count
+        if self.reduce_on is not None:
+            both = torch.tensor([total, count], dtype=torch.float64, device=self.reduce_on)
+            dist.all_reduce(both)
+            total, count = both.tolist()
+        loss = total / max(count, 1)
         if not math.isfinite(loss):
             raise TrainingError(f"training diverged: mean loss of epoch {engine.state.epoch} is {loss}; lower lr or "
                                 "set grad_clip")
@@ -239,16 +254,51 @@ class _GradClip:
 
 
 class _EpochSeeds:
-    """Worker and in-process augmentation seeds derived from (seed, epoch), so any epoch replays identically."""
+    """Worker and in-process augmentation seeds derived from (seed, rank, epoch), so any epoch replays identically
+    and the ranks of a distributed run draw different augmentations."""
 
-    def __init__(self, generator: torch.Generator, dataset, seed: int, num_workers: int) -> None:
+    def __init__(self, generator: torch.Generator, dataset, seed: int, num_workers: int, rank: int = 0) -> None:
         self.generator, self.dataset, self.seed, self.num_workers = generator, dataset, seed, num_workers
+        self.rank = rank
 
     def __call__(self, engine) -> None:
-        epoch_seed = (self.seed * 1_000_003 + engine.state.epoch) % (2**31 - 1)
+        epoch_seed = (self.seed * 1_000_003 + self.rank * 10_007 + engine.state.epoch) % (2**31 - 1)
         self.generator.manual_seed(epoch_seed)
         if self.num_workers == 0:  # workers are seeded from the generator by MONAI's worker_init_fn
             set_rnd(self.dataset, epoch_seed)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the initialised default process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _SyncBuffers:
+    """Rank 0's buffers (BatchNorm running statistics) to every rank before validation: DDP broadcasts them only
+    at the start of each forward, so after the last step of an epoch each rank holds its own."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, engine) -> None:
+        for buffer in self.model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+class _SameMetrics:
+    """Rank 0's validation metrics on every rank, so best-checkpoint and early-stopping decisions agree even where
+    the ranks' evaluations differ in the last bits (non-deterministic GPU kernels)."""
+
+    def __init__(self, names: tuple[str, ...], device: torch.device) -> None:
+        self.names, self.device = names, device
+
+    def __call__(self, engine) -> None:
+        metrics = engine.state.metrics
+        values = torch.tensor([float(metrics[name]) for name in self.names], dtype=torch.float64, device=self.device)
+        dist.broadcast(values, src=0)
+        metrics.update(zip(self.names, values.tolist()))
 
 
 @dataclass
@@ -266,6 +316,7 @@ class _Run:
     model_config: dict | None
     run_config: dict
     early_stopping: EarlyStopping | None = None
+    writes: bool = True  # False on the ranks > 0 of a distributed run: bookkeeping only
     history: list = field(default_factory=list)
     best_metric: float = math.nan
     best_epoch: int = 0
@@ -304,6 +355,8 @@ class _Run:
                 self.best_metric, self.best_epoch = value, epoch
         self.history.append(record)
         self.stopped_early = bool(trainer.should_terminate) and epoch < trainer.state.max_epochs
+        if not self.writes:
+            return
         state = self.state(trainer)
         if improved:  # best first: a kill between the two writes replays this epoch and rewrites both
             save_checkpoint(state, self.output_dir / "best.pt")
@@ -411,6 +464,11 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
     ``output_dir`` receives ``last.pt`` (every epoch), ``best.pt`` (best ``key_metric``), ``history.csv``,
     ``result.json`` and ``tensorboard/``. With ``resume`` an existing ``last.pt`` of the same run is continued.
     The model is trained in place (it ends with the last epoch's weights; :func:`load_model` reads ``best.pt``).
+
+    When ``torch.distributed`` is initialised with more than one process, every rank calls ``train`` with the same
+    arguments (``device`` its own GPU, or ``"cpu"`` with gloo): training is data-parallel with ``batch_size`` per
+    rank, every rank validates on all of ``val_data`` and uses rank 0's metrics, only rank 0 writes to
+    ``output_dir``, and every rank returns once the files are written. Checkpoints hold the unwrapped model.
     """
     key_metric = _check_options(task, epochs, lr, weight_decay, optimizer, batch_size, num_workers, grad_clip,
                                 key_metric, early_stop_patience, val_every, series_key, aggregation)
@@ -419,6 +477,7 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     set_determinism(seed=seed)
+    rank, world = _rank_and_world()
 
     model.to(device)
     _first_sample(train_data, "train_data")
@@ -433,18 +492,22 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
         logger.warning("val_every=%d > epochs=%d: no validation will run, so no best.pt", val_every, epochs)
     groups = _param_groups(model, lr, weight_decay)
     opt = OPTIMIZERS[optimizer](groups, lr=lr, weight_decay=weight_decay)
+    # the trainer steps through the DDP wrapper; checkpoints, evaluation and param groups use the model itself
+    network = model if world == 1 else DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None)
 
-    # A single-replica DistributedSampler shuffles with seed + epoch (MONAI's Workflow calls its set_epoch), so
-    # an epoch's order never depends on how earlier epochs consumed a shared generator; the loader's own generator
-    # (reseeded per epoch) only seeds the workers.
-    sampler = DistributedSampler(train_data, num_replicas=1, rank=0, shuffle=True, seed=seed)
+    # A DistributedSampler (one replica per rank; a single one without a process group) shuffles with seed + epoch
+    # (MONAI's Workflow calls its set_epoch), so an epoch's order never depends on how earlier epochs consumed a
+    # shared generator, and each rank gets an equal share; the loader's own generator (reseeded per epoch) only
+    # seeds the workers.
+    sampler = DistributedSampler(train_data, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     generator = torch.Generator()
     loader = DataLoader(train_data, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         generator=generator, pin_memory=device.type == "cuda")
     evaluator, _ = _evaluator(model, val_data, task, num_outputs, batch_size, num_workers, device, use_amp,
                               series_key, aggregation, "val_data")
     trainer = SupervisedTrainer(
-        device=device, max_epochs=epochs, train_data_loader=loader, network=model, optimizer=opt,
+        device=device, max_epochs=epochs, train_data_loader=loader, network=network, optimizer=opt,
         loss_function=make_loss(task), prepare_batch=BatchPreparer(task, num_outputs, series_key or ID_KEY,
                                                                    "train_data"),
         amp=use_amp, decollate=False, optim_set_to_none=True,
@@ -455,8 +518,10 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
         "series_key": series_key, "aggregation": aggregation, "model_config": model_config,
         "train_size": len(train_data), "val_size": len(val_data),
     }
+    if world > 1:  # a different world size changes the batches: such a checkpoint does not resume
+        run_config["world_size"] = world
     run = _Run(model, opt, evaluator, output_dir, key_metric, task_metrics(task), val_every, initial_state,
-               model_config, run_config)
+               model_config, run_config, writes=rank == 0)
     if early_stop_patience is not None:
         score = lambda e: _score(e.state.metrics[key_metric])  # noqa: E731
         run.early_stopping = EarlyStopping(patience=early_stop_patience, score_function=score, trainer=trainer)
@@ -466,21 +531,25 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
         saved = _restore(run, trainer, output_dir / "last.pt")
         if run.stopped_early or trainer.state.epoch >= epochs:
             logger.info("%s: run already finished at epoch %d; nothing to train", output_dir, trainer.state.epoch)
-            return _finish(run, trainer.state.epoch)
+            return _finish(run, trainer.state.epoch, world)
         if saved["scaler"] is not None and use_amp:  # the trainer creates its GradScaler when it starts
             trainer.add_event_handler(Events.STARTED, lambda e: e.scaler.load_state_dict(saved["scaler"]))
         logger.info("resuming %s after epoch %d", output_dir, trainer.state.epoch)
 
-    trainer.add_event_handler(Events.EPOCH_STARTED, _EpochSeeds(generator, train_data, seed, num_workers))
-    _EpochLoss().attach(trainer)
+    trainer.add_event_handler(Events.EPOCH_STARTED, _EpochSeeds(generator, train_data, seed, num_workers, rank))
+    _EpochLoss(device if world > 1 else None).attach(trainer)
     if grad_clip is not None:
         params = [p for g in groups for p in g["params"]]
         trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, _GradClip(params, grad_clip))
+    if world > 1:
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, _SyncBuffers(model))  # before validation
+        evaluator.add_event_handler(Events.EPOCH_COMPLETED, _SameMetrics(task_metrics(task), device))
     ValidationHandler(interval=val_every, validator=evaluator, epoch_level=True).attach(trainer)
     if run.early_stopping is not None:
         evaluator.add_event_handler(Events.COMPLETED, run.early_stopping)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, run.epoch_completed)
-    closables = _attach_trackers(trainer, evaluator, output_dir, tensorboard, mlflow_uri, progress, run_config)
+    closables = (_attach_trackers(trainer, evaluator, output_dir, tensorboard, mlflow_uri, progress, run_config)
+                 if rank == 0 else [])
 
     model.train()
     if saved is not None:
@@ -490,7 +559,7 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
     finally:
         for closable in closables:
             closable.close()
-    return _finish(run, trainer.state.epoch)
+    return _finish(run, trainer.state.epoch, world)
 
 
 def _score(value: float) -> float:
@@ -515,10 +584,13 @@ def _restore(run: _Run, trainer: SupervisedTrainer, last: Path) -> dict:
     return saved
 
 
-def _finish(run: _Run, epochs_run: int) -> TrainResult:
+def _finish(run: _Run, epochs_run: int, world: int = 1) -> TrainResult:
+    if world > 1:
+        dist.barrier()  # rank 0 has written its checkpoints: every rank sees them from here on
     result = run.result(epochs_run)
-    summary = {**asdict(result), "stopped_early": run.stopped_early}
-    _atomic_text(run.output_dir / "result.json", json.dumps(_json_safe(summary), indent=2))
+    if run.writes:
+        summary = {**asdict(result), "stopped_early": run.stopped_early}
+        _atomic_text(run.output_dir / "result.json", json.dumps(_json_safe(summary), indent=2))
     return result
 
 
