@@ -31,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=str(REPO / "outputs" / "demo"))
     parser.add_argument("--cases", type=int, default=48, help="phantom CTPA series")
-    parser.add_argument("--shape", default="16x48x48", help="phantom volume size, slices x rows x cols")
+    parser.add_argument("--shape", default="32x48x48", help="phantom volume size, slices x rows x cols")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--weights", help="backbone weights file (default: the packaged ImageNet MobileNetV2)")
     args = parser.parse_args()
@@ -53,7 +53,7 @@ def main() -> None:
     }
     cut_sweep(REPO / "bundles" / "ctpa_pe_classification", out, backbone="mobilenet_v2", spatial_dims=3,
               input_shape=[1, *shape], strategies=("truncate",), cuts="block", overrides=overrides,
-              efficiency_runs=5, efficiency_warmup=2)
+              efficiency_runs=10, efficiency_warmup=3)
     minutes = (time.perf_counter() - start) / 60
     print((out / "cutoff_report.md").read_text())
     print(f"demo: finished in {minutes:.1f} min; per-cutoff report: {out}/cutoff_report.{{csv,json,md,png}}")
