@@ -4,18 +4,22 @@ Three generators write real files (NIfTI / DICOM series / PNG) plus a decathlon-
 ``datalist.csv``, so the readers, datalists and patient-grouped splits are exercised exactly as with clinical data:
 
 - :func:`generate_ctpa`: CTPA-like chest CT in HU (body wall, fat, lungs with texture, heart, spine, aorta, a
-  contrast-filled branching pulmonary artery tree and a fainter vein tree); positives carry 1-3 small, partially
-  occluding intraluminal filling defects (emboli).
-- :func:`generate_cxr`: CXR-like 8-bit radiographs (lung fields, mediastinum/heart, ribs, clavicles, exposure and
-  noise), lung masks (0 background, 1 right lung = image left, 2 left lung) and focal opacities as the label.
-- :func:`generate_histology`: H&E-like RGB patches formed by Beer-Lambert mixing of per-patch perturbed haematoxylin
-  and eosin stain vectors; positives contain one mitotic-figure-like clump of chromatin.
+  contrast-filled branching pulmonary artery tree and a vein tree); positives carry 1-3 partially occluding
+  intraluminal filling defects (emboli, 30-60 HU) in the widest arteries.
+- :func:`generate_cxr`: CXR-like 8-bit radiographs (lung fields with markings, mediastinum/heart, ribs, clavicles,
+  soft-tissue shadows, exposure, heel effect and noise), lung masks (0 background, 1 right lung = image left, 2 left
+  lung) and a focal consolidation-like opacity inside a lung as the label.
+- :func:`generate_histology`: H&E-like RGB patches formed by Beer-Lambert mixing of per-slide perturbed haematoxylin
+  and eosin stain vectors; positives contain one mitotic-figure-like clump of dense chromatin.
 
 Every case has a ``patient``; some patients have two cases that share their anatomy (or stain) but not their label,
-so patient-grouped splitting matters. Nuisance factors (vessel volume, contrast, noise, exposure, lung size, nuclear
-density, stain) vary per case independently of the label and the lesions are small, so global intensity statistics do
-not reveal the label while a small CNN learns it. Output is a pure function of the arguments: the same seed gives
-byte-identical files. Each file is written to a temporary name in its folder and renamed into place.
+so patient-grouped splitting matters. Labels are learnable but not from global intensity statistics: nuisance
+factors (vessel tree size, contrast, scan range, noise; exposure, lung and heart size, lung markings; nuclear density,
+lymphocytes, stain) vary independently of the label, and where a lesion would shift the histogram it is balanced:
+positive CT cases have a dilated right heart holding about the contrast volume the emboli displaced (RV strain),
+positive patches have as many fewer lymphocytes as their mitosis' dark chromatin is worth. Output is a pure function
+of the arguments: the same seed gives byte-identical files. Each file is written to a temporary name in its folder
+and renamed into place.
 
 Why our own code: MONAI's ``create_test_image_2d/3d`` only draws random circles, and no maintained library
 synthesises CTPA/CXR/H&E phantoms with planted lesions and their masks.
@@ -177,6 +181,7 @@ class _Chest:
         self.aorta = (self.spine[0] - u(0.18, 0.24) * ry, u(0.14, 0.2) * rx, u(0.07, 0.09) * rx)
         self.bone_hu = u(600, 900)
         voxel = min(self.spacing)
+        self.taper = u(0.72, 0.86)  # radius ratio per generation: sets how far the visible tree reaches
         self.arteries = self._arteries(rng, voxel)
         self.veins = self._veins(rng, voxel)
         self.lung_texture_seed = int(rng.integers(2**31))
@@ -206,7 +211,7 @@ class _Chest:
                 break
         else:
             return
-        child_radius = radius * rng.uniform(0.76, 0.84)
+        child_radius = radius * self.taper * rng.uniform(0.95, 1.05)
         segments.append((np.array(start), np.array(end), radius, child_radius))
         ortho = _unit(_cross(d, rng.standard_normal(3)))
         for sign in (1.0, -1.0):
@@ -217,7 +222,7 @@ class _Chest:
 
     def _arteries(self, rng, voxel):
         rz, ry, rx = self.half
-        r_trunk = rng.uniform(0.1, 0.12) * rx
+        r_trunk = rng.uniform(0.11, 0.16) * rx
         hz, hy, hx = self.heart[0]
         root = np.array([hz + 0.5 * self.heart[1][0], hy + 0.3 * self.heart[1][1], hx])
         bifurcation = np.array([rng.uniform(0.0, 0.2) * rz, rng.uniform(-0.05, 0.05) * ry, 0.0])
@@ -227,10 +232,11 @@ class _Chest:
                               side * rng.uniform(0.12, 0.17) * rx])
             segments.append((bifurcation, hilum, r_trunk * 0.85, r_trunk * 0.8))
             lung = (side + 1) // 2
-            for up in (1, -1):  # upper and lower lobar arteries
-                d = np.array([up * rng.uniform(0.2, 1), rng.uniform(-0.4, 0.4), side * rng.uniform(0.6, 1.0)])
-                self._grow(rng, list(hilum), _unit(d), r_trunk * rng.uniform(0.62, 0.72),
-                           rng.uniform(0.4, 0.55) * self.lungs[lung][1][2], 0.6 * voxel, lung, segments)
+            for up in ((1.0, 0.0, -1.0) if side < 0 else (1.0, -1.0)):  # lobar arteries: 3 right, 2 left
+                d = np.array([up * rng.uniform(0.2, 1) + rng.uniform(-0.2, 0.2), rng.uniform(-0.4, 0.4),
+                              side * rng.uniform(0.6, 1.0)])
+                self._grow(rng, list(hilum), _unit(d), r_trunk * rng.uniform(0.75, 0.85),
+                           rng.uniform(0.6, 0.8) * self.lungs[lung][1][2], 0.8 * voxel, lung, segments)
         return segments
 
     def _veins(self, rng, voxel):
@@ -247,41 +253,74 @@ class _Chest:
             for up in (1, -1):
                 d = np.array([up * rng.uniform(0.1, 0.8), rng.uniform(0.0, 0.5), side * rng.uniform(0.7, 1.0)])
                 self._grow(rng, list(hilum), _unit(d), radius * rng.uniform(0.8, 0.9),
-                           rng.uniform(0.4, 0.55) * self.lungs[lung][1][2], 0.6 * voxel, lung, segments)
+                           rng.uniform(0.6, 0.8) * self.lungs[lung][1][2], 0.8 * voxel, lung, segments)
         return segments
 
 
-def _render_tubes(segments, shape, spacing, shift, occupancy: np.ndarray, per_segment: bool = False):
-    """Max-composite partial-volume occupancy of conical tubes into ``occupancy`` (z, y, x)."""
-    sp = np.asarray(spacing)
-    origin = -(np.asarray(shape) - 1) / 2 * sp + shift
+def _region(lo: np.ndarray, hi: np.ndarray, grid: Sequence[np.ndarray], spacing: Sequence[float]):
+    """Index box (tuple of slices, or None if empty) of the voxels whose centres may lie in [lo, hi] (mm)."""
+    start = [max(int(math.floor((l - g[0]) / s)), 0) for l, g, s in zip(lo, grid, spacing)]
+    stop = [min(int(math.ceil((h - g[0]) / s)) + 1, len(g)) for h, g, s in zip(hi, grid, spacing)]
+    if any(b <= a for a, b in zip(start, stop)):
+        return None
+    return tuple(slice(a, b) for a, b in zip(start, stop))
+
+
+def _render_tubes(segments, grid, spacing, occupancy: np.ndarray) -> None:
+    """Max-composite the partial-volume occupancy of conical tubes into ``occupancy`` (z, y, x)."""
     width = float(min(spacing))
-    pieces = []
     for a, b, r0, r1 in segments:
         pad = max(r0, r1) + width
-        lo = np.maximum(np.floor((np.minimum(a, b) - pad - origin) / sp).astype(int), 0)
-        hi = np.minimum(np.ceil((np.maximum(a, b) + pad - origin) / sp).astype(int) + 1, shape)
-        if np.any(hi <= lo):
-            pieces.append(None)
+        region = _region(np.minimum(a, b) - pad, np.maximum(a, b) + pad, grid, spacing)
+        if region is None:
             continue
-        z, y, x = (origin[i] + sp[i] * np.arange(lo[i], hi[i]) for i in range(3))
+        z, y, x = (g[r] for g, r in zip(grid, region))
         p = (z[:, None, None] - a[0], y[None, :, None] - a[1], x[None, None, :] - a[2])
         d = b - a
-        length2 = float(d @ d) + 1e-9
-        t = np.clip((p[0] * d[0] + p[1] * d[1] + p[2] * d[2]) / length2, 0, 1)
+        t = np.clip((p[0] * d[0] + p[1] * d[1] + p[2] * d[2]) / (float(d @ d) + 1e-9), 0, 1)
         dist = np.sqrt((p[0] - t * d[0]) ** 2 + (p[1] - t * d[1]) ** 2 + (p[2] - t * d[2]) ** 2)
-        occ = _soft(dist - (r0 + (r1 - r0) * t), width)
-        region = tuple(slice(l, h) for l, h in zip(lo, hi))
-        np.maximum(occupancy[region], occ, out=occupancy[region])
-        pieces.append((region, occ) if per_segment else None)
-    return pieces
+        np.maximum(occupancy[region], _soft(dist - (r0 + (r1 - r0) * t), width), out=occupancy[region])
+
+
+def _emboli(chest: _Chest, rng: np.random.Generator, grid: Sequence[np.ndarray], arteries: np.ndarray) -> np.ndarray:
+    """Occupancy of 1-3 intraluminal filling defects: ellipsoids elongated along the artery, 55-75% of its radius
+    across, slightly off-centre (partially occluding: contrast flows around them), clipped to the lumen."""
+    width = float(min(chest.spacing))
+    clot = np.zeros(arteries.shape, np.float32)
+    # the widest arteries (main, lobar; saddle emboli at the bifurcation included): wide enough to show a filling
+    # defect with a rim of contrast around it at phantom resolution; wider ones are likelier
+    eligible = [i for i, (a, b, r0, r1) in enumerate(chest.arteries) if min(r0, r1) >= 2.5 * width]
+    if not eligible:  # tiny volumes: fall back to the widest vessels
+        eligible = sorted(range(len(chest.arteries)), key=lambda i: -chest.arteries[i][2])[:3]
+    weights = np.array([chest.arteries[i][2] ** 3 for i in eligible])
+    chosen = rng.choice(eligible, size=min(len(eligible), int(rng.integers(1, 4))), replace=False,
+                        p=weights / weights.sum())
+    for i in chosen:
+        a, b, r0, r1 = chest.arteries[i]
+        t = rng.uniform(0.2, 0.8)
+        radius = r0 + (r1 - r0) * t
+        axis = (b - a) / (np.linalg.norm(b - a) + 1e-9)
+        ortho = np.asarray(_unit(_cross(axis, rng.standard_normal(3))))
+        center = a + t * (b - a) + rng.uniform(0.0, 0.15) * radius * ortho
+        along, across = rng.uniform(2.0, 3.5) * radius, rng.uniform(0.55, 0.75) * radius
+        region = _region(center - along - width, center + along + width, grid, chest.spacing)
+        if region is None:
+            continue
+        z, y, x = (g[r] - c for g, r, c in zip(grid, region, center))
+        pz, py, px = z[:, None, None], y[None, :, None], x[None, None, :]
+        s_along = pz * axis[0] + py * axis[1] + px * axis[2]
+        s_across = np.sqrt(np.maximum(pz ** 2 + py ** 2 + px ** 2 - s_along ** 2, 0))
+        level = np.sqrt((s_along / along) ** 2 + (s_across / across) ** 2)
+        occ = np.minimum(_soft((level - 1) * across, width), arteries[region])  # intraluminal only
+        np.maximum(clot[region], occ, out=clot[region])
+    return clot
 
 
 def _ctpa_case(chest: _Chest, rng: np.random.Generator, positive: bool) -> tuple[np.ndarray, np.ndarray]:
     """One acquisition: HU volume (int16) and emboli mask (uint8), both (slices, rows, cols)."""
     shape, spacing = chest.shape, chest.spacing
     rz, ry, rx = chest.half
-    shift = np.array([rng.uniform(-0.05, 0.05) * rz, rng.uniform(-0.04, 0.04) * ry, rng.uniform(-0.04, 0.04) * rx])
+    shift = np.array([rng.uniform(-0.15, 0.15) * rz, rng.uniform(-0.04, 0.04) * ry, rng.uniform(-0.04, 0.04) * rx])
     grid = [(np.arange(n) - (n - 1) / 2) * s - c for n, s, c in zip(shape, spacing, shift)]
     z, y, x = grid[0][:, None, None], grid[1][None, :, None], grid[2][None, None, :]
     width = float(min(spacing))
@@ -304,53 +343,42 @@ def _ctpa_case(chest: _Chest, rng: np.random.Generator, positive: bool) -> tuple
     hu = hu * (1 - marrow) + rng.uniform(180, 280) * marrow
     ay_, ax_, ar = chest.aorta
     aorta = _soft(np.sqrt((x - ax_) ** 2 + (y - ay_) ** 2) * np.ones_like(z) - ar, width)
-    hu = hu * (1 - aorta) + contrast * rng.uniform(0.55, 0.8) * aorta
+    hu = hu * (1 - aorta) + contrast * rng.uniform(0.45, 0.85) * aorta
 
     lung = ndimage.gaussian_filter(chest.in_lung(z, y, x).astype(np.float32), 0.5)
     texture = _smooth_noise(rng, shape, (0.8, 1.5, 1.5))
     hu = hu * (1 - lung) + (rng.uniform(-880, -820) + rng.uniform(15, 40) * texture) * lung
 
+    veins = np.zeros(shape, np.float32)
+    _render_tubes(chest.veins, grid, spacing, veins)
+    arteries = np.zeros(shape, np.float32)
+    _render_tubes(chest.arteries, grid, spacing, arteries)
+    clot = _emboli(chest, rng, grid, arteries) if positive else np.zeros(shape, np.float32)
+
+    # Heart: myocardium around a contrast-filled blood pool. With emboli the right heart dilates (RV strain); the
+    # pool grows by about the contrast volume the emboli displaced, so the amount of contrast-enhanced blood (and
+    # of soft tissue) in the volume does not give the label away.
     hc, ha = chest.heart
     heart_level = np.sqrt(_ellipsoid_level((z, y, x), hc, ha))
     heart = _soft((heart_level - 1) * min(ha), width)
     hu = hu * (1 - heart) + rng.uniform(35, 50) * heart
-    pool = _soft((heart_level - 0.8) * min(ha), width)
-    hu = hu * (1 - pool) + contrast * rng.uniform(0.85, 1.0) * pool
+    pool_size, displaced = 0.8, float(clot.sum())
+    if displaced > 0:
+        base = _soft((heart_level - pool_size) * min(ha), width).sum()
+        low, high = pool_size, 0.95
+        for _ in range(12):  # bisection on the pool's relative size
+            mid = (low + high) / 2
+            low, high = (mid, high) if _soft((heart_level - mid) * min(ha), width).sum() - base < displaced \
+                else (low, mid)
+        pool_size = (low + high) / 2
+    pool = _soft((heart_level - pool_size) * min(ha), width)
+    hu = hu * (1 - pool) + contrast * rng.uniform(0.7, 1.0) * pool
 
-    veins = np.zeros(shape, np.float32)
-    _render_tubes(chest.veins, shape, spacing, shift, veins)
-    hu = hu * (1 - veins) + contrast * rng.uniform(0.45, 0.7) * veins
-    arteries = np.zeros(shape, np.float32)
-    pieces = _render_tubes(chest.arteries, shape, spacing, shift, arteries, per_segment=True)
+    hu = hu * (1 - veins) + contrast * rng.uniform(0.7, 0.95) * veins
     hu = hu * (1 - arteries) + contrast * arteries
+    hu = hu * (1 - clot) + rng.uniform(30, 60) * clot
 
-    clot = np.zeros(shape, np.float32)
-    if positive:
-        eligible = [i for i, (a, b, r0, r1) in enumerate(chest.arteries)
-                    if pieces[i] is not None and min(r0, r1) >= 1.5 * width and i > 0]
-        if not eligible:  # tiny volumes: fall back to the widest vessels
-            eligible = sorted(range(len(pieces)), key=lambda i: -chest.arteries[i][2])[:3]
-        chosen = rng.choice(eligible, size=min(len(eligible), int(rng.integers(1, 4))), replace=False)
-        for i in chosen:
-            a, b, r0, r1 = chest.arteries[i]
-            t = rng.uniform(0.25, 0.75)
-            radius = r0 + (r1 - r0) * t
-            axis = (b - a) / (np.linalg.norm(b - a) + 1e-9)
-            ortho = np.cross(axis, rng.standard_normal(3))
-            ortho /= np.linalg.norm(ortho) + 1e-9
-            center = a + t * (b - a) + rng.uniform(0.0, 0.25) * radius * ortho
-            along, across = rng.uniform(1.0, 2.0) * radius, rng.uniform(0.5, 0.7) * radius
-            region, lumen = pieces[i]
-            zz, yy, xx = (grid[k][region[k]] - center[k] for k in range(3))
-            pz, py, px = zz[:, None, None], yy[None, :, None], xx[None, None, :]
-            s_along = pz * axis[0] + py * axis[1] + px * axis[2]
-            s_across = np.sqrt(np.maximum(pz ** 2 + py ** 2 + px ** 2 - s_along ** 2, 0))
-            level = np.sqrt((s_along / along) ** 2 + (s_across / across) ** 2)
-            occ = np.minimum(_soft((level - 1) * across, width), lumen)
-            np.maximum(clot[region], occ, out=clot[region])
-        hu = hu * (1 - clot) + rng.uniform(30, 60) * clot
-
-    hu = ndimage.gaussian_filter(hu, (0.35, 0.6, 0.6))
+    hu = ndimage.gaussian_filter(hu, (0.3, 0.5, 0.5))
     noise = _smooth_noise(rng, shape, (0.3, 0.6, 0.6)) * rng.uniform(8, 30)
     hu = np.clip(np.rint(hu + noise), -1024, 3071).astype(np.int16)
     return hu, (clot >= 0.5).astype(np.uint8)
@@ -632,7 +660,7 @@ def _histology_case(stain: dict[str, Any], rng: np.random.Generator, size: int, 
         r = max(rng.uniform(1.8, 2.6) * scale, 1.6)
         level = _ellipse(u, v, *rng.uniform(0, size, 2), r, r * rng.uniform(0.85, 1.0), 0.0)
         haem = np.maximum(haem, _soft((np.sqrt(level) - 1) * r, 0.8) * rng.uniform(1.4, 1.9))
-    haem = np.maximum(haem, figure * rng.uniform(1.3, 1.7) * (1 + 0.1 * grain))
+    haem = np.maximum(haem, figure * rng.uniform(1.4, 1.9))
     lesion = (figure >= 0.5).astype(np.uint8)
 
     od = (stain["h_gain"] * haem[..., None] * stain["h"] + stain["e_gain"] * np.clip(eosin, 0, None)[..., None]
