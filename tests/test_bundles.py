@@ -23,6 +23,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from monai.bundle import ckpt_export, run, verify_metadata
 
@@ -99,9 +100,7 @@ def bundle(request, tmp_path_factory):
 
 
 def test_train_writes_model_settings_and_summary(bundle):
-    import torch
-
-    ckpt = torch.load(bundle["ckpt"], map_location="cpu", weights_only=False)
+    ckpt = torch.load(bundle["ckpt"], map_location="cpu", weights_only=True)  # loadable without unpickling code
     assert {"model", "initial_state", "model_config"} <= set(ckpt)
     assert "optimizer" not in ckpt  # the bundle's model file carries no optimizer state
     settings = json.loads(bundle["ckpt"].with_suffix(".json").read_text())
@@ -121,11 +120,9 @@ def test_evaluate_scores_the_test_split(bundle):
         assert math.isfinite(metrics[key]) and 0.0 <= metrics[key] <= 1.0, metrics
     if name == "cxr_lung_segmentation":
         assert metrics["jaccard"] <= metrics["dice"] + 1e-6  # J = D / (2 - D) <= D
-    rows = _rows(out / "eval" / "predictions.csv")
+    rows = _rows(out / "eval" / "predictions.csv")  # one row per test case (per series for CTPA)
     test = _expected_test_split(name, out / "phantoms")
-    assert len(rows) == len(test) >= 2
-    if name != "cxr_lung_segmentation":
-        assert {row["id"] for row in rows} == {item["image"] for item in test}
+    assert len(test) >= 2 and sorted(row["id"] for row in rows) == sorted(item["image"] for item in test)
 
 
 def _predictions(csv_path: Path, n_cases: int) -> dict[str, dict]:
@@ -137,8 +134,11 @@ def _predictions(csv_path: Path, n_cases: int) -> dict[str, dict]:
 
 def test_inference_and_torchscript_export_agree(bundle):
     name, out, ckpt = bundle["name"], bundle["out"], bundle["ckpt"]
-    images = out / "phantoms" / "images"
-    n_cases = len(list(images.iterdir()))
+    images = out / "inference_input"  # a folder of six of the phantom cases (links)
+    images.mkdir()
+    for source in sorted((out / "phantoms" / "images").iterdir())[:6]:
+        (images / source.name).symlink_to(source)
+    n_cases = 6
     inference = _configs(name, "inference.yaml")[0]
     run(config_file=inference, ckpt_path=str(ckpt), input_dir=str(images), output_dir=str(out / "infer_pt"))
     ts = ckpt.with_suffix(".ts")
@@ -167,19 +167,25 @@ def test_inference_and_torchscript_export_agree(bundle):
 
 def test_efficiency_reports_every_block_cut(bundle):
     name, out = bundle["name"], bundle["out"]
+    # every block cut for the 2D classifiers; three for the U-Net and the 3D model, whose tracing + counting + timing
+    # costs seconds per cut on CPU
+    blocks = ["stem", "stage1", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7", "features.18"]
+    if name in ("cxr_lung_segmentation", "ctpa_pe_classification"):
+        blocks = ["stem", "stage2", "stage4"]
     run(config_file=_configs(name, "train.yaml", "efficiency.yaml"), efficiency_runs=2, efficiency_warmup=1,
-        **bundle["common"])
+        efficiency_cuts="block" if len(blocks) == 9 else ",".join(blocks), **bundle["common"])
     reports = list((out / "efficiency").glob("*.csv"))
     assert len(reports) == 1, reports
     rows = _rows(reports[0])
     full = [row for row in rows if row["is_full"] == "True"]
     cuts = [row for row in rows if row["is_full"] != "True"]
     assert len(full) == 1
-    blocks = ["stem", "stage1", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7", "features.18"]
     assert [row["cut"] for row in cuts] == blocks
-    params = [int(row["params"]) for row in cuts]
-    assert params == sorted(params) and params[-1] <= int(full[0]["params"])
-    assert all(p < int(full[0]["params"]) for p in params[:-1])
+    full_params = int(full[0]["params"])
+    assert all(int(row["params"]) < full_params for row in cuts if row["cut"] != "features.18")
+    if name != "cxr_lung_segmentation":  # a U-Net's decoder is sized by the cut, so only classifiers grow monotonically
+        params = [int(row["params"]) for row in cuts]
+        assert params == sorted(params) and params[-1] <= full_params
     assert all(float(row["macs_g"]) > 0 and float(row["latency_median_ms"]) > 0 for row in rows)
     assert list((out / "efficiency").glob("*.png")) and list((out / "efficiency").glob("*.md"))
 
@@ -202,11 +208,14 @@ def test_schema_rejects_metadata_missing_a_mandatory_key(tmp_path):
 
 WRONG = {
     "unknown backbone": ("ctpa_pe_classification", {"backbone": "resnet_does_not_exist"}, "backbone"),
-    "unknown cut point": ("pathology_mitosis_classification", {"strategy": "truncate", "cut": "layer99"}, "cut"),
-    "unknown encoder cut": ("cxr_lung_segmentation", {"cut": "stage99"}, "cut"),
-    "unknown frozen part": ("cxr_classification", {"freeze_up_to": "stage99"}, "freeze_up_to"),
+    "unknown cut point": ("cxr_lung_segmentation", {"cut": "stage99"}, "cut"),
+    "unknown frozen part": ("pathology_mitosis_classification",
+                            {"backbone": "mobilenet_v2", "strategy": "truncate", "cut": "stage4",
+                             "freeze_up_to": "layer99"}, "freeze_up_to"),
     "unknown strategy": ("cxr_classification", {"strategy": "shrink"}, "strategy"),
-    "missing dataset_dir": ("cxr_lung_segmentation", {"dataset_dir": "/nonexistent/medtl3d_data"}, "dataset_dir"),
+    "missing dataset_dir": ("cxr_classification", {"dataset_dir": "/nonexistent/medtl3d_data"}, "dataset_dir"),
+    "invalid datalist row": ("pathology_mitosis_classification",
+                             {"backbone": "mobilenet_v2", "datalist": "{root}/patches.csv"}, "datalist"),
 }
 
 
@@ -214,13 +223,19 @@ WRONG = {
 def wrong_runs(tmp_path_factory):
     """Every wrong override run at once through the CLI (each pays the interpreter start-up, so in parallel)."""
     root = tmp_path_factory.mktemp("wrong")
+    (root / "patches.csv").write_text("image,label\nno_such_patch.png,1\n")  # a row whose image is missing
     procs = {}
     for case, (name, overrides, _) in WRONG.items():
         out = root / case.replace(" ", "_")
+        overrides = {k: v.format(root=root) if isinstance(v, str) else v for k, v in overrides.items()}
         args = _cli_args({"output_dir": str(out), "ckpt_path": str(out / "model.pt"), **overrides})
         procs[case] = (subprocess.Popen(_bundle_cli("run", "--config_file", _configs(name, "train.yaml")[0], *args),
                                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out)
-    return {case: (proc.wait(timeout=300), proc.communicate()[1], out) for case, (proc, out) in procs.items()}
+    results = {}
+    for case, (proc, out) in procs.items():
+        stderr = proc.communicate(timeout=300)[1]
+        results[case] = (proc.returncode, stderr, out)
+    return results
 
 
 @pytest.mark.parametrize("case", WRONG)
@@ -229,8 +244,10 @@ def test_wrong_override_names_the_config_id(wrong_runs, case):
     config_id = WRONG[case][2]
     assert returncode != 0
     assert "Traceback" not in stderr, stderr[-3000:]
-    last = [line for line in stderr.splitlines() if line.strip()][-1]
-    assert f"config id '{config_id}'" in last, last
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    at = max(i for i, line in enumerate(lines) if line.startswith("medtl3d bundle: config id"))
+    assert f"config id '{config_id}'" in lines[at], lines[at]
+    assert all(line.startswith("  ") for line in lines[at + 1:]), lines[at:]  # only the message's own detail lines
     assert not out.exists()  # stopped before generating or training anything
 
 
