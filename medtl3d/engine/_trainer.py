@@ -170,13 +170,19 @@ def _check_options(task, epochs, lr, weight_decay, optimizer, batch_size, num_wo
     return key_metric
 
 
-def _device_and_amp(device, amp: bool) -> tuple[torch.device, bool]:
+def resolve_device(device) -> torch.device:
+    """A usable torch device for training or inference, or a TrainingError naming what is wrong."""
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise TrainingError(f"device={device!r} is not a torch device: {err}") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError(f"device={str(device)!r} but CUDA is not available on this machine")
+    return device
+
+
+def _device_and_amp(device, amp: bool) -> tuple[torch.device, bool]:
+    device = resolve_device(device)
     if amp and device.type != "cuda":
         logger.warning("amp=True: mixed precision is used on CUDA only; training on %s in float32", device)
     return device, bool(amp and device.type == "cuda")

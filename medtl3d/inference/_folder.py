@@ -39,6 +39,7 @@ from ..data.io import find_cases, load_image
 from ..data.presets import medtl3d_cause, preset as make_preset
 from ..data.windows import slice_windows, take_window
 from ..engine import TASKS, load_model
+from ..engine._trainer import resolve_device
 from ..engine._tasks import check_outputs
 from ..engine.metrics import AGGREGATIONS
 from ..errors import DataError, TrainingError
@@ -183,16 +184,6 @@ def _resolve_preprocess(preprocess, options: Mapping[str, Any] | None) -> Compos
     raise DataError(f"preprocess must be a preset name or a MONAI Compose, got {type(preprocess).__name__}")
 
 
-def _device(device) -> torch.device:
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise TrainingError(f"device={device!r} is not a torch device: {err}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device={str(device)!r} but CUDA is not available on this machine")
-    return device
-
-
 def infer_folder(model: nn.Module | str | os.PathLike, preprocess: Compose | str, input_dir, output_dir, *,
                  task: str = "binary", class_names: Sequence[str] | None = None, threshold: float = 0.5,
                  num_slices: int | None = None, overlap: int = 0, aggregation: str = "max", device="cpu",
@@ -223,7 +214,7 @@ def infer_folder(model: nn.Module | str | os.PathLike, preprocess: Compose | str
         slice_windows(num_slices, num_slices, overlap)  # validates num_slices and overlap
     elif overlap:
         raise TrainingError("overlap applies to windows of slices; set num_slices too")
-    device = _device(device)
+    device = resolve_device(device)
     transform = _resolve_preprocess(preprocess, preset_options)
     model = resolve_model(model, device)
     class_names = _class_names(task, class_names, model)
