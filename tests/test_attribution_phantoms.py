@@ -43,13 +43,7 @@ from medtl3d.strategies import apply_strategy
 SIZE, CASES, TEST_CASES, EPOCHS, BATCH, LR = 64, 400, 80, 20, 16, 3e-3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions run fastest single-threaded (and do not stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def load_cxr_phantoms(root, seed: int):

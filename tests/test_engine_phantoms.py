@@ -17,13 +17,7 @@ from medtl3d.strategies import apply_strategy
 from medtl3d.workflows import image_dataset
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions run fastest single-threaded (and do not stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _small_model(spatial_dims: int, cut: str, width_factor: float):
