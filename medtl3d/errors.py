@@ -45,3 +45,7 @@ class TrainingError(Medtl3dError, RuntimeError):
 
 class AnalysisError(Medtl3dError, ValueError):
     """An analysis asked of unusable inputs: mismatched datapoints, too few datapoints, unknown layer, NaNs."""
+
+
+class SearchError(Medtl3dError, ValueError):
+    """A cutoff search that cannot run as configured: no candidates, inapplicable strategy, foreign results store."""

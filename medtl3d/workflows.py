@@ -383,3 +383,15 @@ def efficiency(backbone: str, *, strategy: str, cuts, input_shape: Sequence[int]
     print(report.to_markdown())
     print(f"medtl3d: efficiency report written to {output_dir}")
     return report
+
+
+def search(bundle_dir: str, *, output_dir: str, overrides: Mapping[str, Any], **options: Any):
+    """The hierarchical cutoff search (:func:`medtl3d.search.run_search`) of this bundle; ``overrides`` are the
+    train.yaml ids every trial shares (search.yaml forwards them all)."""
+    from .errors import SearchError
+    from .search import run_search
+
+    try:
+        return run_search(bundle_dir, output_dir, overrides=dict(overrides), **options)
+    except SearchError as err:
+        raise ConfigIdError("search", str(err)) from None

@@ -261,9 +261,9 @@ def collect_activations(model: nn.Module, data, cuts: str | Sequence[str], polic
     labels: list[torch.Tensor] = []
     for (acts,), y in _iterate([model], data, [names], policy, spatial_size, channels, seed, batch_size, device,
                                return_labels, progress):
-        for name in names:
-            parts[name].append(acts[name].cpu())
+        for name in names:  # plain tensors: MONAI MetaTensors carry per-sample metadata that breaks row indexing
+            parts[name].append(acts[name].cpu().as_subclass(torch.Tensor))
         if return_labels:
-            labels.append(y.cpu())
+            labels.append(y.cpu().as_subclass(torch.Tensor))
     collected = {name: torch.cat(chunks) for name, chunks in parts.items()}
     return (collected, torch.cat(labels)) if return_labels else collected

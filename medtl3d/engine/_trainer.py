@@ -508,8 +508,10 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
     # seeds the workers.
     sampler = DistributedSampler(train_data, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     generator = torch.Generator()
+    # a last batch of one sample cannot train batch norm ("expected more than 1 value per channel"): drop it
+    single_last = len(sampler) % batch_size == 1 and len(sampler) > 1
     loader = DataLoader(train_data, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        generator=generator, pin_memory=device.type == "cuda")
+                        generator=generator, pin_memory=device.type == "cuda", drop_last=single_last)
     evaluator, _ = _evaluator(model, val_data, task, num_outputs, batch_size, num_workers, device, use_amp,
                               series_key, aggregation, "val_data")
     trainer = SupervisedTrainer(

@@ -23,14 +23,14 @@ from ..errors import DataError, Medtl3dError
 _LISTED = 20  # failures printed; the CSV has them all
 
 
-def parse_preset_options(pairs) -> dict:
+def parse_preset_options(pairs, option: str = "--preset-option") -> dict:
     """``["size=64", "window=-100,900", "spacing=None", "orientation=LPS"]`` -> options: values are Python
-    literals (numbers, tuples, None, True/False) when they parse as such, else strings."""
+    literals (numbers, tuples, None, True/False) when they parse as such, else strings; errors name ``option``."""
     options = {}
     for pair in pairs or ():
         key, sep, text = pair.partition("=")
         if not sep or not key.strip():
-            raise DataError(f"--preset-option {pair!r}: expected KEY=VALUE")
+            raise DataError(f"{option} {pair!r}: expected KEY=VALUE")
         try:
             value = ast.literal_eval(text.strip())
         except (ValueError, SyntaxError):

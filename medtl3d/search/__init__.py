@@ -1,0 +1,29 @@
+"""Hierarchical cutoff search: how much of a pretrained backbone to reuse, chosen on validation folds.
+
+For each cut strategy (``truncate`` = TTL, ``transfusion`` = TF, ``lwft`` = LWFT; ``partial`` too) the search
+trains the bundle at every *block* cut point (Stage 1) next to the references (FTL always; RI / linear probe on
+request), picks the best block cut on the mean validation key metric over k folds x s seeds, then trains every
+*layer* cut point in the blocks around it (Stage 2, :func:`neighbourhood`). The table names the picks like the
+TruncatedTL paper (``TTL-1`` best after Stage 1, ``TTL-2`` after Stage 2) and joins params / MACs / latency from
+:mod:`medtl3d.efficiency`. Optional kNN / linear probes on frozen pretrained features rank every cut point before
+any fine-tuning (and can restrict Stage 1 to the top-m); their Spearman correlation with the fine-tuned result is
+reported. Each finished trial is appended to ``trials.jsonl`` at once, so a killed search resumes losing at most
+the trial in flight. Trials run in-process or as Ray tasks (``executor="ray"``).
+
+No maintained library fits: Ray Tune / Optuna search hyper-parameter spaces, not the structured, stage-wise
+candidate sets of a cut-point search, and neither knows bundles, folds or costs; Ray is used as the executor.
+"""
+
+from ._bundle import BundleTask
+from ._executors import EXECUTORS, LocalExecutor, RayExecutor, TrialError
+from ._plan import REFERENCES, SEARCH_STRATEGIES, SHORT_NAMES, Candidate, neighbourhood, stage1_cuts, stage2_cuts
+from ._probes import probe_ranking, spearman
+from ._report import pareto_front, write_search_report
+from ._search import SearchResult, run_search
+from ._store import ResultsStore
+from ._trial import TrialSpec, run_trial
+
+__all__ = ["BundleTask", "Candidate", "EXECUTORS", "LocalExecutor", "RayExecutor", "REFERENCES", "ResultsStore",
+           "SEARCH_STRATEGIES", "SHORT_NAMES", "SearchResult", "TrialError", "TrialSpec", "neighbourhood",
+           "pareto_front", "probe_ranking", "run_search", "run_trial", "spearman", "stage1_cuts", "stage2_cuts",
+           "write_search_report"]

@@ -1,0 +1,73 @@
+"""Where trials run: in this process (``local``, the default) or as Ray tasks (``ray``).
+
+Both take a list of :class:`TrialSpec` and call ``on_result`` with each finished record, in the driver process, as
+soon as it finishes: the driver alone appends to the results store. With Ray each trial is a task with its own CPU
+/ GPU request; ``address`` joins a running cluster (``ray.init(address=...)``), otherwise a local Ray instance is
+started with ``num_cpus``. Ray is optional (``pip install medtl3d[distributed]``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from ..errors import SearchError
+from ._trial import TrialSpec, run_trial
+
+EXECUTORS = ("local", "ray")
+
+
+class TrialError(SearchError):
+    """A trial that failed; names the trial and keeps the original error's message."""
+
+
+class LocalExecutor:
+    """Trials one after another in this process."""
+
+    name = "local"
+
+    def map(self, specs: Sequence[TrialSpec], on_result: Callable[[dict], None]) -> None:
+        for spec in specs:
+            on_result(run_trial(spec))
+
+
+class RayExecutor:
+    """Each trial a Ray task (``num_cpus`` = the trial's threads, ``num_gpus`` = ``gpus_per_trial``)."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, gpus_per_trial: float = 0) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise SearchError("executor 'ray' needs Ray: pip install 'medtl3d[distributed]'") from None
+        self.ray = ray
+        self.gpus_per_trial = float(gpus_per_trial)
+        if not ray.is_initialized():
+            options = {"address": address} if address else {"num_cpus": num_cpus, "include_dashboard": False}
+            ray.init(**options, log_to_driver=False, configure_logging=False)
+
+    def map(self, specs: Sequence[TrialSpec], on_result: Callable[[dict], None]) -> None:
+        ray = self.ray
+        pending = {}
+        for spec in specs:
+            task = ray.remote(num_cpus=spec.threads or 1, num_gpus=self.gpus_per_trial, max_retries=0)(run_trial)
+            pending[task.remote(spec)] = spec
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            spec = pending.pop(done[0])
+            try:
+                on_result(ray.get(done[0]))
+            except ray.exceptions.RayTaskError as err:
+                for ref in pending:
+                    ray.cancel(ref)
+                cause = err.cause if getattr(err, "cause", None) is not None else err
+                raise TrialError(f"trial {spec.key} failed in a Ray worker: {cause}") from None
+
+
+def make_executor(name: str, *, address: str | None = None, num_cpus: int | None = None,
+                  gpus_per_trial: float = 0):
+    if name == "local":
+        return LocalExecutor()
+    if name == "ray":
+        return RayExecutor(address=address, num_cpus=num_cpus, gpus_per_trial=gpus_per_trial)
+    raise SearchError(f"unknown executor {name!r}; choose one of {', '.join(EXECUTORS)}")

@@ -1,0 +1,281 @@
+"""The hierarchical cutoff search: Stage 1 over block cut points, Stage 2 over the layers around the best one."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..errors import SearchError
+from ._bundle import BundleTask
+from ._executors import make_executor
+from ._plan import (REFERENCES, SEARCH_STRATEGIES, SHORT_NAMES, Candidate, candidates_for, stage1_cuts,
+                    stage2_cuts)
+from ._probes import PROBES, probe_ranking, spearman
+from ._report import write_search_report
+from ._store import ResultsStore
+from ._trial import TrialSpec
+
+logger = logging.getLogger("medtl3d.search")
+
+
+@dataclass
+class SearchResult:
+    """The aggregated table (one row per candidate), the named picks (``TTL-1``, ``TTL-2``, ``FTL``, ...), the
+    probe rows, how many trials this call trained and how many it found finished, and the report files."""
+
+    rows: list[dict]
+    picks: dict[str, str]
+    probes: list[dict]
+    trained: int
+    reused: int
+    seconds: float
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    def row(self, label: str) -> dict:
+        return next(r for r in self.rows if r["label"] == label)
+
+
+def _trial_key(candidate: Candidate, fold: int, seed: int) -> str:
+    return f"{candidate.label}/fold{fold}/seed{seed}"
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    if not finite:
+        return math.nan, math.nan
+    return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else 0.0)
+
+
+class _Search:
+    def __init__(self, task: BundleTask, store: ResultsStore, executor, folds: list[int], seeds: list[int],
+                 out: Path, threads: int | None, evaluate_test: bool, keep_checkpoints: bool) -> None:
+        self.task, self.store, self.executor, self.folds, self.seeds, self.out = task, store, executor, folds, seeds, out
+        self.threads, self.evaluate_test, self.keep_checkpoints = threads, evaluate_test, keep_checkpoints
+        self.trained = self.reused = 0
+
+    def run(self, candidates: Sequence[Candidate], title: str) -> None:
+        specs = []
+        for candidate in candidates:
+            for fold in self.folds:
+                for seed in self.seeds:
+                    key = _trial_key(candidate, fold, seed)
+                    if self.store.trial(key) is not None:
+                        self.reused += 1
+                        continue
+                    folder = self.out / "trials" / candidate.label.replace("@", "_").replace("/", "_") / \
+                        f"fold{fold}_seed{seed}"
+                    specs.append(TrialSpec(key=key, bundle_dir=str(self.task.dir),
+                                           ids=self.task.trial_ids(candidate, fold, seed, folder),
+                                           strategy=candidate.strategy, cut=candidate.cut, fold=fold, seed=seed,
+                                           stage=candidate.stage, threads=self.threads,
+                                           evaluate_test=self.evaluate_test, keep_checkpoints=self.keep_checkpoints,
+                                           meta={"unit": candidate.unit, "level": candidate.level}))
+        total = len(candidates) * len(self.folds) * len(self.seeds)
+        print(f"medtl3d search: {title}: {len(candidates)} candidates x {len(self.folds)} fold(s) x "
+              f"{len(self.seeds)} seed(s) = {total} trials, {total - len(specs)} already finished", flush=True)
+        done = [0]
+
+        def finished(record: dict) -> None:
+            self.store.add(record)
+            self.trained += 1
+            done[0] += 1
+            value = record["val"].get(record["key_metric"], math.nan)
+            print(f"medtl3d search: [{done[0]}/{len(specs)}] {record['key']}: val {record['key_metric']} "
+                  f"{value:.4f} ({record['train_seconds']:.1f} s)", flush=True)
+
+        if specs:
+            self.executor.map(specs, finished)
+
+    def aggregate(self, candidates: Sequence[Candidate]) -> list[dict]:
+        rows = []
+        for candidate in candidates:
+            records = [self.store.trial(_trial_key(candidate, f, s)) for f in self.folds for s in self.seeds]
+            records = [r for r in records if r is not None]
+            row: dict[str, Any] = {"label": candidate.label, "strategy": candidate.strategy, "cut": candidate.cut,
+                                   "unit": candidate.unit, "level": candidate.level, "stage": candidate.stage,
+                                   "n": len(records), "key_metric": records[0]["key_metric"] if records else None}
+            for split in ("val", "test"):
+                for metric in dict.fromkeys(m for r in records for m in r[split]):
+                    row[f"{split}_{metric}_mean"], row[f"{split}_{metric}_std"] = _mean_std(
+                        [r[split].get(metric, math.nan) for r in records])
+            row["train_seconds_mean"] = _mean_std([r["train_seconds"] for r in records])[0]
+            rows.append(row)
+        return rows
+
+
+def _best(rows: Sequence[dict], key: str) -> dict | None:
+    """Highest ``key``; ties go to the smaller model (earlier unit)."""
+    usable = [r for r in rows if not math.isnan(r.get(key, math.nan))]
+    return max(usable, key=lambda r: (r[key], -(r["unit"] if r["unit"] is not None else 1 << 30)), default=None)
+
+
+def _configs_hash(task: BundleTask) -> str:
+    digest = hashlib.sha256()
+    for name in ("train.yaml", "evaluate.yaml"):
+        digest.update((task.configs / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dict[str, Any] | None = None,
+               strategies: Sequence[str] = ("truncate",), references: Sequence[str] = ("full",),
+               cuts: str | Sequence[str] = "block", stage2: bool = True, neighbourhood: int = 1,
+               n_folds: int | None = None, seeds: int | Sequence[int] = 1, probe: bool = False,
+               probe_top_m: int | None = None, probe_rank_by: str = "linear", evaluate_test: bool = True,
+               executor: str = "local", ray_address: str | None = None, ray_num_cpus: int | None = None,
+               cpus_per_trial: int | None = 1, gpus_per_trial: float = 0, efficiency_runs: int = 10,
+               efficiency_warmup: int = 3, keep_checkpoints: bool = False) -> SearchResult:
+    """Hierarchical cutoff search over a bundle; see :mod:`medtl3d.search`.
+
+    ``overrides`` are bundle ids every trial shares (epochs, image size, weights, dataset_dir, ...). Each candidate
+    runs ``n_folds`` (default: the bundle's) x ``seeds`` trials; the best Stage 1 cut per strategy is picked on
+    the mean validation key metric and its ``neighbourhood`` is searched in Stage 2. ``probe`` adds the
+    kNN/linear probe ranking; ``probe_top_m`` trains Stage 1 only on the top-m block cuts by ``probe_rank_by``.
+    Trials already in ``<output_dir>/trials.jsonl`` are not run again.
+    """
+    start = time.perf_counter()
+    out = Path(output_dir).resolve()
+    strategies, references = list(dict.fromkeys(strategies)), list(dict.fromkeys(["full", *references]))
+    if not strategies:
+        raise SearchError("search strategies: give at least one of " + ", ".join(SEARCH_STRATEGIES))
+    for name in strategies:
+        if name not in SEARCH_STRATEGIES:
+            raise SearchError(f"search strategy {name!r} is not a cut strategy; choose from "
+                              f"{', '.join(SEARCH_STRATEGIES)} (references: {', '.join(REFERENCES)})")
+    for name in references:
+        if name not in REFERENCES:
+            raise SearchError(f"search reference {name!r}: choose from {', '.join(REFERENCES)}")
+    if probe_top_m is not None and probe_top_m < 1:
+        raise SearchError(f"probe_top_m must be >= 1, got {probe_top_m}")
+    if probe_rank_by not in PROBES:
+        raise SearchError(f"probe_rank_by must be one of {', '.join(PROBES)}, got {probe_rank_by!r}")
+    seeds = list(range(int(seeds))) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not seeds:
+        raise SearchError("search seeds: give at least one seed")
+    overrides = dict(overrides or {})
+    if n_folds is not None:
+        overrides["n_folds"] = int(n_folds)
+    task = BundleTask(bundle_dir, overrides, out)
+    folds = list(range(max(task.n_folds, 1)))
+    task.split(0)  # a k the data cannot support stops here, before anything trains
+    body = task.backbone()
+    plan1 = {s: stage1_cuts(body, s, cuts) for s in strategies}
+    for reference in references:
+        task.check_strategy(reference, None)
+    for strategy, points in plan1.items():
+        task.check_strategy(strategy, points[0].name)
+    probing = probe or probe_top_m is not None
+    config = {"bundle": task.name, "bundle_configs": _configs_hash(task), "overrides": task.overrides,
+              "datalist": str(task.datalist), "backbone": task.backbone_name, "strategies": strategies,
+              "references": references, "cuts": cuts if isinstance(cuts, str) else list(cuts), "stage2": stage2,
+              "neighbourhood": neighbourhood, "folds": folds, "seeds": seeds, "probe": probing,
+              "probe_top_m": probe_top_m, "probe_rank_by": probe_rank_by, "evaluate_test": evaluate_test}
+    store = ResultsStore(out / "trials.jsonl", config)
+
+    probes: list[dict] = []
+    if probing:
+        saved = next(store.of_kind("probes"), None)
+        if saved is None:
+            print("medtl3d search: probing frozen pretrained features at every cut point", flush=True)
+            # one probe per unit, named by its block cut point where it has one (later entries win)
+            unique = sorted({c.unit: c for c in sorted(body.cut_points, key=lambda c: c.level == "block")}.values(),
+                            key=lambda c: c.unit)
+            saved = {"kind": "probes", "rows": probe_ranking(task, unique, folds, out / "probe_cache")}
+            store.add(saved)
+        probes = saved["rows"]
+        if probe_top_m is not None:
+            score = {r["unit"]: r[f"{probe_rank_by}_auroc"] for r in probes}
+            for strategy, points in plan1.items():
+                top = sorted(points, key=lambda c: -score.get(c.unit, -math.inf))[:probe_top_m]
+                plan1[strategy] = sorted(top, key=lambda c: c.unit)
+
+    search = _Search(task, store, make_executor(executor, address=ray_address, num_cpus=ray_num_cpus,
+                                                gpus_per_trial=gpus_per_trial),
+                     folds, seeds, out, cpus_per_trial, evaluate_test, keep_checkpoints)
+    stage1 = [Candidate(r, None, 1) for r in references] + \
+        [c for s, points in plan1.items() for c in candidates_for(s, points, 1)]
+    search.run(stage1, "stage 1 (block cut points)" if cuts == "block" else "stage 1")
+    rows1 = search.aggregate(stage1)
+    key_metric = next(r["key_metric"] for r in rows1 if r["key_metric"])
+    metric = f"val_{key_metric}_mean"
+    best1 = {s: _best([r for r in rows1 if r["strategy"] == s], metric) for s in strategies}
+
+    stage2_candidates: list[Candidate] = []
+    if stage2:
+        for strategy, row in best1.items():
+            if row is None:
+                continue
+            evaluated = {c.unit for c in plan1[strategy]}
+            stage2_candidates += candidates_for(strategy, stage2_cuts(body, strategy, row["cut"], evaluated,
+                                                                      neighbourhood), 2)
+        search.run(stage2_candidates, f"stage 2 (cut points within {neighbourhood} block(s) of the best)")
+    rows = rows1 + search.aggregate(stage2_candidates)
+
+    picks = {"FTL": "full"}
+    for strategy in strategies:
+        short = SHORT_NAMES[strategy]
+        if best1[strategy] is not None:
+            picks[f"{short}-1"] = best1[strategy]["label"]
+        best2 = _best([r for r in rows if r["strategy"] == strategy], metric)
+        if stage2 and best2 is not None:
+            picks[f"{short}-2"] = best2["label"]
+    for row in rows:
+        row["pick"] = ", ".join(name for name, label in picks.items() if label == row["label"])
+
+    _add_costs(task, store, rows, strategies, efficiency_runs, efficiency_warmup)
+    correlations = _add_probes(rows, probes, strategies, metric)
+    metadata = {**config, "key_metric": key_metric, "n_folds": len(folds), "executor": executor,
+                "trials_total": sum(r["n"] for r in rows), "trained_this_run": search.trained,
+                "reused": search.reused, "spearman": correlations}
+    paths = write_search_report(out, rows, picks, metadata, key_metric)
+    seconds = time.perf_counter() - start
+    print(f"medtl3d search: {search.trained} trial(s) trained, {search.reused} reused, {seconds / 60:.1f} min; "
+          f"picks: " + ", ".join(f"{k}={v}" for k, v in picks.items()) + f"; report: {paths['md']}", flush=True)
+    return SearchResult(rows, picks, probes, search.trained, search.reused, seconds, paths)
+
+
+def _add_costs(task: BundleTask, store: ResultsStore, rows: list[dict], strategies: Sequence[str], runs: int,
+               warmup: int) -> None:
+    """Params / MACs / latency of every candidate (measured once per strategy and cut set, kept in the store)."""
+    for strategy in strategies:
+        cuts = sorted({r["cut"] for r in rows if r["strategy"] == strategy}, key=str)
+        saved = next((r for r in store.of_kind("costs") if r["strategy"] == strategy and r["cuts"] == cuts), None)
+        if saved is None:
+            report = task.costs(strategy, cuts, runs, warmup)
+            measured = [{"cut": None if row.is_full else row.cut, "params_m": row.params_m, "macs_g": row.macs_g,
+                         "latency_ms": row.latency_median_ms, "params_ratio": row.params_ratio,
+                         "macs_ratio": row.macs_ratio, "latency_ratio": row.latency_ratio}
+                        for row in report.rows if row.batch == 1]
+            saved = {"kind": "costs", "strategy": strategy, "cuts": cuts, "rows": measured}
+            store.add(saved)
+        by_cut = {m["cut"]: m for m in saved["rows"]}
+        for row in rows:
+            source = by_cut.get(row["cut"]) if row["strategy"] == strategy else (
+                by_cut.get(None) if row["cut"] is None else None)
+            if source is not None:
+                row.update({k: v for k, v in source.items() if k != "cut"})
+    for row in rows:
+        for key in ("params_m", "macs_g", "latency_ms", "params_ratio", "macs_ratio", "latency_ratio"):
+            row.setdefault(key, None)
+
+
+def _add_probes(rows: list[dict], probes: Sequence[dict], strategies: Sequence[str], metric: str) -> dict:
+    """Probe scores on each candidate's row and, per strategy, their Spearman correlation with ``metric``."""
+    if not probes:
+        return {}
+    by_unit = {p["unit"]: p for p in probes}
+    for row in rows:
+        probe = by_unit.get(row["unit"]) if row["cut"] is not None else None
+        for name in PROBES:
+            row[f"probe_{name}_auroc"] = probe[f"{name}_auroc"] if probe else None
+    correlations = {}
+    for strategy in strategies:
+        chosen = [r for r in rows if r["strategy"] == strategy and r.get("probe_linear_auroc") is not None]
+        correlations[strategy] = {name: spearman([r[f"probe_{name}_auroc"] for r in chosen],
+                                                 [r[metric] for r in chosen]) for name in PROBES}
+    return correlations

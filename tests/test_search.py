@@ -1,0 +1,280 @@
+"""Cutoff search: the plan (Stage 1 block cuts, Stage 2 neighbourhoods at the first, middle and last blocks), the
+results store (resume, torn lines, foreign configurations refused), a whole hierarchical search on tiny phantom
+CXRs through the real bundle (expected candidates, picks, report files, probes), kill-and-resume ending with the
+same table, the Ray executor reproducing the local one, the bundle's search.yaml and the bad-input errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from medtl3d.backbones import build_backbone
+from medtl3d.errors import SearchError
+from medtl3d.search import (ResultsStore, neighbourhood, pareto_front, run_search, spearman, stage1_cuts,
+                            stage2_cuts)
+
+REPO = Path(__file__).resolve().parents[1]
+CXR = REPO / "bundles" / "cxr_classification"
+TINY = {"backbone": "resnet18", "epochs": 1, "phantom_cases": 20, "phantom_size": 32, "image_size": 32,
+        "batch_size": 8, "amp": False, "tensorboard": False, "device": "cpu", "n_folds": 2}
+FAST = dict(efficiency_runs=1, efficiency_warmup=0, evaluate_test=False)
+# resnet18 cut points by unit: stem 0 | layer1.0 1, layer1(.1) 2 | layer2.0 3, layer2 4 | layer3.0 5, layer3 6 |
+# layer4.0 7, layer4 8. Truncating at layer4 is the full backbone (FTL), so truncate's blocks stop at layer3.
+STAGE2_TRUNCATE = {"stem": ["layer1.0"], "layer1": ["layer1.0", "layer2.0"], "layer2": ["layer2.0", "layer3.0"],
+                   "layer3": ["layer3.0", "layer4.0"]}
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    with torch.device("meta"):
+        return build_backbone("resnet18", 2)
+
+
+# ------------------------------------------------------------------------------------------------ plan
+def test_stage1_cuts_per_strategy(resnet18):
+    names = lambda cuts: [c.name for c in cuts]  # noqa: E731
+    assert names(stage1_cuts(resnet18, "truncate")) == ["stem", "layer1", "layer2", "layer3"]
+    assert names(stage1_cuts(resnet18, "transfusion")) == ["stem", "layer1", "layer2", "layer3"]
+    assert names(stage1_cuts(resnet18, "lwft")) == ["stem", "layer1", "layer2", "layer3", "layer4"]
+    exhaustive = stage1_cuts(resnet18, "truncate", "all")  # one name per unit, the last unit (= FTL) left out
+    assert [c.unit for c in exhaustive] == list(range(8))
+
+
+def test_neighbourhood_first_middle_last_blocks(resnet18):
+    names = lambda cuts: [c.name for c in cuts]  # noqa: E731
+    assert names(neighbourhood(resnet18, "stem")) == ["stem", "layer1.0", "layer1.1"]  # first: no block before it
+    assert names(neighbourhood(resnet18, "layer2")) == ["layer2.0", "layer2.1", "layer3.0", "layer3.1"]
+    assert names(neighbourhood(resnet18, "layer4")) == ["layer4.0", "layer4.1"]  # last: no block after it
+    assert names(neighbourhood(resnet18, "layer2", width=2)) == [
+        "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0", "layer4.1"]
+    blocks = {c.unit for c in stage1_cuts(resnet18, "lwft")}
+    assert names(stage2_cuts(resnet18, "lwft", "stem", blocks)) == ["layer1.0"]
+    assert names(stage2_cuts(resnet18, "lwft", "layer4", blocks)) == ["layer4.0"]
+    truncate_blocks = {c.unit for c in stage1_cuts(resnet18, "truncate")}
+    for best, expected in STAGE2_TRUNCATE.items():
+        assert names(stage2_cuts(resnet18, "truncate", best, truncate_blocks)) == expected
+    with pytest.raises(SearchError, match="neighbourhood must be >= 1"):
+        neighbourhood(resnet18, "layer2", width=0)
+
+
+def test_stage2_on_a_3d_backbone():
+    with torch.device("meta"):
+        body = build_backbone("mobilenet_v2", 3)
+    blocks = {c.unit for c in stage1_cuts(body, "truncate")}
+    assert [c.name for c in stage2_cuts(body, "truncate", "stage3", blocks)] == [
+        "features.4", "features.5", "features.7", "features.8", "features.9"]
+
+
+def test_empty_cut_set_and_unknown_cut(resnet18):
+    with pytest.raises(SearchError, match="no cut point to search"):
+        stage1_cuts(resnet18, "truncate", [])
+    with pytest.raises(SearchError, match="no cut point to search"):
+        stage1_cuts(resnet18, "transfusion", ["layer4"])  # nothing above the last unit to slim
+    with pytest.raises(SearchError, match="layer9"):
+        stage1_cuts(resnet18, "truncate", ["layer9"])
+
+
+def test_spearman_and_pareto_front():
+    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)  # 1 - 6*2/(4*15)
+    assert spearman([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(-1.0)
+    assert math.isnan(spearman([1, 2], [1, 2]))
+    rows = [{"c": 1.0, "m": 0.5}, {"c": 2.0, "m": 0.4}, {"c": 3.0, "m": 0.9}, {"c": 0.5, "m": 0.2}]
+    assert pareto_front(rows, "c", "m") == [rows[3], rows[0], rows[2]]
+
+
+# ------------------------------------------------------------------------------------------------ store
+def test_store_resumes_drops_torn_line_and_refuses_other_configs(tmp_path):
+    path = tmp_path / "trials.jsonl"
+    store = ResultsStore(path, {"epochs": 1, "seeds": [0]})
+    store.add({"kind": "trial", "key": "a", "val": {"auroc": 0.7}})
+    with open(path, "ab") as handle:  # a kill in the middle of a write
+        handle.write(b'{"kind": "trial", "key": "b", "va')
+    again = ResultsStore(path, {"seeds": [0], "epochs": 1})
+    assert [r["key"] for r in again.of_kind("trial")] == ["a"]
+    again.add({"kind": "trial", "key": "c", "val": {}})
+    assert [json.loads(line)["key"] for line in path.read_text().splitlines()[1:]] == ["a", "c"]
+    with pytest.raises(SearchError, match=r"different search configuration \(epochs: 1 in the store, 2 now"):
+        ResultsStore(path, {"epochs": 2, "seeds": [0]})
+    (tmp_path / "other.jsonl").write_text('{"kind": "trial"}\n')
+    with pytest.raises(SearchError, match="not a medtl3d search results store"):
+        ResultsStore(tmp_path / "other.jsonl", {})
+
+
+# ------------------------------------------------------------------------------------------------ whole search
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    out = tmp_path_factory.mktemp("search")
+    result = run_search(CXR, out, overrides=TINY, strategies=["truncate"], probe=True, **FAST)
+    return out, result
+
+
+def _metrics_table(rows):
+    return {r["label"]: (r["stage"], r["n"], round(r["val_auroc_mean"], 12), round(r["val_auroc_std"], 12))
+            for r in rows}
+
+
+def test_hierarchical_search_trains_exactly_the_expected_candidates(searched):
+    out, result = searched
+    stage1 = {"full", "truncate@stem", "truncate@layer1", "truncate@layer2", "truncate@layer3"}
+    best1 = result.picks["TTL-1"]
+    expected2 = {f"truncate@{c}" for c in STAGE2_TRUNCATE[best1.split("@")[1]]}
+    assert {r["label"] for r in result.rows if r["stage"] == 1} == stage1
+    assert {r["label"] for r in result.rows if r["stage"] == 2} == expected2
+    assert result.trained == (len(stage1) + len(expected2)) * 2 and result.reused == 0
+    trials = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()[1:]]
+    trials = [t for t in trials if t["kind"] == "trial"]
+    assert sorted(t["key"] for t in trials) == sorted(f"{label}/fold{f}/seed0" for label in stage1 | expected2
+                                                      for f in (0, 1))
+    # TTL-1 is the best block cut on mean validation AUROC; TTL-2 the best over both stages
+    block = [r for r in result.rows if r["strategy"] == "truncate" and r["stage"] == 1]
+    assert result.row(best1)["val_auroc_mean"] == max(r["val_auroc_mean"] for r in block)
+    every = [r for r in result.rows if r["strategy"] == "truncate"]
+    assert result.row(result.picks["TTL-2"])["val_auroc_mean"] == max(r["val_auroc_mean"] for r in every)
+    for row in result.rows:  # mean/std over the two folds of the stored trials
+        values = [t["val"]["auroc"] for t in trials if t["key"].startswith(row["label"] + "/")]
+        assert row["val_auroc_mean"] == pytest.approx(sum(values) / 2)
+        assert row["val_auroc_std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
+
+
+def test_report_files_costs_and_probes(searched):
+    out, result = searched
+    for name in ("search_report.csv", "search_report.json", "search_report.md", "search_pareto.png",
+                 "search_cuts.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    with open(out / "search_report.csv") as handle:
+        rows = {r["label"]: r for r in csv.DictReader(handle)}
+    assert float(rows["truncate@stem"]["macs_g"]) < float(rows["truncate@layer2"]["macs_g"]) < \
+        float(rows["full"]["macs_g"])
+    assert float(rows["full"]["params_m"]) == pytest.approx(11.18, abs=0.01)  # resnet18 without its 1000-class head
+    markdown = (out / "search_report.md").read_text()
+    assert "**TTL-1**" in markdown and "**TTL-2**" in markdown and "Spearman" in markdown
+    report = json.loads((out / "search_report.json").read_text())
+    assert report["picks"]["FTL"] == "full"
+    # probes: one row per cut unit, AUROCs in [0, 1], their correlation with the fine-tuned result reported
+    assert [p["unit"] for p in result.probes] == list(range(9))
+    assert all(0.0 <= p["linear_auroc"] <= 1.0 and 0.0 <= p["knn_auroc"] <= 1.0 for p in result.probes)
+    assert set(report["metadata"]["spearman"]["truncate"]) == {"knn", "linear"}
+    assert sorted(p.name for p in (out / "probe_cache").glob("*.pt")) == sorted(
+        f"{p['cut']}.pt" for p in result.probes)
+
+
+def test_rerun_trains_nothing_and_probe_top_m(searched, tmp_path, one_thread):
+    out, result = searched
+    again = run_search(CXR, out, overrides=TINY, strategies=["truncate"], probe=True, **FAST)
+    assert again.trained == 0 and again.reused == result.trained
+    assert _metrics_table(again.rows) == _metrics_table(result.rows)
+    with pytest.raises(SearchError, match="overrides.epochs"):
+        run_search(CXR, out, overrides={**TINY, "epochs": 2}, strategies=["truncate"], probe=True, **FAST)
+    top = run_search(CXR, tmp_path, overrides=TINY, strategies=["truncate"], probe_top_m=2, stage2=False, **FAST)
+    score = {p["cut"]: p["linear_auroc"] for p in top.probes}
+    blocks = ["stem", "layer1", "layer2", "layer3"]
+    expected = sorted(blocks, key=lambda c: -score[c])[:2]
+    assert {r["cut"] for r in top.rows if r["strategy"] == "truncate"} == set(expected)
+    assert top.trained == (1 + 2) * 2
+
+
+def test_killed_search_resumes_to_the_same_table(searched, tmp_path):
+    out, result = searched
+    script = (f"from medtl3d.search import run_search\n"
+              f"run_search({str(CXR)!r}, {str(tmp_path)!r}, overrides={TINY!r}, strategies=['truncate'], "
+              f"probe=True, **{FAST!r})\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    store = tmp_path / "trials.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if store.is_file() and sum('"kind": "trial"' in line for line in store.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, "the search ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = sum('"kind": "trial"' in line for line in store.read_text().splitlines())
+    assert 3 <= finished < result.trained
+    resumed = run_search(CXR, tmp_path, overrides=TINY, strategies=["truncate"], probe=True, **FAST)
+    assert resumed.reused == finished and resumed.trained == result.trained - finished
+    assert _metrics_table(resumed.rows) == _metrics_table(result.rows)  # the same table as the uninterrupted run
+    assert resumed.picks == result.picks
+
+
+def test_ray_executor_reproduces_local_numbers(searched, tmp_path):
+    ray = pytest.importorskip("ray", reason="Ray is the optional 'distributed' extra")
+    out, result = searched
+    try:
+        remote = run_search(CXR, tmp_path, overrides=TINY, strategies=["truncate"], probe=True, executor="ray",
+                            ray_num_cpus=2, **FAST)
+    finally:
+        ray.shutdown()
+    assert remote.trained == result.trained
+    assert _metrics_table(remote.rows) == _metrics_table(result.rows)
+    assert remote.picks == result.picks
+
+
+# ------------------------------------------------------------------------------------------------ bundles, CLI, errors
+def _plain_ids(train: dict) -> set[str]:
+    set_by_search = {"imports", "bundle_root", "output_dir", "ckpt_path", "strategy", "cut", "fold", "seed",
+                     "initialize", "run"}
+    return {k for k, v in train.items() if k not in set_by_search and not isinstance(v, dict)
+            and not (isinstance(v, str) and v[:1] in "$@" and k != "device")}
+
+
+@pytest.mark.parametrize("bundle", sorted(p.name for p in (REPO / "bundles").iterdir() if (p / "configs").is_dir()))
+def test_search_yaml_forwards_every_train_id(bundle):
+    configs = REPO / "bundles" / bundle / "configs"
+    search = yaml.safe_load((configs / "search.yaml").read_text())
+    train = yaml.safe_load((configs / "train.yaml").read_text())
+    assert set(search["search_trial_ids"]) == _plain_ids(train)
+    assert all(value == f"@{key}" for key, value in search["search_trial_ids"].items())
+
+
+def test_search_through_the_bundle_cli(tmp_path, one_thread):
+    configs = CXR / "configs"
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+            str([str(configs / "train.yaml"), str(configs / "search.yaml")]), "--output_dir", str(tmp_path),
+            "--search_strategies", "['truncate','lwft']", "--search_cuts", "['layer2','layer3']",
+            "--search_stage2", "False", "--search_evaluate_test", "False", "--search_efficiency_runs", "1"]
+    for key, value in {**TINY, "epochs": 1}.items():
+        args += [f"--{key}", str(value)]
+    done = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "search" / "search_report.json").read_text())
+    assert {r["label"] for r in report["rows"]} == {"full", "truncate@layer2", "truncate@layer3", "lwft@layer2",
+                                                    "lwft@layer3"}
+    assert {"FTL", "TTL-1", "LWFT-1"} <= set(report["picks"])
+
+
+def test_bad_input_errors(tmp_path, one_thread):
+    with pytest.raises(SearchError, match="does not apply to deit_small.*transfusion"):
+        run_search(CXR, tmp_path / "a", overrides={**TINY, "backbone": "deit_small", "in_channels": 1},
+                   strategies=["transfusion"], **FAST)
+    with pytest.raises(SearchError, match="'linear_probe' is not a cut strategy"):
+        run_search(CXR, tmp_path / "b", overrides=TINY, strategies=["linear_probe"], **FAST)
+    with pytest.raises(SearchError, match="does not apply to bundle cxr_lung_segmentation"):
+        run_search(REPO / "bundles" / "cxr_lung_segmentation", tmp_path / "c",
+                   overrides={k: v for k, v in TINY.items() if k != "image_size"}, strategies=["lwft"], **FAST)
+    with pytest.raises(SearchError, match="no cut point to search"):
+        run_search(CXR, tmp_path / "d", overrides=TINY, cuts=[], **FAST)
+    with pytest.raises(SearchError, match=r"n_folds=8:.*fold"):
+        run_search(CXR, tmp_path / "e", overrides={**TINY, "n_folds": 8}, **FAST)
+    with pytest.raises(SearchError, match="set by the search"):
+        run_search(CXR, tmp_path / "f", overrides={**TINY, "cut": "layer2"}, **FAST)
+    assert not (tmp_path / "a" / "trials").exists()  # refused before any training
+
+
+def test_search_cli_bad_strategy_exits_2(capsys):
+    from medtl3d.cli import main
+
+    assert main(["search", "--bundle", str(CXR), "--strategies", "bogus", "--output", "/tmp/unused"]) == 2
+    assert "search strategy 'bogus' is not a cut strategy" in capsys.readouterr().err
