@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 CXR = REPO / "bundles" / "cxr_classification"
 TINY = {"backbone": "resnet18", "epochs": 1, "phantom_cases": 20, "phantom_size": 32, "image_size": 32,
         "batch_size": 8, "amp": False, "tensorboard": False, "device": "cpu", "n_folds": 2}
-FAST = dict(efficiency_runs=1, efficiency_warmup=0, evaluate_test=False)
+FAST = dict(efficiency_runs=1, efficiency_warmup=0, evaluate_test=False, cpus_per_trial=1)
 # resnet18 cut points by unit: stem 0 | layer1.0 1, layer1(.1) 2 | layer2.0 3, layer2 4 | layer3.0 5, layer3 6 |
 # layer4.0 7, layer4 8. Truncating at layer4 is the full backbone (FTL), so truncate's blocks stop at layer3.
 STAGE2_TRUNCATE = {"stem": ["layer1.0"], "layer1": ["layer1.0", "layer2.0"], "layer2": ["layer2.0", "layer3.0"],
@@ -47,17 +47,18 @@ def test_stage1_cuts_per_strategy(resnet18):
     assert names(stage1_cuts(resnet18, "truncate")) == ["stem", "layer1", "layer2", "layer3"]
     assert names(stage1_cuts(resnet18, "transfusion")) == ["stem", "layer1", "layer2", "layer3"]
     assert names(stage1_cuts(resnet18, "lwft")) == ["stem", "layer1", "layer2", "layer3", "layer4"]
-    exhaustive = stage1_cuts(resnet18, "truncate", "all")  # one name per unit, the last unit (= FTL) left out
-    assert [c.unit for c in exhaustive] == list(range(8))
+    exhaustive = stage1_cuts(resnet18, "truncate", "all")  # one per unit (block names first), last unit (FTL) out
+    assert names(exhaustive) == ["stem", "layer1.0", "layer1", "layer2.0", "layer2", "layer3.0", "layer3",
+                                 "layer4.0"]
 
 
 def test_neighbourhood_first_middle_last_blocks(resnet18):
     names = lambda cuts: [c.name for c in cuts]  # noqa: E731
-    assert names(neighbourhood(resnet18, "stem")) == ["stem", "layer1.0", "layer1.1"]  # first: no block before it
-    assert names(neighbourhood(resnet18, "layer2")) == ["layer2.0", "layer2.1", "layer3.0", "layer3.1"]
-    assert names(neighbourhood(resnet18, "layer4")) == ["layer4.0", "layer4.1"]  # last: no block after it
+    assert names(neighbourhood(resnet18, "stem")) == ["stem", "layer1.0", "layer1"]  # first: no block before it
+    assert names(neighbourhood(resnet18, "layer2")) == ["layer2.0", "layer2", "layer3.0", "layer3"]
+    assert names(neighbourhood(resnet18, "layer4")) == ["layer4.0", "layer4"]  # last: no block after it
     assert names(neighbourhood(resnet18, "layer2", width=2)) == [
-        "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0", "layer4.1"]
+        "layer1.0", "layer1", "layer2.0", "layer2", "layer3.0", "layer3", "layer4.0", "layer4"]
     blocks = {c.unit for c in stage1_cuts(resnet18, "lwft")}
     assert names(stage2_cuts(resnet18, "lwft", "stem", blocks)) == ["layer1.0"]
     assert names(stage2_cuts(resnet18, "lwft", "layer4", blocks)) == ["layer4.0"]

@@ -2,7 +2,7 @@
 
 Cut points are compared by *unit* (the index of the last backbone unit kept): two names at the same unit (e.g.
 ResNet's ``layer1`` block cut and its last ``layer1.1`` layer cut) are one model for every cut strategy, so each
-unit is trained once per strategy. The blocks of a backbone partition its units: block ``j`` holds the units after
+unit is trained once per strategy, under its block name where it has one. The blocks of a backbone partition its units: block ``j`` holds the units after
 block cut ``j-1`` up to block cut ``j``. The Stage 2 neighbourhood of the best block cut ``i`` with width ``n`` is
 every cut point inside blocks ``i-n+1 .. i+n`` (clipped to the backbone), i.e. for ``n=1`` the block that ends at
 the cut and the block that starts after it.
@@ -37,6 +37,10 @@ class Candidate:
         return self.strategy if self.cut is None else f"{self.strategy}@{self.cut}"
 
 
+def _by_unit_block_first(cut: CutPoint) -> tuple[int, bool]:
+    return cut.unit, cut.level != "block"
+
+
 def applicable_cuts(backbone: Backbone, strategy: str, cuts: Sequence[CutPoint]) -> list[CutPoint]:
     """``cuts`` deduplicated by unit (first name wins), minus the last unit for ``truncate`` (the whole backbone:
     the FTL reference, which every search trains) and for ``transfusion`` (nothing left above it to slim)."""
@@ -57,7 +61,7 @@ def stage1_cuts(backbone: Backbone, strategy: str, cuts: str | Sequence[str] = "
         points = (backbone.cut_points_at(cuts) if isinstance(cuts, str) else [backbone.cut_point(c) for c in cuts])
     except UnknownCutPointError as err:
         raise SearchError(f"search cuts: {err}") from None
-    kept = applicable_cuts(backbone, strategy, sorted(points, key=lambda c: c.unit))
+    kept = applicable_cuts(backbone, strategy, sorted(points, key=_by_unit_block_first))
     if not kept:
         raise SearchError(f"strategy {strategy!r} has no cut point to search on {backbone.name} among "
                           f"{cuts if isinstance(cuts, str) else list(cuts)!r}")
@@ -74,7 +78,7 @@ def neighbourhood(backbone: Backbone, best: str, width: int = 1) -> list[CutPoin
     i = next(j for j, end in enumerate(blocks) if end >= unit)
     low = blocks[i - width] if i - width >= 0 else -1  # exclusive
     high = blocks[min(i + width, len(blocks) - 1)]  # inclusive
-    inside = [c for c in sorted(backbone.cut_points, key=lambda c: (c.unit, c.level != "layer")) if low < c.unit <= high]
+    inside = [c for c in sorted(backbone.cut_points, key=_by_unit_block_first) if low < c.unit <= high]
     seen: set[int] = set()
     return [c for c in inside if not (c.unit in seen or seen.add(c.unit))]
 

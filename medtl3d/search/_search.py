@@ -128,7 +128,7 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
                n_folds: int | None = None, seeds: int | Sequence[int] = 1, probe: bool = False,
                probe_top_m: int | None = None, probe_rank_by: str = "linear", evaluate_test: bool = True,
                executor: str = "local", ray_address: str | None = None, ray_num_cpus: int | None = None,
-               cpus_per_trial: int | None = 1, gpus_per_trial: float = 0, efficiency_runs: int = 10,
+               cpus_per_trial: int | None = None, gpus_per_trial: float = 0, efficiency_runs: int = 10,
                efficiency_warmup: int = 3, keep_checkpoints: bool = False) -> SearchResult:
     """Hierarchical cutoff search over a bundle; see :mod:`medtl3d.search`.
 
@@ -136,7 +136,9 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
     runs ``n_folds`` (default: the bundle's) x ``seeds`` trials; the best Stage 1 cut per strategy is picked on
     the mean validation key metric and its ``neighbourhood`` is searched in Stage 2. ``probe`` adds the
     kNN/linear probe ranking; ``probe_top_m`` trains Stage 1 only on the top-m block cuts by ``probe_rank_by``.
-    Trials already in ``<output_dir>/trials.jsonl`` are not run again.
+    Trials already in ``<output_dir>/trials.jsonl`` are not run again. ``cpus_per_trial`` pins torch's threads
+    in each trial (and is each Ray task's CPU request; None: all threads locally, 1 CPU per Ray task): give the
+    same value to both executors for bit-identical numbers.
     """
     start = time.perf_counter()
     out = Path(output_dir).resolve()

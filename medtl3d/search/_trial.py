@@ -2,13 +2,16 @@
 best epoch, optionally score it on the test split, and return a plain record.
 
 A trial is an ordinary bundle run (``train.yaml``, then ``train.yaml`` + ``evaluate.yaml``) in its own folder, so
-anything a search trained can be evaluated, exported or analysed like any bundle model. The trial pins torch's
+anything a search trained can be evaluated, exported or analysed like any bundle model. Its logs and output go to
+``trial.log`` in that folder (the search's console shows one line per trial); the root logger is restored after. The trial pins torch's
 thread count and the bundle seeds everything, so a trial gives the same numbers in-process and in a Ray worker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -36,32 +39,97 @@ class TrialSpec:
 
 def run_trial(spec: TrialSpec) -> dict:
     """Run ``spec`` from scratch (a folder left by an interrupted run is cleared first) and return its record."""
+    import monai.bundle  # noqa: F401  (creates MONAI's bundle loggers before they are redirected)
     import torch
-    from monai.bundle import run
 
     out = Path(spec.ids["output_dir"])
     if out.exists():
         shutil.rmtree(out)
+    out.mkdir(parents=True)
     configs = Path(spec.bundle_dir) / "configs"
-    common = {"meta_file": str(configs / "metadata.json"), "logging_file": str(configs / "logging.conf")}
+    log = out / "trial.log"
+    (out / "logging.conf").write_text(_LOGGING.format(path=str(log)))
+    common = {"meta_file": str(configs / "metadata.json"), "logging_file": str(out / "logging.conf")}
     threads = torch.get_num_threads()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     if spec.threads:
         torch.set_num_threads(int(spec.threads))
     try:
-        start = time.perf_counter()
-        run(config_file=str(configs / "train.yaml"), **common, **spec.ids)
-        seconds = time.perf_counter() - start
-        summary = json.loads((out / "train" / "train_summary.json").read_text())
-        best = next((row for row in summary["history"] if row["epoch"] == summary["best_epoch"]), {})
-        test: dict[str, float] = {}
-        if spec.evaluate_test:
-            run(config_file=[str(configs / "train.yaml"), str(configs / "evaluate.yaml")], **common, **spec.ids)
-            test = json.loads((out / "eval" / "metrics.json").read_text())
+        with open(log, "a") as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream), \
+                _own_handlers_to(stream, _MONAI_LOGGERS):
+            record = _train_and_score(spec, out, configs, common)
     finally:
         torch.set_num_threads(threads)
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
     if not spec.keep_checkpoints:  # the bundle's models/model.pt-style export stays; the resumable engine state goes
         for name in ("best.pt", "last.pt"):
             (out / "train" / name).unlink(missing_ok=True)
+    return record
+
+
+# MONAI loggers with their own handler bound to the real stdout at import (propagate=False): redirected as well
+_MONAI_LOGGERS = ("monai.bundle.scripts", "monai.bundle.workflows")
+
+
+@contextlib.contextmanager
+def _own_handlers_to(stream, names):
+    """Point the given loggers' own handlers at ``stream`` for the duration, then put them back."""
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [list(logger.handlers) for logger in loggers]
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+    for logger, handlers in zip(loggers, saved):
+        if handlers:
+            logger.handlers[:] = [handler]
+    try:
+        yield
+    finally:
+        for logger, handlers in zip(loggers, saved):
+            logger.handlers[:] = handlers
+
+
+_LOGGING = """[loggers]
+keys=root
+
+[handlers]
+keys=file
+
+[formatters]
+keys=full
+
+[logger_root]
+level=INFO
+handlers=file
+
+[handler_file]
+class=FileHandler
+level=INFO
+formatter=full
+args=({path!r}, 'a')
+
+[formatter_full]
+format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
+"""
+
+
+def _train_and_score(spec: TrialSpec, out: Path, configs: Path, common: dict) -> dict:
+    """The bundle's train run, its validation metrics at the best epoch, and (optionally) its test metrics."""
+    from monai.bundle import run
+
+    start = time.perf_counter()
+    run(config_file=str(configs / "train.yaml"), **common, **spec.ids)
+    seconds = time.perf_counter() - start
+    summary = json.loads((out / "train" / "train_summary.json").read_text())
+    best = next((row for row in summary["history"] if row["epoch"] == summary["best_epoch"]), {})
+    test: dict[str, float] = {}
+    if spec.evaluate_test:
+        run(config_file=[str(configs / "train.yaml"), str(configs / "evaluate.yaml")], **common, **spec.ids)
+        test = json.loads((out / "eval" / "metrics.json").read_text())
     return {
         "kind": "trial", "key": spec.key, "strategy": spec.strategy, "cut": spec.cut, "fold": spec.fold,
         "seed": spec.seed, "stage": spec.stage, "key_metric": summary["key_metric"],

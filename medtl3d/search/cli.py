@@ -37,7 +37,8 @@ def add_parser(commands) -> None:
     search.add_argument("--executor", default="local", choices=("local", "ray"))
     search.add_argument("--ray-address", help="Ray cluster address (default: start a local Ray instance)")
     search.add_argument("--ray-num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
-    search.add_argument("--cpus-per-trial", type=int, default=1, help="torch threads and Ray CPUs per trial")
+    search.add_argument("--cpus-per-trial", type=int,
+                        help="torch threads and Ray CPUs per trial (default: all threads locally, 1 per Ray task)")
     search.add_argument("--gpus-per-trial", type=float, default=0, help="Ray GPUs per trial")
     search.add_argument("--efficiency-runs", type=int, default=10, help="timed runs per model for the latency column")
     search.add_argument("--keep-checkpoints", action="store_true", help="keep each trial's engine checkpoints")
