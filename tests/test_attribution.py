@@ -10,8 +10,10 @@ from scipy import ndimage
 
 from medtl3d.analysis._registry import get_analysis
 from medtl3d.analysis.attribution import (
+    aligned_upsampler,
     cam_mass_inside,
     cam_target,
+    cell_centres,
     grad_cam,
     grad_cam_pp,
     save_cam_nifti,
@@ -86,6 +88,30 @@ def test_cam_mass_falls_inside_planted_lesion(dims, shape, side, tmp_path):
         np.testing.assert_allclose(nifti.affine, affine)
         np.testing.assert_allclose(np.asarray(nifti.dataobj), cams[0].numpy(), atol=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["cam.nii.gz", "cam.png"] if dims == 3 else ["cam.png"])
+
+
+@pytest.mark.parametrize("name, dims, shape, expected", [
+    ("cbr_tiny", 2, (64, 64), {"cbr1": 0.0, "cbr3": 0.0, "cbr4": 0.0}),  # same-padded odd kernels and pools
+    ("cbr_tiny", 3, (16, 32, 32), {"cbr2": 0.0, "cbr3": 0.0}),  # receptive field deeper than the volume: lengthened
+    ("densenet121", 2, (64, 64), {"stem": 0.0, "transition1": 2.0, "transition2": 6.0}),  # 2x2 average pools
+])
+def test_cell_centres_are_the_receptive_field_centres(name, dims, shape, expected):
+    body = build_backbone(name, dims, 1, **({"slim_from": 0, "width_factor": 8} if name == "cbr_tiny" else {}))
+    model = apply_strategy(body, "random", 1).train()
+    for cut, offset in expected.items():
+        stride = model.backbone.cut_point(cut).reduction
+        assert cell_centres(model, shape, cut) == [(offset, float(s)) for s in stride], cut
+    assert model.training  # the probe runs in eval mode and restores the mode
+
+
+def test_aligned_upsampler_places_cells_at_their_centres():
+    cells = torch.zeros(1, 1, 4, 4)
+    cells[0, 0, 1, 2] = 1.0
+    aligned = aligned_upsampler([(0.0, 8.0), (2.0, 8.0)])((32, 32))(cells)[0, 0]
+    assert divmod(int(aligned.argmax()), 32) == (8, 18) and float(aligned.max()) == 1.0
+    assert float(aligned[8, 10]) == pytest.approx(0.0) and float(aligned[12, 18]) == pytest.approx(0.5)  # linear
+    torch.testing.assert_close(aligned_upsampler([None, None])((32, 32))(cells),  # unmeasured: MONAI's even spread
+                               torch.nn.functional.interpolate(cells, size=(32, 32), mode="bilinear"))
 
 
 def test_cam_target_taps_the_cut_feature_map_and_leaves_the_model_alone():

@@ -1,24 +1,33 @@
-"""Grad-CAM / Grad-CAM++ localise the planted opacity of CXR phantoms for a model trained on their labels only.
+"""Grad-CAM / Grad-CAM++ localise the planted lesions of CXR (2D) and CTPA (3D) phantoms for models trained on the
+image labels only, phantoms read through the presets (image and lesion mask through the same spatial transforms).
 
-A TruncatedTL-style model (``cbr_tiny`` slimmed 4x, truncated at ``cbr3``: stride 8, receptive field ~43 px) is
-trained from scratch on 64 px CXR phantoms loaded through the ``cxr`` preset (image and lesion mask through the same
-spatial transforms, rows first). On held-out positives the CAM of the positive logit, at the model's last cut:
+Models: TruncatedTL-style ``cbr_tiny`` (slimmed) truncated at ``cbr3``, one logit, trained from scratch with Adam and
+a one-cycle schedule. The CAM explains that logit on held-out positives; its cells are placed at their receptive
+fields' centres (:func:`medtl3d.analysis.attribution.cell_centres`).
 
-- peaks within one feature cell (the cut's stride, 8 px) of the opacity in most cases (pointing game);
-- puts several times the lesion's area share of its mass inside the opacity dilated by one feature cell.
+What is measured, per positive case: the share of the CAM's mass inside the lesion dilated by one feature cell of
+the explained layer along each axis (a box of +-stride: the CAM cannot place evidence more finely, and linear
+interpolation spreads each cell over +-stride), its area share (what a CAM blind to the lesion scores), and whether
+the CAM's maximum lies inside (pointing game).
 
-Why one feature cell: MONAI interpolates the stride-8 map, so evidence at one cell spreads over +-8 px whatever the
-model does. "Mostly inside" (mass > 0.5) is not reached: over seeds 0-3 Grad-CAM puts 0.37-0.43 of its mass
-(Grad-CAM++ 0.29-0.35) within 8 px of the opacity, an area share of 0.10-0.11, and peaks there in 79-97% of positives
-(held-out AUROC 0.95-0.96). The model's evidence blob is about as wide as its effective receptive field (~25 px),
-three times the opacity (radius 3-5 px at 64 px); a shallower model (``cbr2``, receptive field 19 px) does not learn
-the task in a CPU-test budget (AUROC < 0.86), and larger images make training several times slower.
+2D, 64 px CXR opacities, CAM at ``cbr3`` (stride 8), 320 training images, 30 epochs (AUROC 0.96): Grad-CAM puts
+0.54 of its mass within one cell of the opacity (seed 1: 0.57), whose area share is 0.14, and peaks there in 89% of
+positives; Grad-CAM++ 0.41 (0.46), peak 97%. MONAI's own upsampling (``align_corners=False`` puts cell ``i`` at
+``8 i + 3.5`` instead of its receptive-field centre ``8 i``) gives 0.48 (0.52) for the same model; the earlier
+version of this test (MONAI's upsampling, 20 epochs, a disc of 8 px around the opacity) measured 0.37-0.43 over
+seeds 0-3. The rest of the mass is the model's own spread: its evidence blob is as wide as its effective receptive
+field, about three cells (a 43 px receptive field against an opacity of radius 3-5 px); 0.77 lies within 1.5 cells.
+A model truncated at ``cbr2`` (stride 4) does not learn the task in a CPU budget (AUROC 0.79), and at 96 px the blob
+keeps its size in pixels.
 
-No 3D counterpart: on 16x32x32 CTPA phantoms a 3D cbr_tiny (cut cbr2 or cbr3) reaches AUROC 0.97-0.98 and depends on
-the emboli (filling them with contrast lowers the positives' logit by ~4 on average), yet its Grad-CAM / Grad-CAM++
-mass within 8 mm of the emboli stays near chance at every cut (0.04-0.08 against an area share of 0.03); the cbr3 map
-is 2x4x4 cells and most positive evidence lies away from the emboli. At 24x48x48 training is 4x slower and reaches
-AUROC 0.72 in 12 epochs.
+3D, 16 x 48 x 48 CTPA emboli (a 64 mm cube; at 32 px in-plane the emboli are ~15 voxels and the CAM near chance),
+120 training volumes, 12 epochs (AUROC 0.96), CAM at the higher-resolution ``cbr2`` (stride 4; one cell of the
+2 x 6 x 6 ``cbr3`` map covers a quarter of the volume): "mostly inside" is not reached. Grad-CAM puts 0.32 of its
+mass within one cell of the emboli, 4.4 times their area share (0.07), and peaks there in 83% of positives;
+Grad-CAM++ is near the area share in mass (0.08) but peaks there in 48%. Why: the emboli are 20-70 voxels (~0.1% of
+the volume) and the model's positive evidence is shared with the heart just anterior to them (the phantoms'
+RV-strain cue: positives' right heart is dilated) and with the aorta beside the spine; over the 576 cells of the 3D
+map that evidence holds most of the mass. The test asserts the level reached.
 """
 
 from __future__ import annotations
@@ -35,44 +44,42 @@ from scipy import ndimage
 from medtl3d.analysis.attribution import cam_mass_inside, grad_cam, grad_cam_pp
 from medtl3d.backbones import create_backbone
 from medtl3d.data.io import LoadCased
-from medtl3d.data.phantoms import generate_cxr
+from medtl3d.data.phantoms import generate_ctpa, generate_cxr
 from medtl3d.data.presets import preset
 from medtl3d.engine.metrics import classification_metrics
 from medtl3d.strategies import apply_strategy
 
-SIZE, CASES, TEST_CASES, EPOCHS, BATCH, LR = 64, 400, 80, 20, 16, 3e-3
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def load_cxr_phantoms(root, seed: int):
-    """Images (N, 1, H, W), lesion masks (N, H, W) and labels of freshly generated CXR phantoms, via the preset."""
-    datalist = generate_cxr(root, CASES, size=SIZE, seed=seed)
+def load_phantoms(datalist, preset_name: str, **options):
+    """Images (N, 1, *S), lesion masks (N, *S) and labels of generated phantoms, through the preset."""
+    root = datalist.parent
     items = json.loads(datalist.read_text())["training"]
     pipeline = Compose([LoadCased(keys=["image", "lesion"]),
-                        preset("cxr", train=False, label_key="lesion", size=SIZE)])
+                        preset(preset_name, train=False, label_key="lesion", **options)])
     cases = [pipeline({key: str(root / item[key]) for key in ("image", "lesion")}) for item in items]
     images = torch.stack([case["image"].as_tensor() for case in cases]).float()
     masks = torch.stack([case["lesion"].as_tensor()[0] for case in cases]) > 0
     labels = torch.tensor([item["label"] for item in items], dtype=torch.float32)
-    assert images.shape == (CASES, 1, SIZE, SIZE) and masks.shape == (CASES, SIZE, SIZE)
-    assert bool((masks.flatten(1).any(1) == labels.bool()).all())  # positives, and only they, carry an opacity
+    assert bool((masks.flatten(1).any(1) == labels.bool()).all())  # positives, and only they, carry a lesion
     return images, masks, labels
 
 
-def train_lesion_classifier(images, labels, seed: int):
-    """cbr_tiny (widths / 4) truncated at cbr3, one logit, Adam with a one-cycle schedule, plain torch loop."""
+def train_lesion_classifier(images, labels, *, width_factor: float, epochs: int, batch: int, seed: int = 0,
+                            lr: float = 3e-3):
+    """cbr_tiny (widths / ``width_factor``) truncated at cbr3, one logit, Adam + one-cycle, plain torch loop."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    body = create_backbone("cbr_tiny", spatial_dims=2, in_channels=1, slim_from=0, width_factor=4)
+    body = create_backbone("cbr_tiny", spatial_dims=images.ndim - 2, in_channels=1, slim_from=0,
+                           width_factor=width_factor)
     model = apply_strategy(body, "truncate", 1, cut="cbr3")
-    optimizer = torch.optim.Adam(model.parameters(), LR)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, LR, total_steps=EPOCHS * math.ceil(len(images) / BATCH))
-    for _ in range(EPOCHS):
+    optimizer = torch.optim.Adam(model.parameters(), lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * math.ceil(len(images) / batch))
+    for _ in range(epochs):
         model.train()
-        for batch in torch.randperm(len(images), generator=generator).split(BATCH):
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(images[batch])[:, 0], labels[batch])
+        for chosen in torch.randperm(len(images), generator=generator).split(batch):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(images[chosen])[:, 0], labels[chosen])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -80,37 +87,47 @@ def train_lesion_classifier(images, labels, seed: int):
     return model.eval()
 
 
-def cxr_localisation(root, seed: int) -> dict[str, float]:
-    """Train on CXR phantoms of ``seed``; held-out AUROC, the area share of the opacity dilated by one feature cell,
-    and per method the CAM mass inside it and the share of positives whose CAM peaks inside it."""
-    images, masks, labels = load_cxr_phantoms(root, seed)
-    train, test = slice(0, CASES - TEST_CASES), slice(CASES - TEST_CASES, CASES)
-    model = train_lesion_classifier(images[train], labels[train], seed)
+def localisation(images, masks, labels, test: int, cut: str, **training) -> dict[str, float]:
+    """Train on all but the last ``test`` cases; held-out AUROC and, over the held-out positives, the area share of
+    the lesions dilated by one ``cut`` cell and per method the CAM mass inside and the share of CAM peaks inside."""
+    model = train_lesion_classifier(images[:-test], labels[:-test], **training)
     with torch.no_grad():
-        scores = torch.sigmoid(model(images[test])[:, 0])
-    result = {"auroc": classification_metrics(scores, labels[test], "binary")["auroc"]}
-    positive = labels[test].bool()
-    lesions, pictures = masks[test][positive], images[test][positive]
-    result["positives"] = len(pictures)
-    cell = max(model.backbone.cut_point("cbr3").reduction)  # 8 px: the CAM's resolution at this cut
-    distance = [ndimage.distance_transform_edt(~lesion.numpy()) for lesion in lesions]  # px to the opacity
-    near = [d <= cell for d in distance]
-    result["area_share"] = float(np.mean([n.mean() for n in near]))
+        scores = torch.sigmoid(model(images[-test:])[:, 0])
+    result = {"auroc": classification_metrics(scores, labels[-test:], "binary")["auroc"]}
+    positive = labels[-test:].bool()
+    pictures, lesions = images[-test:][positive], masks[-test:][positive]
+    cell = [2 * s + 1 for s in model.backbone.cut_point(cut).reduction]
+    near = [ndimage.maximum_filter(lesion.numpy(), size=cell) for lesion in lesions]  # lesion + one cell per axis
+    result.update(positives=len(pictures), area_share=float(np.mean([n.mean() for n in near])))
     for name, method in (("gradcam", grad_cam), ("gradcampp", grad_cam_pp)):
-        cams = method(model, pictures, cut="cbr3", class_idx=0)  # the single logit: evidence for an opacity
-        assert cams.shape == (len(pictures), SIZE, SIZE)
+        cams = method(model, pictures, cut=cut, class_idx=0)  # the single logit: evidence for a lesion
+        assert cams.shape == lesions.shape
         result[f"{name}_mass"] = float(np.mean([cam_mass_inside(c, n) for c, n in zip(cams, near)]))
-        result[f"{name}_peak"] = float(np.mean([d.flat[int(c.argmax())] <= cell for c, d in zip(cams, distance)]))
+        result[f"{name}_peak"] = float(np.mean([n.flat[int(c.argmax())] for c, n in zip(cams, near)]))
     return result
 
 
-def test_grad_cam_points_at_the_planted_cxr_opacity(tmp_path):
-    r = cxr_localisation(tmp_path, seed=0)
-    print(f"\nCXR phantoms, cbr3 CAM: AUROC {r['auroc']:.3f}; within 8 px of the opacity (area share "
-          f"{r['area_share']:.3f}): Grad-CAM mass {r['gradcam_mass']:.3f}, peak {r['gradcam_peak']:.2f}; "
-          f"Grad-CAM++ mass {r['gradcampp_mass']:.3f}, peak {r['gradcampp_peak']:.2f} ({r['positives']} positives)")
-    assert r["auroc"] >= 0.85 and r["positives"] >= 25
-    # a CAM blind to the opacity scores about the area share (~0.1) on both the mass and the peak
-    assert r["gradcam_mass"] > 0.25 and r["gradcam_mass"] > 2.5 * r["area_share"]
-    assert r["gradcampp_mass"] > 0.2 and r["gradcampp_mass"] > 2.0 * r["area_share"]
-    assert r["gradcam_peak"] >= 0.65 and r["gradcampp_peak"] >= 0.65
+def _report(kind: str, cut: str, r: dict) -> str:
+    return (f"\n{kind}, {cut} CAM: AUROC {r['auroc']:.3f}; within one cell of the lesion (area share "
+            f"{r['area_share']:.3f}): Grad-CAM mass {r['gradcam_mass']:.3f}, peak {r['gradcam_peak']:.2f}; Grad-CAM++ "
+            f"mass {r['gradcampp_mass']:.3f}, peak {r['gradcampp_peak']:.2f} ({r['positives']} positives)")
+
+
+def test_grad_cam_mass_is_mostly_inside_the_cxr_opacity(tmp_path):
+    images, masks, labels = load_phantoms(generate_cxr(tmp_path, 400, size=64, seed=0), "cxr", size=64)
+    r = localisation(images, masks, labels, 80, "cbr3", width_factor=4, epochs=30, batch=16)
+    print(_report("CXR phantoms 64 px", "cbr3", r))
+    assert r["auroc"] >= 0.9 and r["positives"] >= 25
+    assert r["gradcam_mass"] > 0.5 and r["gradcam_mass"] > 3 * r["area_share"] and r["gradcam_peak"] >= 0.8
+    assert r["gradcampp_mass"] > 0.35 and r["gradcampp_mass"] > 2.5 * r["area_share"] and r["gradcampp_peak"] >= 0.7
+
+
+def test_grad_cam_points_at_the_ctpa_emboli(tmp_path):
+    datalist = generate_ctpa(tmp_path, 160, shape=(16, 48, 48), spacing=(4.0, 4 / 3, 4 / 3), seed=0)
+    images, masks, labels = load_phantoms(datalist, "ct", size=48)
+    r = localisation(images, masks, labels, 40, "cbr2", width_factor=8, epochs=12, batch=8)
+    print(_report("CTPA phantoms 16x48x48", "cbr2", r))
+    assert r["auroc"] >= 0.85 and r["positives"] >= 15
+    # the level reached (see the module docstring): well above the area share, not mostly inside
+    assert r["gradcam_mass"] > 3 * r["area_share"] and r["gradcam_peak"] >= 0.65
+    assert r["gradcampp_peak"] > 3 * r["area_share"]

@@ -3,7 +3,8 @@
 Families (one registry, one signature each; see :mod:`medtl3d.analysis._registry`): ``similarity`` (linear /
 debiased / RBF CKA, CCA, SVCCA, PWCCA), ``probe`` (kNN, linear), ``weights`` (per-layer distances),
 ``predictions`` (prediction similarity, feature-reuse share), ``attribution`` (Grad-CAM, Grad-CAM++); plus
-activation capture, re-initialisation robustness and domain distance. ``medtl3d analyze`` is the command line.
+activation capture, re-initialisation robustness and domain distance. ``medtl3d analyze`` is the command line,
+:mod:`medtl3d.analysis.bundle` what the bundles' ``analysis.yaml`` runs.
 """
 
 from . import attribution, domain, predictions, probes, reinit, similarity, weights

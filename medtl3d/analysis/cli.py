@@ -254,42 +254,7 @@ def _case_id(item: dict) -> str:
     return name
 
 
-def _initial_model(model: torch.nn.Module, checkpoint: str) -> torch.nn.Module:
-    twin = copy.deepcopy(model)
-    twin.load_state_dict(_states(model, checkpoint)[0])
-    return twin
-
-
-def _stem(path: str) -> str:
-    return Path(path).stem
-
-
-# ---------------------------------------------------------------------------------------------------- methods
-def _similarity(args) -> Path:
-    from .similarity import model_similarity, write_similarity_matrix
-
-    model_a = _load(args.checkpoint, args)
-    if args.checkpoint_b:
-        model_b, names = _load(args.checkpoint_b, args), (_stem(args.checkpoint), _stem(args.checkpoint_b))
-    else:
-        model_a, model_b = _initial_model(model_a, args.checkpoint), model_a
-        names = (f"{_stem(args.checkpoint)} (initial)", f"{_stem(args.checkpoint)} (final)")
-    datalist = _datalist(args, args.datalist)
-    loader = _loader(args, _items(args, datalist, labels=False))
-    names_a, names_b, matrix = model_similarity(
-        model_a, model_b, loader, args.cuts, args.cuts_b, args.measure, policy=args.policy,
-        spatial_size=args.spatial_size, channels=args.channels, batch_size=args.batch_size,
-        estimator=args.estimator, progress=not args.no_progress)
-    policy = args.policy or ("flatten" if args.measure.endswith("cka") else "spatial")
-    paths = write_similarity_matrix(args.output, names_a, names_b, matrix, args.measure, model_a=names[0],
-                                    model_b=names[1], metadata={"datalist": datalist, "policy": policy,
-                                                                "spatial_size": args.spatial_size,
-                                                                "channels": args.channels,
-                                                                "estimator": args.estimator})
-    return paths["png"]
-
-
-def _states(model: torch.nn.Module, checkpoint: str) -> tuple[dict, dict]:
+def checkpoint_states(model: torch.nn.Module, checkpoint: str) -> tuple[dict, dict]:
     """A loaded checkpoint model's initial and final (trained) states."""
     initial = getattr(model, "initial_state", None)
     if not initial:
@@ -297,24 +262,130 @@ def _states(model: torch.nn.Module, checkpoint: str) -> tuple[dict, dict]:
     return initial, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _weights(args) -> Path:
+def initial_model(model: torch.nn.Module, checkpoint: str) -> torch.nn.Module:
+    """A copy of a loaded checkpoint model with its initial weights (what fine-tuning started from)."""
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(checkpoint_states(model, checkpoint)[0])
+    return twin
+
+
+def _stem(path: str) -> str:
+    return Path(path).stem
+
+
+# ---------------------------------------------------------------------------------------------------- reports
+# model(s) + data in, report files out: shared by the methods below and the bundles' analysis.yaml
+def similarity_report(model_a: torch.nn.Module, model_b: torch.nn.Module, loader, output, names: tuple[str, str], *,
+                      cuts="block", cuts_b=None, measure: str = "debiased_cka", policy: str | None = None,
+                      spatial_size: int | None = None, channels: int | None = None, batch_size: int = 8,
+                      estimator: str = "exact", progress: bool = False, metadata: dict | None = None) -> Path:
+    """Layer x layer ``measure`` of two models on ``loader``: ``<measure>.{csv,json,md,png}`` under ``output``."""
+    from .similarity import model_similarity, write_similarity_matrix
+
+    names_a, names_b, matrix = model_similarity(
+        model_a, model_b, loader, cuts, cuts_b, measure, policy=policy, spatial_size=spatial_size,
+        channels=channels, batch_size=batch_size, estimator=estimator, progress=progress)
+    metadata = {**(metadata or {}), "policy": policy or ("flatten" if measure.endswith("cka") else "spatial"),
+                "spatial_size": spatial_size, "channels": channels, "estimator": estimator}
+    return write_similarity_matrix(output, names_a, names_b, matrix, measure, model_a=names[0], model_b=names[1],
+                                   metadata=metadata)["png"]
+
+
+def weights_report(model: torch.nn.Module, checkpoint: str, output, per: str = "unit",
+                   include_norm: bool = False) -> Path:
+    """Per-layer distance of a checkpoint model's initial and final weights: ``weights.{csv,json,md,png}``."""
     from ._report import write_curves
     from .weights import weight_distance
 
-    model = _load(args.checkpoint, args)
-    rows = weight_distance(*_states(model, args.checkpoint), model, per=args.per, include_norm=args.include_norm)
-    metadata = {"checkpoint": args.checkpoint, "per": args.per, "include_norm": args.include_norm}
-    return write_curves(args.output, "weights", rows, "layer", ["l2_rms", "relative_l2", "cosine"], metadata,
-                        title=f"{_stem(args.checkpoint)}: initial vs final weights")["png"]
+    rows = weight_distance(*checkpoint_states(model, checkpoint), model, per=per, include_norm=include_norm)
+    metadata = {"checkpoint": str(checkpoint), "per": per, "include_norm": include_norm}
+    return write_curves(output, "weights", rows, "layer", ["l2_rms", "relative_l2", "cosine"], metadata,
+                        title=f"{_stem(checkpoint)}: initial vs final weights")["png"]
 
 
-def _gradcam(args) -> Path:
+def reinit_report(model: torch.nn.Module, checkpoint: str, evaluate, output, metric: str, *,
+                  modes=("reinit", "rerand"), groups: str = "unit", include_head: bool = False, seed: int = 0,
+                  metadata: dict | None = None) -> Path:
+    """Re-initialisation robustness of a checkpoint model, ``evaluate(model)`` giving ``metric``:
+    ``reinit.{csv,json,md,png}``."""
+    from ._report import write_curves
+    from .reinit import reinit_robustness
+
+    initial, final = checkpoint_states(model, checkpoint)
+    rows = reinit_robustness(initial, final, model, evaluate, modes=modes, groups=groups, include_head=include_head,
+                             seed=seed)
+    metadata = {"checkpoint": str(checkpoint), "metric": metric, "groups": groups, **(metadata or {})}
+    return write_curves(output, "reinit", rows, "layer", ["metric", "drop"], metadata,
+                        title=f"{_stem(checkpoint)}: re-initialisation robustness ({metric})", group="mode")["png"]
+
+
+def gradcam_report(model: torch.nn.Module, cases, output, *, method: str = "gradcam", cut: str | None = None,
+                   class_idx: int | None = None, slices: int = 6, metadata: dict | None = None,
+                   title: str = "") -> Path:
+    """Grad-CAM overlays of ``cases``, ``(case id, image, label or None, lesion mask or None)`` tuples: per case
+    ``<case>_<method>.png`` and, in 3D, ``<case>_<method>.nii.gz`` (with the image's affine; for a plain tensor
+    without one, ``<case>_image.nii.gz`` beside it, so the two overlay in a viewer), and ``<method>.{csv,json,md}``
+    (prediction, and CAM mass inside the lesion where a mask is given)."""
     from ._registry import get_analysis
     from ._report import write_table
     from .attribution import cam_mass_inside, save_cam_nifti, save_cam_png
 
+    explain = get_analysis("attribution", method)
+    output = Path(output)
+    rows = []
+    for case, image, label, mask in cases:
+        cam = explain(model, image, cut=cut, class_idx=class_idx)
+        x = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
+        with torch.no_grad():
+            logits = model(x[None].float().to(next(model.parameters()).device))[0].cpu()
+        if logits.numel() == 1:
+            probability = float(torch.sigmoid(logits[0]))
+            predicted = int(probability >= 0.5)
+        else:
+            probabilities = torch.softmax(logits, dim=0)
+            probability, predicted = float(probabilities.max()), int(probabilities.argmax())
+        row = {"case": case, "label": label, "predicted": predicted, "probability": probability}
+        save_cam_png(output / f"{case}_{method}.png", image, cam, title=f"{case} {method}", slices=slices)
+        if cam.ndim == 3:
+            affine = getattr(image, "affine", None)
+            save_cam_nifti(output / f"{case}_{method}.nii.gz", cam, affine)
+            if affine is None:
+                save_cam_nifti(output / f"{case}_image.nii.gz", x.float().mean(dim=0))
+        if mask is not None:
+            row["lesion_share"] = float((torch.as_tensor(mask) != 0).float().mean())
+            row["cam_mass_inside"] = cam_mass_inside(cam, mask) if row["lesion_share"] > 0 else float("nan")
+        rows.append(row)
+    summary = {**(metadata or {}), "method": method, "cut": cut}
+    if any("cam_mass_inside" in row for row in rows):
+        masses = [r["cam_mass_inside"] for r in rows if np.isfinite(r.get("cam_mass_inside", np.nan))]
+        summary["mean_cam_mass_inside"] = float(np.mean(masses)) if masses else None
+        summary["cases_with_lesion"] = len(masses)
+    write_table(output, method, rows, summary, title=title or method)
+    return output
+
+
+# ---------------------------------------------------------------------------------------------------- methods
+def _similarity(args) -> Path:
+    model_a = _load(args.checkpoint, args)
+    if args.checkpoint_b:
+        model_b, names = _load(args.checkpoint_b, args), (_stem(args.checkpoint), _stem(args.checkpoint_b))
+    else:
+        model_a, model_b = initial_model(model_a, args.checkpoint), model_a
+        names = (f"{_stem(args.checkpoint)} (initial)", f"{_stem(args.checkpoint)} (final)")
+    datalist = _datalist(args, args.datalist)
+    loader = _loader(args, _items(args, datalist, labels=False))
+    return similarity_report(model_a, model_b, loader, args.output, names, cuts=args.cuts, cuts_b=args.cuts_b,
+                             measure=args.measure, policy=args.policy, spatial_size=args.spatial_size,
+                             channels=args.channels, batch_size=args.batch_size, estimator=args.estimator,
+                             progress=not args.no_progress, metadata={"datalist": datalist})
+
+
+def _weights(args) -> Path:
+    return weights_report(_load(args.checkpoint, args), args.checkpoint, args.output, args.per, args.include_norm)
+
+
+def _gradcam(args) -> Path:
     model = _load(args.checkpoint, args)
-    explain = get_analysis("attribution", args.method)
     if args.images:
         items = [{"image": str(Path(p).resolve())} for p in args.images]
         items = items[: args.max_cases] if args.max_cases else items
@@ -325,38 +396,15 @@ def _gradcam(args) -> Path:
         source = _datalist(args, args.datalist)
         items = _items(args, source, labels=False, mask_key=args.lesion_key)
     dataset = _dataset(args, items, args.lesion_key)
-    output = Path(args.output)
-    rows = []
-    for index, item in enumerate(items):
-        sample = dataset[index]
-        image, case = sample["image"], _case_id(item)
-        cam = explain(model, image, cut=args.cut, class_idx=args.class_idx)
-        x = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
-        with torch.no_grad():
-            logits = model(x[None].float().to(next(model.parameters()).device))[0].cpu()
-        if logits.numel() == 1:
-            probability = float(torch.sigmoid(logits[0]))
-            predicted = int(probability >= 0.5)
-        else:
-            probabilities = torch.softmax(logits, dim=0)
-            probability, predicted = float(probabilities.max()), int(probabilities.argmax())
-        row = {"case": case, "label": item.get("label"), "predicted": predicted, "probability": probability}
-        save_cam_png(output / f"{case}_{args.method}.png", image, cam, title=f"{case} {args.method}",
-                     slices=args.slices)
-        if cam.ndim == 3:
-            save_cam_nifti(output / f"{case}_{args.method}.nii.gz", cam, getattr(image, "affine", None))
-        if args.lesion_key:
-            mask = sample["label"]
-            row["lesion_share"] = float((torch.as_tensor(mask) != 0).float().mean())
-            row["cam_mass_inside"] = cam_mass_inside(cam, mask) if row["lesion_share"] > 0 else float("nan")
-        rows.append(row)
-    summary = {"checkpoint": args.checkpoint, "source": source, "method": args.method, "cut": args.cut}
-    if args.lesion_key:
-        masses = [r["cam_mass_inside"] for r in rows if np.isfinite(r["cam_mass_inside"])]
-        summary["mean_cam_mass_inside"] = float(np.mean(masses)) if masses else None
-        summary["cases_with_lesion"] = len(masses)
-    write_table(output, args.method, rows, summary, title=f"{args.method} of {_stem(args.checkpoint)}")
-    return output
+
+    def cases():
+        for index, item in enumerate(items):
+            sample = dataset[index]
+            yield _case_id(item), sample["image"], item.get("label"), sample["label"] if args.lesion_key else None
+
+    return gradcam_report(model, cases(), args.output, method=args.method, cut=args.cut, class_idx=args.class_idx,
+                          slices=args.slices, metadata={"checkpoint": args.checkpoint, "source": source},
+                          title=f"{args.method} of {_stem(args.checkpoint)}")
 
 
 def _probe(args) -> Path:
@@ -432,20 +480,13 @@ def _reuse(args) -> Path:
 
 
 def _reinit(args) -> Path:
-    from ._report import write_curves
-    from .reinit import classification_metric, reinit_robustness
+    from .reinit import classification_metric
 
-    model = _load(args.checkpoint, args)
-    initial, final = _states(model, args.checkpoint)
     datalist = _datalist(args, args.datalist)
     evaluate = classification_metric(_loader(args, _items(args, datalist, labels=True), cache=True), args.metric)
-    rows = reinit_robustness(initial, final, model, evaluate,
-                             modes=[m.strip() for m in args.modes.split(",") if m.strip()], groups=args.groups,
-                             include_head=args.include_head, seed=args.seed)
-    metadata = {"checkpoint": args.checkpoint, "datalist": datalist, "metric": args.metric, "groups": args.groups}
-    return write_curves(args.output, "reinit", rows, "layer", ["metric", "drop"], metadata,
-                        title=f"{_stem(args.checkpoint)}: re-initialisation robustness ({args.metric})",
-                        group="mode")["png"]
+    return reinit_report(_load(args.checkpoint, args), args.checkpoint, evaluate, args.output, args.metric,
+                         modes=[m.strip() for m in args.modes.split(",") if m.strip()], groups=args.groups,
+                         include_head=args.include_head, seed=args.seed, metadata={"datalist": datalist})
 
 
 def _domain(args) -> Path:
