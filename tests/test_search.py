@@ -244,15 +244,15 @@ def test_search_through_the_bundle_cli(tmp_path, one_thread):
     configs = CXR / "configs"
     args = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
             str([str(configs / "train.yaml"), str(configs / "search.yaml")]), "--output_dir", str(tmp_path),
-            "--search_strategies", "['truncate','lwft']", "--search_cuts", "['layer2','layer3']",
+            "--search_strategies", "['truncate','lwft']", "--search_cuts", "['cbr2','cbr3']",
             "--search_stage2", "False", "--search_evaluate_test", "False", "--search_efficiency_runs", "1"]
-    for key, value in {**TINY, "epochs": 1}.items():
+    for key, value in {**TINY, "backbone": "cbr_tiny"}.items():
         args += [f"--{key}", str(value)]
     done = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "search" / "search_report.json").read_text())
-    assert {r["label"] for r in report["rows"]} == {"full", "truncate@layer2", "truncate@layer3", "lwft@layer2",
-                                                    "lwft@layer3"}
+    assert {r["label"] for r in report["rows"]} == {"full", "truncate@cbr2", "truncate@cbr3", "lwft@cbr2",
+                                                    "lwft@cbr3"}
     assert {"FTL", "TTL-1", "LWFT-1"} <= set(report["picks"])
 
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..backbones import Backbone, CutPoint, create_backbone
 from ..errors import DataError, StrategyNotApplicableError
+from ..strategies._model import FrozenUnits
 
 BUILDER = "medtl3d.models.create_unet"
 
@@ -99,7 +100,7 @@ class UpStage(nn.Module):
         return self.convs(x)
 
 
-class TruncatedUNet(nn.Module):
+class TruncatedUNet(FrozenUnits):
     """U-Net: ``backbone`` truncated at ``cut`` as encoder, a MONAI-block decoder back to input resolution.
 
     Args:
@@ -265,21 +266,6 @@ class TruncatedUNet(nn.Module):
         return self.head(y)
 
     # ----------------------------------------------------------------- training bookkeeping
-    def freeze_units(self, indices) -> None:
-        """Freeze encoder units: no gradients, norm layers in eval mode (running statistics kept)."""
-        for index in indices:
-            self.frozen_units.add(index)
-            for p in self.backbone.unit_parameters(index):
-                p.requires_grad_(False)
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> "TruncatedUNet":
-        super().train(mode)
-        for index in self.frozen_units:
-            for module in self.backbone.unit_modules(index):
-                module.eval()
-        return self
-
     def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:
         """Optimizer groups ``encoder`` (trainable units only) and ``decoder`` (decoder + head), both at ``lr``."""
         encoder = [p for i in range(len(self.backbone.units)) if i not in self.frozen_units

@@ -14,7 +14,29 @@ from ..backbones._layers import global_avg_pool
 from ..errors import WeightsError
 
 
-class TransferModel(nn.Module):
+class FrozenUnits(nn.Module):
+    """Freezing whole backbone units, for any model holding a ``backbone`` and a ``frozen_units`` set: frozen units
+    get no gradients, and their norm layers stay in eval mode (running statistics kept) whatever ``train()`` says."""
+
+    backbone: Backbone
+    frozen_units: set[int]
+
+    def freeze_units(self, indices) -> None:
+        for index in indices:
+            self.frozen_units.add(index)
+            for p in self.backbone.unit_parameters(index):
+                p.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for index in self.frozen_units:
+            for module in self.backbone.unit_modules(index):
+                module.eval()
+        return self
+
+
+class TransferModel(FrozenUnits):
     """``backbone -> global average pool -> dropout -> linear`` for ``num_classes`` outputs, 2D or 3D."""
 
     def __init__(self, backbone: Backbone, num_classes: int, dropout: float = 0.0, strategy: str = "full",
@@ -44,21 +66,6 @@ class TransferModel(nn.Module):
         return self.head(self.dropout(self.forward_features(x)))
 
     # ----------------------------------------------------------------- strategy bookkeeping
-    def freeze_units(self, indices) -> None:
-        """Freeze units: no gradients, and their norm layers keep their running statistics (eval mode)."""
-        for index in indices:
-            self.frozen_units.add(index)
-            for p in self.backbone.unit_parameters(index):
-                p.requires_grad_(False)
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> "TransferModel":
-        super().train(mode)
-        for index in self.frozen_units:
-            for module in self.backbone.unit_modules(index):
-                module.eval()
-        return self
-
     def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict]:
         """Optimizer parameter groups: trainable units grouped by their LR scale, then the head at ``lr``."""
         by_scale: dict[float, list[nn.Parameter]] = {}
