@@ -27,7 +27,7 @@ import torch
 
 from monai.bundle import ckpt_export, run, verify_metadata
 
-from medtl3d.workflows import load_items, split_items
+from medtl3d.workflows import ConfigIdError, load_items, split_items
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
@@ -167,10 +167,10 @@ def test_inference_and_torchscript_export_agree(bundle):
 
 def test_efficiency_reports_every_block_cut(bundle):
     name, out = bundle["name"], bundle["out"]
-    # every block cut for the 2D classifiers; three for the U-Net and the 3D model, whose tracing + counting + timing
-    # costs seconds per cut on CPU
+    # every block cut ("block") for one 2D classifier; three named cuts for the others (the pathology model is the
+    # same MobileNetV2 with three input channels), as tracing + counting + timing costs about a second per cut on CPU
     blocks = ["stem", "stage1", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7", "features.18"]
-    if name in ("cxr_lung_segmentation", "ctpa_pe_classification"):
+    if name != "cxr_classification":
         blocks = ["stem", "stage2", "stage4"]
     run(config_file=_configs(name, "train.yaml", "efficiency.yaml"), efficiency_runs=2, efficiency_warmup=1,
         efficiency_cuts="block" if len(blocks) == 9 else ",".join(blocks), **bundle["common"])
@@ -217,38 +217,64 @@ WRONG = {
     "invalid datalist row": ("pathology_mitosis_classification",
                              {"backbone": "mobilenet_v2", "datalist": "{root}/patches.csv"}, "datalist"),
 }
+# Through the real CLI (stderr as a user sees it); each pays an interpreter start-up, so two cases, a model id and a
+# data id, run there (in parallel) and every case also runs in-process, where the same ConfigIdError must come out
+# of ``monai.bundle.run`` unwrapped.
+CLI_CASES = ("unknown backbone", "invalid datalist row")
+
+
+def _wrong_overrides(case: str, root: Path, out_root: Path | None = None) -> tuple[str, dict]:
+    """The bundle and overrides of ``case``: ``{root}`` in a value is ``root``; outputs under ``out_root`` (default
+    ``root``)."""
+    name, overrides, _ = WRONG[case]
+    out = (out_root or root) / case.replace(" ", "_")
+    overrides = {k: v.format(root=root) if isinstance(v, str) else v for k, v in overrides.items()}
+    return name, {"output_dir": str(out), "ckpt_path": str(out / "model.pt"), **overrides}
 
 
 @pytest.fixture(scope="module")
-def wrong_runs(tmp_path_factory):
-    """Every wrong override run at once through the CLI (each pays the interpreter start-up, so in parallel)."""
+def wrong_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("wrong")
     (root / "patches.csv").write_text("image,label\nno_such_patch.png,1\n")  # a row whose image is missing
+    return root
+
+
+@pytest.fixture(scope="module")
+def wrong_cli_runs(wrong_root):
+    """The CLI cases, started at once and collected: (returncode, stderr, output dir) per case."""
     procs = {}
-    for case, (name, overrides, _) in WRONG.items():
-        out = root / case.replace(" ", "_")
-        overrides = {k: v.format(root=root) if isinstance(v, str) else v for k, v in overrides.items()}
-        args = _cli_args({"output_dir": str(out), "ckpt_path": str(out / "model.pt"), **overrides})
-        procs[case] = (subprocess.Popen(_bundle_cli("run", "--config_file", _configs(name, "train.yaml")[0], *args),
-                                        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out)
-    results = {}
-    for case, (proc, out) in procs.items():
-        stderr = proc.communicate(timeout=300)[1]
-        results[case] = (proc.returncode, stderr, out)
-    return results
+    for case in CLI_CASES:
+        name, overrides = _wrong_overrides(case, wrong_root)
+        procs[case] = (subprocess.Popen(_bundle_cli("run", "--config_file", _configs(name, "train.yaml")[0],
+                                                    *_cli_args(overrides)),
+                                        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+                       Path(overrides["output_dir"]))
+    return {case: (proc.returncode, proc.communicate(timeout=300)[1], out) for case, (proc, out) in procs.items()}
 
 
-@pytest.mark.parametrize("case", WRONG)
-def test_wrong_override_names_the_config_id(wrong_runs, case):
-    returncode, stderr, out = wrong_runs[case]
-    config_id = WRONG[case][2]
-    assert returncode != 0
-    assert "Traceback" not in stderr, stderr[-3000:]
-    lines = [line for line in stderr.splitlines() if line.strip()]
+def _check_message(message: str, config_id: str) -> None:
+    lines = [line for line in message.splitlines() if line.strip()]
     at = max(i for i, line in enumerate(lines) if line.startswith("medtl3d bundle: config id"))
     assert f"config id '{config_id}'" in lines[at], lines[at]
     assert all(line.startswith("  ") for line in lines[at + 1:]), lines[at:]  # only the message's own detail lines
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_wrong_override_on_the_cli_is_one_message_naming_the_config_id(wrong_cli_runs, case):
+    returncode, stderr, out = wrong_cli_runs[case]
+    assert returncode != 0
+    assert "Traceback" not in stderr, stderr[-3000:]
+    _check_message(stderr, WRONG[case][2])
     assert not out.exists()  # stopped before generating or training anything
+
+
+@pytest.mark.parametrize("case", WRONG)
+def test_wrong_override_names_the_config_id(wrong_root, tmp_path, case):
+    name, overrides = _wrong_overrides(case, wrong_root, out_root=tmp_path)
+    with pytest.raises(ConfigIdError) as stopped:  # a SystemExit, so the CLI prints it as one message and exits 1
+        run(config_file=_configs(name, "train.yaml"), **overrides)
+    _check_message(str(stopped.value), WRONG[case][2])
+    assert not Path(overrides["output_dir"]).exists()
 
 
 def test_user_datalist_through_dataset_dir(bundle, tmp_path):

@@ -124,9 +124,7 @@ def test_ctpa_inference_on_real_ct_volumes(tmp_path):
                "aorta_ct_cropped_1p5mm.nii.gz"]
     for name in volumes:
         (cases / name).symlink_to(CT / name)
-    (cases / "example_ct_dicom").mkdir()  # a real folder: the scanner does not descend into linked folders
-    for dicom in (CT / "example_ct_dicom").iterdir():
-        (cases / "example_ct_dicom" / dicom.name).symlink_to(dicom)
+    (cases / "example_ct_dicom").symlink_to(CT / "example_ct_dicom", target_is_directory=True)  # a linked folder
     start = time.perf_counter()
     run(config_file=_configs("ctpa_pe_classification", "inference.yaml"), ckpt_path=train["ckpt_path"],
         input_dir=str(cases), output_dir=str(tmp_path / "inference"), device="cpu")

@@ -4,6 +4,7 @@ synthetic DICOM series whose voxel values are a known linear function of the pat
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import os
 import re
@@ -336,3 +337,42 @@ def test_no_input_disappears(tmp_path):
     assert every == accounted
     with pytest.raises(DataError, match=r"d\.png: cannot read as image"):
         load_image(next(c for c in cases if c.case_id == "d"))
+
+
+def test_linked_folders_followed_once_and_loops_reported(tmp_path):
+    outside, root = tmp_path / "elsewhere", tmp_path / "in"
+    write_series(outside / "ct", n=3)
+    (outside / "ct" / "loop").symlink_to(outside, target_is_directory=True)  # back to its own ancestor
+    write_series(root / "real", n=2)
+    (root / "a_link").symlink_to(outside, target_is_directory=True)  # followed: the case is found through it
+    (root / "b_link").symlink_to(outside, target_is_directory=True)  # the same folder again
+    (root / "c_alias").symlink_to(root / "real", target_is_directory=True)  # a folder scanned at its own path
+    (root / "d_dangling").symlink_to(tmp_path / "missing")
+
+    cases, skipped = find_cases(root)
+    assert [(c.case_id, c.kind, len(c.files)) for c in cases] == [("a_link_ct", "dicom", 3), ("real", "dicom", 2)]
+    assert cases[0].path == root / "a_link" / "ct"
+    assert load_image(cases[0]).shape == (1, 10, 12, 3)
+    reasons = {p.relative_to(root).as_posix(): why for p, why in skipped}
+    assert set(reasons) == {"a_link/ct/loop", "b_link", "c_alias", "d_dangling"}
+    assert "encloses it (loop)" in reasons["a_link/ct/loop"]
+    assert reasons["b_link"].endswith(f"already scanned as {root / 'a_link'}")
+    assert "inside the input folder: scanned there" in reasons["c_alias"]
+    assert reasons["d_dangling"].startswith("cannot read file")
+
+
+def test_nvimagecodec_notice_silenced_unless_asked_for(caplog, monkeypatch):
+    """MONAI logs "nvImageCodec is not available" for every LoadImage on a machine without it; only that notice is
+    dropped, and it comes back when MONAI_DICOM_READER=nvimgcodec asks for that reader."""
+    plugin_logger = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    monkeypatch.delenv("MONAI_DICOM_READER", raising=False)
+    with caplog.at_level(logging.WARNING, logger=plugin_logger.name):
+        plugin_logger.warning("nvImageCodec is not available; skipping pydicom decoder plugin registration.")
+        LoadImage(image_only=True)
+        plugin_logger.warning("another problem")
+    assert [r.getMessage() for r in caplog.records if r.name == plugin_logger.name] == ["another problem"]
+    caplog.clear()
+    monkeypatch.setenv("MONAI_DICOM_READER", "nvimgcodec")
+    with caplog.at_level(logging.WARNING, logger=plugin_logger.name):
+        plugin_logger.warning("nvImageCodec is not available; skipping pydicom decoder plugin registration.")
+    assert [r.name for r in caplog.records] == [plugin_logger.name]

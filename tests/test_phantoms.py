@@ -295,14 +295,6 @@ def _standardise(images: np.ndarray) -> np.ndarray:
     return (images - images.mean(axes, keepdims=True)) / (images.std(axes, keepdims=True) + 1e-6)
 
 
-@pytest.fixture
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _check_learnability(raw, cnn_input, lesions, items, spatial_dims, epochs, batch):
     labels = np.array([it["label"] for it in items])
     patients = [it["patient"] for it in items]
@@ -316,7 +308,7 @@ def _check_learnability(raw, cnn_input, lesions, items, spatial_dims, epochs, ba
 
 # Measured over other seeds too (CTPA 0/5/6/7, CXR 0/1, histology 0/1/2): logistic 0.51-0.61, CNN 0.92-1.00.
 # Weak (image-label-only) training of the same CNN was not reliable in so few CPU epochs, hence the location loss.
-def test_ctpa_emboli_learnable_not_from_global_statistics(tmp_path, two_threads):
+def test_ctpa_emboli_learnable_not_from_global_statistics(tmp_path):
     items = _items(generate_ctpa(tmp_path, 200, shape=(16, 48, 48), spacing=(1.0, 1.0, 1.0), seed=0))
     load = LoadImage(image_only=True)
     raw = np.stack([load(tmp_path / it["image"]).numpy() for it in items])[:, None].astype(np.float32)
@@ -325,14 +317,14 @@ def test_ctpa_emboli_learnable_not_from_global_statistics(tmp_path, two_threads)
     _check_learnability(raw, window, lesions, items, 3, 6, 8)
 
 
-def test_cxr_opacity_learnable_not_from_global_statistics(tmp_path, two_threads):
+def test_cxr_opacity_learnable_not_from_global_statistics(tmp_path):
     items = _items(generate_cxr(tmp_path, 480, size=64, seed=0))
     raw = np.stack([_png(tmp_path / it["image"]) for it in items])[:, None].astype(np.float32)
     lesions = np.stack([_png(tmp_path / it["lesion"]) for it in items])[:, None].astype(np.float32)
     _check_learnability(raw, _standardise(raw), lesions, items, 2, 4, 16)
 
 
-def test_histology_mitosis_learnable_not_from_global_statistics(tmp_path, two_threads):
+def test_histology_mitosis_learnable_not_from_global_statistics(tmp_path):
     items = _items(generate_histology(tmp_path, 480, size=64, seed=1))
     raw = np.stack([_png(tmp_path / it["image"]) for it in items]).transpose(0, 3, 1, 2).astype(np.float32)
     lesions = np.stack([_png(tmp_path / it["lesion"]) for it in items])[:, None].astype(np.float32)

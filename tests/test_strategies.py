@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from functools import lru_cache
+
 import pytest
 import torch
 
@@ -158,11 +161,19 @@ def _cases():
                 yield pytest.param(name, dims, strategy, id=f"{name}-{dims}d-{strategy}")
 
 
+@lru_cache(maxsize=1)
+def _seeded_backbone(name: str, dims: int):
+    """The backbone as built after ``torch.manual_seed(0)``, built once for the consecutive strategy cases of one
+    backbone (building is up to half a case's time; one kept at a time, as a 3D model holds up to 60M parameters)."""
+    torch.manual_seed(0)
+    return build_backbone(name, dims)
+
+
 @pytest.mark.parametrize("name,dims,strategy", list(_cases()))
 def test_every_strategy_builds_and_trains_on_every_backbone(name, dims, strategy):
     entry = get_entry(name)
+    backbone = copy.deepcopy(_seeded_backbone(name, dims))  # a fresh copy: strategies may change it in place
     torch.manual_seed(0)
-    backbone = build_backbone(name, dims)
     blocks = backbone.cut_points_at("block")
     cut = blocks[len(blocks) // 2].name
     kwargs = {"cut": cut} if strategy in ("truncate", "transfusion", "partial", "lwft") else {}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,6 +44,34 @@ __all__ = ["Case", "SeriesGeometry", "find_cases", "read_series_headers", "load_
            "NIFTI_SUFFIXES", "IMAGE_SUFFIXES"]
 
 logger = logging.getLogger(__name__)
+
+
+def _asked_for_nvimagecodec() -> bool:
+    return os.environ.get("MONAI_DICOM_READER", "").strip().lower() == "nvimgcodec"
+
+
+class _NoNvImageCodecNotice(logging.Filter):
+    """Drops MONAI's "nvImageCodec is not available" notice. MONAI 1.6 builds every default reader in each
+    ``LoadImage(...)``, even for a NIfTI or PNG, and its GPU DICOM reader (``NvImgCodecPydicomReader``) then logs
+    this through ``monai.data.nvimgcodec_pydicom_plugin`` once per loader: without a CUDA build of nvImageCodec (any
+    CPU machine) it floods the logs and says nothing actionable, because DICOM series are decoded here by pydicom
+    (below) and MONAI itself falls back to pydicom's decoders. Kept when ``MONAI_DICOM_READER=nvimgcodec`` asks
+    for that reader; every other record of that logger is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (str(record.msg).startswith("nvImageCodec is not available") and not _asked_for_nvimagecodec())
+
+
+def _silence_nvimagecodec_notice() -> None:
+    plugin_logger = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    if not any(isinstance(f, _NoNvImageCodecNotice) for f in plugin_logger.filters):
+        plugin_logger.addFilter(_NoNvImageCodecNotice())
+    if not _asked_for_nvimagecodec():  # the same notice, as the reader's own UserWarning
+        warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin did not "
+                                "register successfully", category=UserWarning)
+
+
+_silence_nvimagecodec_notice()
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -142,6 +171,39 @@ def _dicom_header(path: Path) -> pydicom.Dataset | None:
     return None
 
 
+def _walk(root: Path, skipped: list[tuple[Path, str]]) -> list[tuple[Path, list[str]]]:
+    """(folder, sorted file names) for every folder under ``root``, following folder links without loops or
+    duplicates (the rules in :func:`find_cases`); empty folders and links not followed go to ``skipped``."""
+    own = {os.path.realpath(folder) for folder, _, _ in os.walk(root)}  # reached without following any link
+    scanned: dict[str, Path] = {}  # real path -> the path it was scanned at
+    entries = []
+    for name, dirs, files in os.walk(root, followlinks=True):
+        folder, here = Path(name), os.path.realpath(name)
+        if here in scanned:  # a second link to a folder already scanned (or to one of its subfolders)
+            dirs.clear()
+            skipped.append((folder, f"link to {here}, already scanned as {scanned[here]}"))
+            continue
+        scanned[here] = folder
+        dirs.sort()
+        if not dirs and not files:
+            skipped.append((folder, "empty folder"))
+        for sub in list(dirs):
+            link = folder / sub
+            if not link.is_symlink():
+                continue
+            target = os.path.realpath(link)
+            if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+                reason = f"link to {target}, a folder that encloses it (loop): not followed"
+            elif target in own:
+                reason = f"link to {target}, inside the input folder: scanned there"
+            else:
+                continue
+            dirs.remove(sub)
+            skipped.append((link, reason))
+        entries.append((folder, sorted(files)))
+    return entries
+
+
 def _unique(ids: list[str]) -> list[str]:
     seen: dict[str, int] = defaultdict(int)
     out = []
@@ -160,8 +222,12 @@ def find_cases(root: str | Path) -> tuple[list[Case], list[tuple[Path, str]]]:
     its own. ``.nii``/``.nii.gz`` files and 2D images (``.png .jpg .jpeg .bmp .tif .tiff``) are one case each
     (case_id = relative path without extension). Everything else is returned in ``skipped`` with the reason:
     empty folders, non-image files, DICOM without image data (DICOMDIR, SR, RTSTRUCT, truncated headers),
-    unparseable DICOM headers.
+    unparseable DICOM headers, and linked folders not followed (see below).
     A DICOM whose header parses but whose pixel data is broken is a case that fails in :func:`load_image`.
+
+    Symbolic links to folders are followed (case ids use the link's path), except a link to a folder inside
+    ``root`` (scanned at its own path, so no case appears twice), a link to a folder that encloses it (a loop)
+    and a second link to a folder already followed; these are listed in ``skipped`` with the reason.
     """
     root = Path(root)
     if not root.exists():
@@ -174,13 +240,8 @@ def find_cases(root: str | Path) -> tuple[list[Case], list[tuple[Path, str]]]:
         entries = [(root.parent, [root.name])]
         base = root.parent
     else:
-        entries = []
+        entries = _walk(root, skipped)
         base = root
-        for folder, dirs, files in os.walk(root):
-            dirs.sort()
-            if not dirs and not files:
-                skipped.append((Path(folder), "empty folder"))
-            entries.append((Path(folder), sorted(files)))
 
     def rel_id(path: Path) -> str:
         rel = path.relative_to(base).as_posix()
