@@ -35,9 +35,15 @@ def write_search_report(output_dir: str | Path, rows: Sequence[dict], picks: Map
              "json": write_json(out / "search_report.json", {"metadata": dict(metadata), "picks": dict(picks),
                                                                "rows": list(rows)})}
     test_key = f"test_{key_metric}_mean"
+    # the companion metric of the key one (AUPRC beside AUROC, Jaccard beside Dice), when the task has it
+    second = next((m for m in ("auprc", "jaccard") if m != key_metric and any(f"val_{m}_mean" in r for r in rows)),
+                  None)
+    extra = (lambda r: {f"val {second}": _pm(r.get(f"val_{second}_mean"), r.get(f"val_{second}_std")),
+                        f"test {second}": _pm(r.get(f"test_{second}_mean"), r.get(f"test_{second}_std"))}) \
+        if second else (lambda r: {})
     shown = [{"pick": r["pick"], "candidate": r["label"], "stage": r["stage"], "level": r["level"], "trials": r["n"],
               f"val {key_metric}": _pm(r[metric], r[f"val_{key_metric}_std"]),
-              f"test {key_metric}": _pm(r.get(test_key), r.get(f"test_{key_metric}_std")),
+              f"test {key_metric}": _pm(r.get(test_key), r.get(f"test_{key_metric}_std")), **extra(r),
               "params (M)": r["params_m"], "GMACs": r["macs_g"], "latency (ms)": r["latency_ms"],
               "MACs vs FTL": r["macs_ratio"], "probe kNN": r.get("probe_knn_auroc"),
               "probe linear": r.get("probe_linear_auroc"), "train s": r["train_seconds_mean"]} for r in rows]
