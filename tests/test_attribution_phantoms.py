@@ -20,14 +20,22 @@ field, about three cells (a 43 px receptive field against an opacity of radius 3
 A model truncated at ``cbr2`` (stride 4) does not learn the task in a CPU budget (AUROC 0.79), and at 96 px the blob
 keeps its size in pixels.
 
-3D, 16 x 48 x 48 CTPA emboli (a 64 mm cube; at 32 px in-plane the emboli are ~15 voxels and the CAM near chance),
-120 training volumes, 12 epochs (AUROC 0.96), CAM at the higher-resolution ``cbr2`` (stride 4; one cell of the
-2 x 6 x 6 ``cbr3`` map covers a quarter of the volume): "mostly inside" is not reached. Grad-CAM puts 0.32 of its
-mass within one cell of the emboli, 4.4 times their area share (0.07), and peaks there in 83% of positives;
-Grad-CAM++ is near the area share in mass (0.08) but peaks there in 48%. Why: the emboli are 20-70 voxels (~0.1% of
-the volume) and the model's positive evidence is shared with the heart just anterior to them (the phantoms'
-RV-strain cue: positives' right heart is dilated) and with the aorta beside the spine; over the 576 cells of the 3D
-map that evidence holds most of the mass. The test asserts the level reached.
+3D, 16 x 48 x 48 CTPA emboli (a 64 mm cube; at 32 px in-plane the emboli are ~15 voxels and the CAM near chance)
+generated with ``rv_strain=False``, so that the emboli are the only class evidence (by default positives also have a
+dilated right heart), 120 training volumes, 24 epochs, CAM at the higher-resolution ``cbr2`` (stride 4; one cell of
+the 2 x 6 x 6 ``cbr3`` map covers a quarter of the volume): "mostly inside" is not reached. Seed 0 (seed 1 for
+phantoms and training): AUROC 0.95 (0.97); Grad-CAM puts 0.29 (0.23) of its mass within one cell of the emboli, 4.0
+(3.3) times their area share of 0.07, and peaks there in 83% (71%) of positives; Grad-CAM++ 0.18 (0.16), peak 74%
+(81%). The RV-strain cue is not what keeps the mass out: with it (the default phantoms) the same settings give 0.28
+(0.23). Why: the Grad-CAM of ``cbr2`` weighs the ``cbr2`` features that ``cbr3``'s 5x5x5 kernel (+-2 cells, +-8
+voxels) combines around the emboli, a blob reaching about two cells past them, and over the 576 cells of the 3D map
+a low floor (mostly over the lungs) adds up. Mass (area share) within +-2, 4, 6, 8, 12 voxels of the emboli, seed 0:
+0.11 (0.02), 0.29 (0.07), 0.48 (0.15), 0.64 (0.25), 0.83 (0.45). Nothing tried in a CPU budget reached 0.5 within
+one cell (seed 0): 12 / 40 epochs 0.22 / 0.31; twice as wide (20 epochs) 0.22 (AUROC 1.0); 320 volumes 0.19 (AUROC
+1.0); 32 px in-plane 0.24 (area share 0.13); 64 px in-plane or 32 x 64 x 64 volumes do not learn the task in 20-40
+epochs (AUROC 0.73-0.85, mass 0.08-0.17); a model truncated at ``cbr2`` (the CAM at its last layer) neither (AUROC
+0.56-0.86, mass 0.03-0.11); at ``cbr3`` the mass is 0.40 against an area share of 0.25. The test asserts the level
+reached.
 """
 
 from __future__ import annotations
@@ -122,12 +130,35 @@ def test_grad_cam_mass_is_mostly_inside_the_cxr_opacity(tmp_path):
     assert r["gradcampp_mass"] > 0.35 and r["gradcampp_mass"] > 2.5 * r["area_share"] and r["gradcampp_peak"] >= 0.7
 
 
+def test_ctpa_rv_strain_option_changes_only_the_positives_heart(tmp_path):
+    """``rv_strain=False`` (the phantoms of the 3D test below) leaves negatives byte-identical and the emboli where
+    they were; positives lose the contrast their dilated heart held: the same random numbers are drawn, so each of
+    their voxels is at most as bright as with the default (the larger blood pool replaces myocardium)."""
+    import nibabel as nib
+
+    volumes = {}
+    for rv_strain in (True, False):
+        datalist = generate_ctpa(tmp_path / str(rv_strain), 8, shape=(12, 32, 32), spacing=(4.0, 2.0, 2.0), seed=0,
+                                 rv_strain=rv_strain)
+        items = json.loads(datalist.read_text())["training"]
+        volumes[rv_strain] = [(item["label"], *(np.asarray(nib.load(datalist.parent / item[key]).dataobj)
+                                                for key in ("image", "lesion"))) for item in items]
+    labels = [label for label, _, _ in volumes[True]]
+    assert 0 < sum(labels) < len(labels)
+    for (label, image, lesion), (label_off, image_off, lesion_off) in zip(volumes[True], volumes[False]):
+        assert label == label_off and np.array_equal(lesion, lesion_off)
+        if label:
+            assert (image >= image_off).all() and (image > image_off).any()
+        else:
+            assert np.array_equal(image, image_off)
+
+
 def test_grad_cam_points_at_the_ctpa_emboli(tmp_path):
-    datalist = generate_ctpa(tmp_path, 160, shape=(16, 48, 48), spacing=(4.0, 4 / 3, 4 / 3), seed=0)
+    datalist = generate_ctpa(tmp_path, 160, shape=(16, 48, 48), spacing=(4.0, 4 / 3, 4 / 3), seed=0, rv_strain=False)
     images, masks, labels = load_phantoms(datalist, "ct", size=48)
-    r = localisation(images, masks, labels, 40, "cbr2", width_factor=8, epochs=12, batch=8)
-    print(_report("CTPA phantoms 16x48x48", "cbr2", r))
-    assert r["auroc"] >= 0.85 and r["positives"] >= 15
+    r = localisation(images, masks, labels, 40, "cbr2", width_factor=8, epochs=24, batch=8)
+    print(_report("CTPA phantoms 16x48x48, emboli the only cue", "cbr2", r))
+    assert r["auroc"] >= 0.9 and r["positives"] >= 15
     # the level reached (see the module docstring): well above the area share, not mostly inside
     assert r["gradcam_mass"] > 3 * r["area_share"] and r["gradcam_peak"] >= 0.65
-    assert r["gradcampp_peak"] > 3 * r["area_share"]
+    assert r["gradcampp_mass"] > r["area_share"]

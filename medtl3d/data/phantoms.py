@@ -16,10 +16,11 @@ Every case has a ``patient``; some patients have two cases that share their anat
 so patient-grouped splitting matters. Labels are learnable but not from global intensity statistics: nuisance
 factors (vessel tree size, contrast, scan range, noise; exposure, lung and heart size, lung markings; nuclear density,
 lymphocytes, stain) vary independently of the label, and where a lesion would shift the histogram it is balanced:
-positive CT cases have a dilated right heart holding about the contrast volume the emboli displaced (RV strain),
-positive patches have as many fewer lymphocytes as their mitosis' dark chromatin is worth. Output is a pure function
-of the arguments: the same seed gives byte-identical files. Each file is written to a temporary name in its folder
-and renamed into place.
+positive CT cases have a dilated right heart holding about the contrast volume the emboli displaced (RV strain;
+``generate_ctpa(..., rv_strain=False)`` drops it, leaving the emboli the only class evidence), positive patches
+have as many fewer lymphocytes as their mitosis' dark chromatin is worth. Output is a pure function of the
+arguments: the same seed gives byte-identical files. Each file is written to a temporary name in its folder and
+renamed into place.
 
 Why our own code: MONAI's ``create_test_image_2d/3d`` only draws random circles, and no maintained library
 synthesises CTPA/CXR/H&E phantoms with planted lesions and their masks.
@@ -316,8 +317,10 @@ def _emboli(chest: _Chest, rng: np.random.Generator, grid: Sequence[np.ndarray],
     return clot
 
 
-def _ctpa_case(chest: _Chest, rng: np.random.Generator, positive: bool) -> tuple[np.ndarray, np.ndarray]:
-    """One acquisition: HU volume (int16) and emboli mask (uint8), both (slices, rows, cols)."""
+def _ctpa_case(chest: _Chest, rng: np.random.Generator, positive: bool,
+               rv_strain: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """One acquisition: HU volume (int16) and emboli mask (uint8), both (slices, rows, cols). ``rv_strain=False``
+    leaves a positive's heart as in a negative (the pool's size draws no random numbers either way)."""
     shape, spacing = chest.shape, chest.spacing
     rz, ry, rx = chest.half
     shift = np.array([rng.uniform(-0.15, 0.15) * rz, rng.uniform(-0.04, 0.04) * ry, rng.uniform(-0.04, 0.04) * rx])
@@ -357,13 +360,13 @@ def _ctpa_case(chest: _Chest, rng: np.random.Generator, positive: bool) -> tuple
 
     # Heart: myocardium around a contrast-filled blood pool. With emboli the right heart dilates (RV strain); the
     # pool grows by about the contrast volume the emboli displaced, so the amount of contrast-enhanced blood (and
-    # of soft tissue) in the volume does not give the label away.
+    # of soft tissue) in the volume does not give the label away. Without ``rv_strain`` the pool keeps its size.
     hc, ha = chest.heart
     heart_level = np.sqrt(_ellipsoid_level((z, y, x), hc, ha))
     heart = _soft((heart_level - 1) * min(ha), width)
     hu = hu * (1 - heart) + rng.uniform(35, 50) * heart
     pool_size, displaced = 0.8, float(clot.sum())
-    if displaced > 0:
+    if rv_strain and displaced > 0:
         base = _soft((heart_level - pool_size) * min(ha), width).sum()
         low, high = pool_size, 0.95
         for _ in range(12):  # bisection on the pool's relative size
@@ -442,7 +445,7 @@ def _write_dicom_series(folder: Path, hu: np.ndarray, spacing: Sequence[float], 
 
 def generate_ctpa(out_dir: str | os.PathLike, n_cases: int = 16, *, shape: Sequence[int] = (32, 64, 64),
                   spacing: Sequence[float] = (2.0, 1.0, 1.0), positive_fraction: float = 0.5, fmt: str = "nifti",
-                  seed: int = 0) -> Path:
+                  seed: int = 0, rv_strain: bool = True) -> Path:
     """Write CTPA-like phantoms (label 1 = pulmonary emboli present) and return the ``datalist.json`` path.
 
     ``shape``/``spacing`` are (slices, rows, cols) / mm. Files: ``images/<case>.nii.gz`` (``fmt="nifti"``) or
@@ -450,6 +453,16 @@ def generate_ctpa(out_dir: str | os.PathLike, n_cases: int = 16, *, shape: Seque
     (planted emboli, uint8). NIfTI arrays are laid out (cols, rows, slices) with an RAS affine, matching what MONAI
     reads from the DICOM series. Items: ``image``, ``label``, ``patient``, ``lesion`` and (JSON only)
     ``slice_labels``, 0/1 per slice (bottom to top) marking slices that contain emboli.
+
+    ``rv_strain`` (default True): positives' right heart is dilated, its contrast-filled blood pool grown by about
+    the contrast volume the emboli displaced, so the total amount of enhanced blood does not give the label away;
+    this is a second, legitimate cue for the label, in the heart rather than at the emboli. ``rv_strain=False``
+    leaves positives' hearts exactly as in negatives, so the emboli are the only class evidence (a stretch of
+    contrast-filled lumen replaced by a 30-60 HU clot, and with it slightly less contrast in the volume): for
+    testing whether an attribution method localises them. The option draws no random numbers, so a case differs
+    between ``rv_strain=True`` and ``False`` only in its blood pool, negatives not at all. (As before, only
+    positives draw the emboli's random numbers, which shifts the draws that follow, e.g. contrast and noise, but
+    not their distributions.)
     """
     _check_common(n_cases, positive_fraction, seed)
     if fmt not in ("nifti", "dicom"):
@@ -467,7 +480,7 @@ def generate_ctpa(out_dir: str | os.PathLike, n_cases: int = 16, *, shape: Seque
         case, patient = f"ctpa_{i:04d}", f"P{patients[i]:04d}"
         if patients[i] not in chests:
             chests = {patients[i]: _Chest(_rng(seed, _PATIENT, patients[i]), shape, spacing)}
-        hu, mask = _ctpa_case(chests[patients[i]], _rng(seed, _CASE, i), bool(labels[i]))
+        hu, mask = _ctpa_case(chests[patients[i]], _rng(seed, _CASE, i), bool(labels[i]), bool(rv_strain))
         if fmt == "nifti":
             image = f"images/{case}.nii.gz"
             _atomic_write(out / image, _nifti_bytes(hu.transpose(2, 1, 0), affine))
