@@ -279,3 +279,13 @@ def test_search_cli_bad_strategy_exits_2(capsys):
 
     assert main(["search", "--bundle", str(CXR), "--strategies", "bogus", "--output", "/tmp/unused"]) == 2
     assert "search strategy 'bogus' is not a cut strategy" in capsys.readouterr().err
+
+
+def test_failed_trial_names_the_trial_and_its_log(tmp_path, one_thread):
+    from medtl3d.search import TrialError
+
+    expected = r"trial full/fold0/seed0 failed: TrainingError: num_workers must be .*fold0_seed0/trial\.log"
+    with pytest.raises(TrialError, match=expected):
+        run_search(CXR, tmp_path, overrides={**TINY, "num_workers": -1}, cuts=["layer2"], stage2=False, **FAST)
+    store = [json.loads(line) for line in (tmp_path / "trials.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in store] == ["header"]  # nothing recorded for the failed trial

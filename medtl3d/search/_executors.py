@@ -20,6 +20,14 @@ class TrialError(SearchError):
     """A trial that failed; names the trial and keeps the original error's message."""
 
 
+def _failure(spec: TrialSpec, where: str, error: BaseException) -> TrialError:
+    """Name the trial, the root cause (MONAI wraps errors raised inside config expressions) and the trial's log."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    log = f"{spec.ids['output_dir']}/trial.log"
+    return TrialError(f"trial {spec.key} failed{where}: {type(error).__name__}: {error} (its log: {log})")
+
+
 class LocalExecutor:
     """Trials one after another in this process."""
 
@@ -27,7 +35,11 @@ class LocalExecutor:
 
     def map(self, specs: Sequence[TrialSpec], on_result: Callable[[dict], None]) -> None:
         for spec in specs:
-            on_result(run_trial(spec))
+            try:
+                record = run_trial(spec)
+            except Exception as err:  # a config-id SystemExit passes through with its own one-line message
+                raise _failure(spec, "", err) from err
+            on_result(record)
 
 
 class RayExecutor:
@@ -60,8 +72,7 @@ class RayExecutor:
             except ray.exceptions.RayTaskError as err:
                 for ref in pending:
                     ray.cancel(ref)
-                cause = err.cause if getattr(err, "cause", None) is not None else err
-                raise TrialError(f"trial {spec.key} failed in a Ray worker: {cause}") from None
+                raise _failure(spec, " in a Ray worker", err.cause if getattr(err, "cause", None) else err) from None
 
 
 def make_executor(name: str, *, address: str | None = None, num_cpus: int | None = None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 import statistics
 import time
@@ -20,8 +19,6 @@ from ._probes import PROBES, probe_ranking, spearman
 from ._report import write_search_report
 from ._store import ResultsStore
 from ._trial import TrialSpec
-
-logger = logging.getLogger("medtl3d.search")
 
 
 @dataclass

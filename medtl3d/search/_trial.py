@@ -3,8 +3,9 @@ best epoch, optionally score it on the test split, and return a plain record.
 
 A trial is an ordinary bundle run (``train.yaml``, then ``train.yaml`` + ``evaluate.yaml``) in its own folder, so
 anything a search trained can be evaluated, exported or analysed like any bundle model. Its logs and output go to
-``trial.log`` in that folder (the search's console shows one line per trial); the root logger is restored after. The trial pins torch's
-thread count and the bundle seeds everything, so a trial gives the same numbers in-process and in a Ray worker.
+``trial.log`` in that folder (the search's console shows one line per trial); the root logger is restored after.
+The trial pins torch's thread count and the bundle seeds everything, so a trial gives the same numbers in-process
+and in a Ray worker.
 """
 
 from __future__ import annotations
