@@ -271,7 +271,8 @@ def test_bad_input_errors(tmp_path, one_thread):
         run_search(CXR, tmp_path / "e", overrides={**TINY, "n_folds": 8}, **FAST)
     with pytest.raises(SearchError, match="set by the search"):
         run_search(CXR, tmp_path / "f", overrides={**TINY, "cut": "layer2"}, **FAST)
-    assert not (tmp_path / "a" / "trials").exists()  # refused before any training
+    for name in "abcdf":  # refused before any data was generated or anything trained
+        assert not (tmp_path / name / "phantoms").exists() and not (tmp_path / name / "trials").exists(), name
 
 
 def test_search_cli_bad_strategy_exits_2(capsys):

@@ -7,6 +7,7 @@ that datalist, so all trials see the same cases and the same patient-grouped fol
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,12 +36,16 @@ class BundleTask:
         self.work_dir = Path(work_dir)
         self.parser = self._parser(["train.yaml"], output_dir=str(self.work_dir))
         self.parser.get_parsed_content("initialize")  # check_ids: wrong overrides stop here, before any training
-        self.datalist = self.parser.get_parsed_content("datalist_file")
         self.task = self.parser["task"]
         self.backbone_name = self.parser["backbone"]
         self.spatial_dims = self.parser.get("spatial_dims")
         self.n_folds = int(self.parser["n_folds"])
         self.has_strategy = "strategy" in self.parser.config
+
+    @cached_property
+    def datalist(self) -> str:
+        """The datalist every trial uses; phantoms are generated here, on first use (after the cheap checks)."""
+        return self.parser.get_parsed_content("datalist_file")
 
     @property
     def name(self) -> str:

@@ -161,13 +161,13 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
         overrides["n_folds"] = int(n_folds)
     task = BundleTask(bundle_dir, overrides, out)
     folds = list(range(max(task.n_folds, 1)))
-    task.split(0)  # a k the data cannot support stops here, before anything trains
     body = task.backbone()
     plan1 = {s: stage1_cuts(body, s, cuts) for s in strategies}
     for reference in references:
         task.check_strategy(reference, None)
     for strategy, points in plan1.items():
         task.check_strategy(strategy, points[0].name)
+    task.split(0)  # a k the data cannot support stops here (data resolved now), before anything trains
     probing = probe or probe_top_m is not None
     config = {"bundle": task.name, "bundle_configs": _configs_hash(task), "overrides": task.overrides,
               "datalist": str(task.datalist), "backbone": task.backbone_name, "strategies": strategies,
