@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import Medtl3dError
+from .reporting import atomic_write, write_text
 
 TASKS = ("binary", "multiclass", "multilabel", "segmentation")
 BUNDLE_CHECKPOINT_KEYS = ("format", "model", "initial_state", "model_config", "key_metric", "best_metric", "best_epoch",
@@ -45,13 +46,6 @@ def bundle_root(name: str) -> str:
         if candidate.name == name and (candidate / "configs" / "metadata.json").is_file():
             return str(candidate)
     raise ConfigIdError("bundle_root", f"cannot find bundle {name!r} from {Path.cwd()}; pass --bundle_root DIR")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: torchrun ranks may write at once
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -150,7 +144,7 @@ def prepare_datalist(dataset_dir: str | None, datalist: str | None, *, phantom: 
             generate = {"ctpa": phantoms.generate_ctpa, "cxr": phantoms.generate_cxr,
                         "histology": phantoms.generate_histology}[phantom]
             generate(target, int(n_cases), seed=int(seed), **phantom_options)
-            _atomic_write_text(stamp, json.dumps(settings, sort_keys=True))
+            write_text(stamp, json.dumps(settings, sort_keys=True))
     if distributed:
         torch.distributed.barrier()
     return str(existing)
@@ -309,17 +303,14 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir: str,
         return {"key_metric": result.key_metric, "best_metric": result.best_metric, "best_epoch": result.best_epoch}
     source = engine.load_checkpoint(result.best_checkpoint or result.last_checkpoint)
     target = Path(ckpt_path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     # the bundle's model: weights, the initial state (for the analyses) and how to rebuild it; no optimizer state
-    torch.save({k: source[k] for k in BUNDLE_CHECKPOINT_KEYS if k in source}, tmp)
-    os.replace(tmp, target)
-    _atomic_write_text(settings_path(target), json.dumps({"task": task, **dict(inference or {})}, indent=2))
+    atomic_write(target, partial(torch.save, {k: source[k] for k in BUNDLE_CHECKPOINT_KEYS if k in source}), durable=True)
+    write_text(settings_path(target), json.dumps({"task": task, **dict(inference or {})}, indent=2))
     describe = model.describe() if hasattr(model, "describe") else {}
     summary = {"key_metric": result.key_metric, "best_metric": result.best_metric, "best_epoch": result.best_epoch,
                "epochs_run": result.epochs_run, "checkpoint": str(target), "model": describe,
                "history": result.history}
-    _atomic_write_text(Path(output_dir) / "train_summary.json", json.dumps(summary, indent=2, default=str))
+    write_text(Path(output_dir) / "train_summary.json", json.dumps(summary, indent=2, default=str))
     print(f"medtl3d: best {result.key_metric} = {result.best_metric:.4f} at epoch {result.best_epoch}; "
           f"model saved to {target}")
     return summary
@@ -332,16 +323,16 @@ def evaluate(ckpt_path: str, data, *, task: str, output_dir: str, **engine_optio
     model = load_network(ckpt_path)
     result = engine.evaluate(model, data, task=task, **engine_options)
     out = Path(output_dir)
-    _atomic_write_text(out / "metrics.json", json.dumps(result.metrics, indent=2))
+    write_text(out / "metrics.json", json.dumps(result.metrics, indent=2))
     lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in result.metrics.items()]
-    _atomic_write_text(out / "metrics.md", "\n".join(lines) + "\n")
+    write_text(out / "metrics.md", "\n".join(lines) + "\n")
     if result.predictions:
         buffer = io.StringIO()
         columns = list(dict.fromkeys(k for row in result.predictions for k in row))
         writer = csv.DictWriter(buffer, columns)
         writer.writeheader()
         writer.writerows(result.predictions)
-        _atomic_write_text(out / "predictions.csv", buffer.getvalue())
+        write_text(out / "predictions.csv", buffer.getvalue())
     print("medtl3d: " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()) + f" -> {out}/metrics.json")
     return result.metrics
 

@@ -190,7 +190,7 @@ def main(argv=None) -> int:
                            "forward only": "both models' forward passes"}[method]
             rows.append(row)
 
-    from medtl3d.analysis._report import markdown_table, write_table
+    from medtl3d.reporting import markdown_table, write_table
 
     columns = ["method", "cka", "time_s", "cpu_s", "peak_MiB", "max_abs_diff_vs_full", "nan", "note"]
     title = (f"CKA of {args.backbone} vs perturbed copy, {len(build(args)[3])} block cuts, flattened, n={args.n}, "

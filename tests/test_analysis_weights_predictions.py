@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medtl3d.analysis._registry import get_analysis
-from medtl3d.analysis._report import write_curves, write_matrix
+from medtl3d.reporting import write_curves, write_matrix
 from medtl3d.analysis.domain import domain_distance, domain_distances, frechet_distance
 from medtl3d.analysis.predictions import feature_reuse, metric_value, predicted_labels, prediction_similarity
 from medtl3d.analysis.reinit import classification_metric, layer_sets, reinit_robustness

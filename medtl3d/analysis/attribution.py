@@ -43,7 +43,7 @@ from torch import nn
 
 from ..errors import AnalysisError
 from ._registry import register_analysis
-from ._report import atomic_write, save_figure
+from ..reporting import atomic_write, save_figure
 from .weights import split_model
 
 

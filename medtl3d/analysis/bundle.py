@@ -22,7 +22,7 @@ analysis       what is written                                                  
 =============  ========================================================================  ======================
 
 Segmentation has no image-level label to probe and no class logit to explain, so ``probes`` and ``gradcam`` do not
-apply there. Every report is CSV + JSON + Markdown + PNG (:mod:`medtl3d.analysis._report`).
+apply there. Every report is CSV + JSON + Markdown + PNG (:mod:`medtl3d.reporting`).
 """
 
 from __future__ import annotations
@@ -61,11 +61,11 @@ def _loader(data, batch_size: int):
 
 def _case(sample: dict) -> str:
     """A file-name-safe case id: the image's file name (``id`` is its path), or ``<series>_w<window>``."""
-    from .cli import _case_id
+    from ..data.datalists import item_id
 
     if "series" in sample:
-        return f"{_case_id({'image': sample['series']})}_w{int(sample['window'])}"
-    return _case_id({"image": str(sample.get("id", "case"))})
+        return f"{item_id({'image': sample['series']})}_w{int(sample['window'])}"
+    return item_id({"image": str(sample.get("id", "case"))})
 
 
 def _cam_cases(model: torch.nn.Module, data, cases: int, series_key: str | None):
@@ -92,7 +92,7 @@ def _cam_cases(model: torch.nn.Module, data, cases: int, series_key: str | None)
 
 
 def _probes(model, initial, train_data, data, output, cuts, batch_size: int) -> Path:
-    from ._report import write_curves
+    from ..reporting import write_curves
     from .probes import probe_cut_points
 
     rows = []
@@ -116,7 +116,6 @@ def run_bundle_analyses(ckpt_path: str, data, *, analyses: Sequence[str], task: 
     a full-size backbone would need more memory than the exact estimator may hold (``flatten`` with a small
     ``cka_spatial_size`` keeps some spatial layout)."""
     from .. import engine
-    from ..engine._tasks import default_key_metric
     from ..workflows import load_network
     from .cli import gradcam_report, initial_model, reinit_report, similarity_report, weights_report
 
@@ -125,7 +124,7 @@ def run_bundle_analyses(ckpt_path: str, data, *, analyses: Sequence[str], task: 
         raise ConfigIdError("analyses", "'probes' needs the training split (train_data) to fit the probes on")
     model = load_network(ckpt_path).to(device)
     output = Path(output_dir)
-    metric = default_key_metric(task)
+    metric = engine.default_key_metric(task)
 
     def evaluate(network: torch.nn.Module) -> float:
         return engine.evaluate(network, data, task=task, batch_size=batch_size, device=device, series_key=series_key,

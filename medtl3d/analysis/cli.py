@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.datalists import item_id
 from ..errors import AnalysisError, Medtl3dError
 
 PHANTOM_PRESETS = {"cxr": "cxr", "histology": "pathology", "ctpa": "ct"}
@@ -244,16 +245,6 @@ def _loader(args, items: list[dict], cache: bool = False):
     return DataLoader(_dataset(args, items, cache=cache), batch_size=args.batch_size, shuffle=False, num_workers=0)
 
 
-def _case_id(item: dict) -> str:
-    if item.get("id"):
-        return str(item["id"])
-    name = Path(str(item["image"])).name
-    for suffix in (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".dcm", ".tif", ".tiff"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def checkpoint_states(model: torch.nn.Module, checkpoint: str) -> tuple[dict, dict]:
     """A loaded checkpoint model's initial and final (trained) states."""
     initial = getattr(model, "initial_state", None)
@@ -294,7 +285,7 @@ def similarity_report(model_a: torch.nn.Module, model_b: torch.nn.Module, loader
 def weights_report(model: torch.nn.Module, checkpoint: str, output, per: str = "unit",
                    include_norm: bool = False) -> Path:
     """Per-layer distance of a checkpoint model's initial and final weights: ``weights.{csv,json,md,png}``."""
-    from ._report import write_curves
+    from ..reporting import write_curves
     from .weights import weight_distance
 
     rows = weight_distance(*checkpoint_states(model, checkpoint), model, per=per, include_norm=include_norm)
@@ -308,7 +299,7 @@ def reinit_report(model: torch.nn.Module, checkpoint: str, evaluate, output, met
                   metadata: dict | None = None) -> Path:
     """Re-initialisation robustness of a checkpoint model, ``evaluate(model)`` giving ``metric``:
     ``reinit.{csv,json,md,png}``."""
-    from ._report import write_curves
+    from ..reporting import write_curves
     from .reinit import reinit_robustness
 
     initial, final = checkpoint_states(model, checkpoint)
@@ -327,7 +318,7 @@ def gradcam_report(model: torch.nn.Module, cases, output, *, method: str = "grad
     without one, ``<case>_image.nii.gz`` beside it, so the two overlay in a viewer), and ``<method>.{csv,json,md}``
     (prediction, and CAM mass inside the lesion where a mask is given)."""
     from ._registry import get_analysis
-    from ._report import write_table
+    from ..reporting import write_table
     from .attribution import cam_mass_inside, save_cam_nifti, save_cam_png
 
     explain = get_analysis("attribution", method)
@@ -400,7 +391,7 @@ def _gradcam(args) -> Path:
     def cases():
         for index, item in enumerate(items):
             sample = dataset[index]
-            yield _case_id(item), sample["image"], item.get("label"), sample["label"] if args.lesion_key else None
+            yield item_id(item), sample["image"], item.get("label"), sample["label"] if args.lesion_key else None
 
     return gradcam_report(model, cases(), args.output, method=args.method, cut=args.cut, class_idx=args.class_idx,
                           slices=args.slices, metadata={"checkpoint": args.checkpoint, "source": source},
@@ -427,7 +418,7 @@ def _probe(args) -> Path:
 
 
 def _predictions(args) -> Path:
-    from ._report import plot_bars, write_table
+    from ..reporting import plot_bars, write_table
     from .predictions import metric_value, model_outputs, predicted_labels, prediction_similarity
 
     datalist = _datalist(args, args.datalist)
@@ -443,7 +434,7 @@ def _predictions(args) -> Path:
                 "threshold": args.threshold}
     output = Path(args.output)
     write_table(output, "prediction_similarity", [result], metadata, title="prediction similarity")
-    cases = [{"case": _case_id(item), "label": int(y), "predicted_a": int(a), "predicted_b": int(b)}
+    cases = [{"case": item_id(item), "label": int(y), "predicted_a": int(a), "predicted_b": int(b)}
              for item, y, a, b in zip(items, targets, labels["a"], labels["b"])]
     write_table(output, "predictions", cases, metadata, title="predictions per case")
     return plot_bars(output / "prediction_similarity.png",
@@ -460,7 +451,7 @@ def _metric_or_checkpoint(text: str) -> float | None:
 
 
 def _reuse(args) -> Path:
-    from ._report import plot_bars, write_table
+    from ..reporting import plot_bars, write_table
     from .predictions import feature_reuse, metric_value, model_outputs
 
     values = {init: _metric_or_checkpoint(getattr(args, init)) for init in ("wt", "st", "ri")}
@@ -490,7 +481,7 @@ def _reinit(args) -> Path:
 
 
 def _domain(args) -> Path:
-    from ._report import write_curves
+    from ..reporting import write_curves
     from .domain import domain_distances
 
     model = _backbone_model(args)

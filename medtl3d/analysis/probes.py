@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import AnalysisError
 from ._registry import get_analysis, register_analysis
-from ._report import write_curves
+from ..reporting import write_curves
 from .activations import _backbone_of, collect_activations, flatten_activations, resolve_cuts
 
 

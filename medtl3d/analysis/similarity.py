@@ -29,7 +29,7 @@ import torch
 
 from ..errors import AnalysisError
 from ._registry import get_analysis, register_analysis
-from ._report import write_matrix
+from ..reporting import write_matrix
 from .activations import flatten_activations, iter_paired_activations, resize_spatial
 
 logger = logging.getLogger(__name__)

@@ -26,7 +26,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from medtl3d.errors import DataError
+from medtl3d.reporting import write_text
 
 __all__ = ["TASKS", "load_datalist", "write_datalist", "kfold_split", "holdout_split"]
 
@@ -47,6 +47,15 @@ def _stem(path: str) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def item_id(item: dict) -> str:
+    """A datalist item's case id in reports: its ``id`` field, else its (first) image's file name without the image
+    extension (``ct_01.nii.gz`` -> ``ct_01``)."""
+    if item.get("id"):
+        return str(item["id"])
+    image = item.get("image")
+    return _stem(str(image[0] if isinstance(image, list) else image))
 
 
 def _read_rows(path: Path, key: str) -> tuple[list[tuple[int, Any]], str]:
@@ -221,19 +230,6 @@ def load_datalist(path: str | Path, *, base_dir: str | Path | None = None, key: 
     return items
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_datalist(items: Sequence[dict], path: str | Path, *, base_dir: str | Path | None = None,
                    key: str = "training") -> Path:
     """Write items as decathlon JSON (``{key: [...]}``) or CSV (by extension), atomically.
@@ -269,7 +265,7 @@ def write_datalist(items: Sequence[dict], path: str | Path, *, base_dir: str | P
         text = buf.getvalue()
     else:
         raise DataError(f"{path}: unknown datalist format {suffix!r} (expected .json or .csv)")
-    _atomic_write_text(path, text)
+    write_text(path, text)
     return path
 
 
@@ -280,8 +276,7 @@ def _patient(item: dict) -> str:
     p = item.get("patient", item.get("group"))
     if p not in (None, ""):
         return str(p)
-    image = item.get("image")
-    return _stem(str(image[0] if isinstance(image, list) else image))
+    return item_id({"image": item.get("image")})
 
 
 def _stratum(item: dict) -> int | None:

@@ -45,6 +45,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import DataError
+from ..reporting import write_bytes
 
 __all__ = ["generate_ctpa", "generate_cxr", "generate_histology", "add_parser", "run"]
 
@@ -95,18 +96,6 @@ def _progress(items: Iterable[int], total: int, desc: str) -> Iterable[int]:
     return tqdm(items, total=total, desc=desc, leave=False, disable=None)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _png_bytes(array: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -127,12 +116,12 @@ def _nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
 
 def _write_datalist(out_dir: Path, items: list[dict[str, Any]], columns: Sequence[str]) -> Path:
     json_path = out_dir / "datalist.json"
-    _atomic_write(json_path, (json.dumps({"training": items}, indent=1) + "\n").encode())
+    write_bytes(json_path, (json.dumps({"training": items}, indent=1) + "\n").encode())
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(items)
-    _atomic_write(out_dir / "datalist.csv", buf.getvalue().encode())
+    write_bytes(out_dir / "datalist.csv", buf.getvalue().encode())
     return json_path
 
 
@@ -440,7 +429,7 @@ def _write_dicom_series(folder: Path, hu: np.ndarray, spacing: Sequence[float], 
         ds.PixelData = stored[k].astype("<i2").tobytes()
         buf = io.BytesIO()
         dcmwrite(buf, ds, enforce_file_format=True)
-        _atomic_write(folder / f"{k}.dcm", buf.getvalue())
+        write_bytes(folder / f"{k}.dcm", buf.getvalue())
 
 
 def generate_ctpa(out_dir: str | os.PathLike, n_cases: int = 16, *, shape: Sequence[int] = (32, 64, 64),
@@ -483,12 +472,12 @@ def generate_ctpa(out_dir: str | os.PathLike, n_cases: int = 16, *, shape: Seque
         hu, mask = _ctpa_case(chests[patients[i]], _rng(seed, _CASE, i), bool(labels[i]), bool(rv_strain))
         if fmt == "nifti":
             image = f"images/{case}.nii.gz"
-            _atomic_write(out / image, _nifti_bytes(hu.transpose(2, 1, 0), affine))
+            write_bytes(out / image, _nifti_bytes(hu.transpose(2, 1, 0), affine))
         else:
             image = f"dicom/{case}"
             _write_dicom_series(out / image, hu, spacing, patient, case, seed)
         lesion = f"masks/{case}.nii.gz"
-        _atomic_write(out / lesion, _nifti_bytes(mask.transpose(2, 1, 0), affine))
+        write_bytes(out / lesion, _nifti_bytes(mask.transpose(2, 1, 0), affine))
         items.append({"image": image, "label": int(labels[i]), "patient": patient, "lesion": lesion,
                       "slice_labels": mask.any(axis=(1, 2)).astype(int).tolist()})
     return _write_datalist(out, items, ("image", "label", "patient", "lesion"))
@@ -609,7 +598,7 @@ def generate_cxr(out_dir: str | os.PathLike, n_cases: int = 32, *, size: int = 1
         img, lungs, lesion = _cxr_case(thorax, _rng(seed, _CASE, i), int(size), bool(labels[i]))
         paths = {"image": f"images/{case}.png", "mask": f"masks/{case}.png", "lesion": f"lesions/{case}.png"}
         for key, array in zip(("image", "mask", "lesion"), (img, lungs, lesion)):
-            _atomic_write(out / paths[key], _png_bytes(array))
+            write_bytes(out / paths[key], _png_bytes(array))
         items.append({"image": paths["image"], "label": int(labels[i]), "mask": paths["mask"],
                       "lesion": paths["lesion"], "patient": patient})
     return _write_datalist(out, items, ("image", "label", "mask", "lesion", "patient"))
@@ -702,8 +691,8 @@ def generate_histology(out_dir: str | os.PathLike, n_cases: int = 32, *, size: i
         rgb, lesion = _histology_case(_stain(_rng(seed, _PATIENT, patients[i])), _rng(seed, _CASE, i), int(size),
                                       bool(labels[i]))
         image, lesion_path = f"images/{case}.png", f"lesions/{case}.png"
-        _atomic_write(out / image, _png_bytes(rgb))
-        _atomic_write(out / lesion_path, _png_bytes(lesion))
+        write_bytes(out / image, _png_bytes(rgb))
+        write_bytes(out / lesion_path, _png_bytes(lesion))
         items.append({"image": image, "label": int(labels[i]), "lesion": lesion_path, "patient": patient})
     return _write_datalist(out, items, ("image", "label", "lesion", "patient"))
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from ..reporting import pyplot, save_figure, write_csv, write_json, write_text
 
 
 @dataclass
@@ -96,32 +96,17 @@ class EfficiencyReport:
         return "\n".join(lines) + "\n"
 
     def write_csv(self, path: str | Path) -> Path:
-        path = Path(path)
-        with path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(asdict(r) for r in self.rows)
-        return path
+        return write_csv(path, [asdict(r) for r in self.rows], COLUMNS)
 
     def write_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        document = {"metadata": self.metadata, "notes": self.notes, "rows": [asdict(r) for r in self.rows]}
-        path.write_text(json.dumps(document, indent=2) + "\n")
-        return path
+        return write_json(path, {"metadata": self.metadata, "notes": self.notes, "rows": [asdict(r) for r in self.rows]})
 
     def write_markdown(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(self.to_markdown())
-        return path
+        return write_text(path, self.to_markdown())
 
     def plot(self, path: str | Path) -> Path:
         """Params, MACs and latency against the cut point (one line per batch size), the full model dashed."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        path = Path(path)
+        plt = pyplot()
         panels = [("params_m", "params (M)"), ("macs_g", "GMACs / sample"), ("latency_median_ms", "median latency (ms)")]
         timed = any(r.latency_median_ms is not None for r in self.rows)
         panels = panels if timed else panels[:2]
@@ -140,14 +125,11 @@ class EfficiencyReport:
             axis.legend(fontsize="small")
         figure.suptitle(f"{self.metadata['backbone']} {self.metadata['input_shape']} on {self.metadata['device_name']}")
         figure.tight_layout()
-        figure.savefig(path, dpi=100)
-        plt.close(figure)
-        return path
+        return save_figure(figure, path)
 
     def write(self, output_dir: str | Path, stem: str | None = None) -> dict[str, Path]:
         """Write ``<stem>.csv/.json/.md/.png`` under ``output_dir``; returns the paths by format."""
         directory = Path(output_dir)
-        directory.mkdir(parents=True, exist_ok=True)
         stem = stem or f"{self.metadata['backbone']}_{self.metadata['strategy']}"
         return {
             "csv": self.write_csv(directory / f"{stem}.csv"),

@@ -7,7 +7,7 @@ scores (optionally per series), ``load_model(path)`` rebuilds a checkpointed mod
 """
 
 from ._checkpoint import load_checkpoint, load_model
-from ._tasks import TASKS
+from ._tasks import TASKS, default_key_metric
 from ._trainer import OPTIMIZERS, EvalResult, TrainResult, evaluate, train
 from .metrics import aggregate_series, classification_metrics, segmentation_metrics
 
@@ -18,6 +18,7 @@ __all__ = [
     "TrainResult",
     "aggregate_series",
     "classification_metrics",
+    "default_key_metric",
     "evaluate",
     "load_checkpoint",
     "load_model",

@@ -10,9 +10,9 @@ arbitrary objects.
 from __future__ import annotations
 
 import importlib
-import os
 import pickle
 import random
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,23 +20,14 @@ import torch
 from torch import nn
 
 from ..errors import TrainingError
+from ..reporting import atomic_write
 
 FORMAT = "medtl3d-checkpoint-1"
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
     """``torch.save`` to a temporary file in the same folder, flushed to disk, then ``os.replace``d into place."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save({"format": FORMAT, **state}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, partial(torch.save, {"format": FORMAT, **state}), durable=True)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

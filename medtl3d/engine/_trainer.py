@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -41,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
 from ..errors import TrainingError
+from ..reporting import write_text
 from ._checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ._tasks import (
     IMAGE,
@@ -381,12 +381,6 @@ class _Run:
         )
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_history(history: list[dict], path: Path) -> None:
     columns: list[str] = []
     for row in history:
@@ -395,7 +389,7 @@ def _write_history(history: list[dict], path: Path) -> None:
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     writer.writerows(history)
-    _atomic_text(path, buffer.getvalue())
+    write_text(path, buffer.getvalue())
 
 
 def _json_safe(value):
@@ -598,7 +592,7 @@ def _finish(run: _Run, epochs_run: int, world: int = 1) -> TrainResult:
     result = run.result(epochs_run)
     if run.writes:
         summary = {**asdict(result), "stopped_early": run.stopped_early}
-        _atomic_text(run.output_dir / "result.json", json.dumps(_json_safe(summary), indent=2))
+        write_text(run.output_dir / "result.json", json.dumps(_json_safe(summary), indent=2))
     return result
 
 

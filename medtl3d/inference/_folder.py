@@ -41,6 +41,7 @@ from ..data.windows import slice_windows, take_window
 from ..engine import TASKS, load_model
 from ..engine._trainer import resolve_device
 from ..engine._tasks import check_outputs
+from ..reporting import atomic_write, write_text
 from ..engine.metrics import AGGREGATIONS
 from ..errors import DataError, TrainingError
 
@@ -74,26 +75,6 @@ def _reason(err: BaseException) -> str:
         root = root.__cause__
         seen.add(id(root))
     return f"{type(root).__name__}: {root}".strip()
-
-
-def _atomic_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name[:-len('.nii.gz')]}.{os.getpid()}.tmp.nii.gz")
-    try:
-        nib.save(nib.Nifti1Image(array, affine), tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _atomic_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 class _Rows:
@@ -254,7 +235,7 @@ def infer_folder(model: nn.Module | str | os.PathLike, preprocess: Compose | str
               [type(t).__name__ for t in transform.flatten().transforms],
               "preset_options": {k: repr(v) for k, v in (preset_options or {}).items()},
               "device": str(device), "seconds": round(time.perf_counter() - started, 3)}
-    _atomic_text(json.dumps(report, indent=2) + "\n", summary.json_path)
+    write_text(summary.json_path, json.dumps(report, indent=2) + "\n")
     logger.info("%d case(s): %d ok, %d failed -> %s", summary.n_cases, summary.n_ok, summary.n_failed,
                 summary.csv_path)
     return summary
@@ -378,7 +359,8 @@ class _Run:
             raise DataError(f"the mask came back as {mask.shape}, the image is {tuple(image.shape[1:])}: the "
                             "preprocessing has a spatial transform MONAI cannot invert")
         path = self.output_dir / MASK_DIR / f"{self.base[index]['case_id']}.nii.gz"
-        _atomic_nifti(mask, np.asarray(image.affine, dtype=np.float64), path)
+        affine = np.asarray(image.affine, dtype=np.float64)
+        atomic_write(path, lambda temp: nib.save(nib.Nifti1Image(mask, affine), temp), suffix=".nii.gz")
         labels = [int(v) for v in np.unique(mask) if v]
         self.ok(index, {"windows": "", "mask": str(path), "labels": ";".join(map(str, labels)),
                         "foreground_voxels": int(np.count_nonzero(mask))})

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +20,7 @@ import torch
 
 from ..backbones import CutPoint
 from ..errors import SearchError
+from ..reporting import atomic_write, write_text
 from ._bundle import BundleTask
 
 PROBES = ("knn", "linear")
@@ -48,17 +49,12 @@ def _case_features(task: BundleTask, items: list[dict], names: list[str], cache:
     counts = torch.bincount(owner, minlength=len(items)).clamp(min=1).unsqueeze(1)
     case_labels = torch.zeros(len(items), dtype=torch.long).index_reduce_(0, owner, labels.reshape(-1).long(),
                                                                          "amax", include_self=False)
-    cache.mkdir(parents=True, exist_ok=True)
     features = {}
     for name in names:
         x = acts[name].double()
         features[name] = torch.zeros(len(items), x.shape[1], dtype=x.dtype).index_add_(0, owner, x) / counts
-        tmp = files[name].with_name(f".{files[name].name}.tmp")
-        torch.save({"features": features[name], "labels": case_labels}, tmp)
-        os.replace(tmp, files[name])
-    tmp = index_file.with_name(".cases.json.tmp")
-    tmp.write_text(json.dumps(keys))
-    os.replace(tmp, index_file)
+        atomic_write(files[name], partial(torch.save, {"features": features[name], "labels": case_labels}))
+    write_text(index_file, json.dumps(keys))
     return features, case_labels
 
 

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..analysis._report import _pyplot, markdown_table, save_figure, write_csv, write_json, write_text
+from ..reporting import pyplot, markdown_table, save_figure, write_csv, write_json, write_text
 
 
 def _pm(mean, std) -> str:
@@ -64,7 +64,7 @@ def write_search_report(output_dir: str | Path, rows: Sequence[dict], picks: Map
 
 
 def _plot_pareto(path: Path, rows: Sequence[dict], metric: str, key_metric: str, metadata: Mapping) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for ax, cost, label in ((axes[0], "macs_g", "GMACs per sample"), (axes[1], "latency_ms", "latency (ms, batch 1)")):
         for strategy in dict.fromkeys(r["strategy"] for r in rows):
@@ -88,7 +88,7 @@ def _plot_pareto(path: Path, rows: Sequence[dict], metric: str, key_metric: str,
 
 
 def _plot_cuts(path: Path, rows: Sequence[dict], key_metric: str, metadata: Mapping) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     figure, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(rows) + 3), 4.5))
     order = sorted({(r["unit"], r["cut"]) for r in rows if r["cut"] is not None})
     position = {cut: i for i, (_, cut) in enumerate(order)}

@@ -1,8 +1,10 @@
-"""Shared writers for analysis results: tables (CSV + JSON + Markdown), layer x layer matrices and their plots.
+"""One place for writing results: atomic file writes, tables (CSV + JSON + Markdown), curves, bars and heatmaps.
 
-Every analysis writes its numbers as CSV and JSON (with a ``metadata`` block), a Markdown table, and a PNG: curves
-for per-layer results, a heatmap for layer x layer matrices. Every file is written atomically (a temporary file in
-the same directory, then ``os.replace``), so an interrupted run never leaves a half-written report.
+Every report of the package (analyses, cutoff search, efficiency) writes its numbers as CSV and JSON (with a
+``metadata`` block), a Markdown table, and a PNG: curves for per-layer results, a heatmap for layer x layer matrices.
+Every file the package writes (reports, checkpoints, datalists, phantoms, predictions) goes through
+:func:`atomic_write` (a temporary file in the same directory, then ``os.replace``), so an interrupted run never
+leaves a half-written file.
 """
 
 from __future__ import annotations
@@ -19,14 +21,20 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], None], *, durable: bool = False,
+                 suffix: str = ".tmp") -> Path:
     """Call ``write(temp_path)`` on a temporary file next to ``path``, then move it into place (the temporary file is
-    created by ``write`` itself, so it gets the usual permissions)."""
+    created by ``write`` itself, so it gets the usual permissions). ``durable`` flushes it to disk first (for
+    checkpoints, which must survive a power cut, not only a killed process). ``suffix`` ends the temporary name,
+    for writers that pick the format by extension (``.nii.gz``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    temp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}{suffix}")
     try:
         write(temp)
+        if durable:
+            with open(temp, "rb+") as handle:
+                os.fsync(handle.fileno())
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
@@ -34,7 +42,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda temp: temp.write_text(text))
+    return atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda temp: temp.write_bytes(data))
 
 
 def _plain(value):
@@ -90,7 +102,8 @@ def markdown_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None
     return "\n".join(lines) + "\n"
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,7 +114,7 @@ def _pyplot():
 
 def save_figure(figure, path: str | Path, dpi: int = 100) -> Path:
     """Save a matplotlib figure atomically as PNG and close it."""
-    plt = _pyplot()
+    plt = pyplot()
     try:
         return atomic_write(path, lambda temp: figure.savefig(temp, format="png", dpi=dpi))
     finally:
@@ -111,7 +124,7 @@ def save_figure(figure, path: str | Path, dpi: int = 100) -> Path:
 def plot_curves(path: str | Path, rows: Sequence[Mapping], x: str, ys: Sequence[str], title: str = "",
                 group: str | None = None, ylabel: str | None = None) -> Path:
     """One panel per ``ys`` column against the ``x`` column (layers in row order); one line per ``group`` value."""
-    plt = _pyplot()
+    plt = pyplot()
     groups: dict[object, list[Mapping]] = {}
     for row in rows:
         groups.setdefault(row.get(group) if group else None, []).append(row)
@@ -138,7 +151,7 @@ def plot_curves(path: str | Path, rows: Sequence[Mapping], x: str, ys: Sequence[
 def plot_bars(path: str | Path, values: Mapping[str, float], title: str = "", ylabel: str = "",
               reference: Mapping[str, float] | None = None) -> Path:
     """A bar per named value (e.g. the metrics of three inits); ``reference`` values are drawn as dashed lines."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(max(4.0, 0.9 * len(values) + 2.0), 3.5))
     names = list(values)
     heights = [np.nan if _plain(values[n]) is None else float(values[n]) for n in names]
@@ -161,7 +174,7 @@ def plot_heatmap(path: str | Path, matrix, row_labels: Sequence[str], col_labels
                  value_label: str = "", row_axis: str = "", col_axis: str = "", vmin: float | None = None,
                  vmax: float | None = None) -> Path:
     """A layer x layer heatmap, rows from the top, values printed in the cells when the matrix is small."""
-    plt = _pyplot()
+    plt = pyplot()
     matrix = np.asarray(matrix, dtype=float)
     size = (max(4.0, 0.45 * len(col_labels) + 2.5), max(3.5, 0.4 * len(row_labels) + 1.5))
     figure, axis = plt.subplots(figsize=size)
