@@ -1,7 +1,8 @@
 """Cutoff search: the plan (Stage 1 block cuts, Stage 2 neighbourhoods at the first, middle and last blocks), the
 results store (resume, torn lines, foreign configurations refused), a whole hierarchical search on tiny phantom
 CXRs through the real bundle (expected candidates, picks, report files, probes), kill-and-resume ending with the
-same table, the Ray executor reproducing the local one, the bundle's search.yaml and the bad-input errors."""
+same table, a trial interrupted mid-training continuing from its checkpoint, the Ray executor reproducing the local
+one, the bundle's search.yaml and the bad-input errors."""
 
 from __future__ import annotations
 
@@ -290,3 +291,44 @@ def test_failed_trial_names_the_trial_and_its_log(tmp_path, one_thread):
         run_search(CXR, tmp_path, overrides={**TINY, "num_workers": -1}, cuts=["layer2"], stage2=False, **FAST)
     store = [json.loads(line) for line in (tmp_path / "trials.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in store] == ["header"]  # nothing recorded for the failed trial
+
+
+def _trial_records(out: Path) -> dict[str, dict]:
+    lines = (out / "trials.jsonl").read_text().splitlines()[1:]
+    return {r["key"]: r for r in map(json.loads, lines) if r["kind"] == "trial"}
+
+
+class _Killed(BaseException):
+    """A kill right after a checkpoint: not an Exception, so nothing on the way catches it."""
+
+
+def test_interrupted_trial_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    """A trial killed after its first epoch's checkpoint is continued from it on the re-run (not retrained) and
+    ends with exactly the metrics of an uninterrupted search."""
+    import medtl3d.engine._trainer as trainer
+
+    settings = dict(overrides={**TINY, "epochs": 2}, strategies=["truncate"], cuts=["layer1"], stage2=False, **FAST)
+    whole = run_search(CXR, tmp_path / "whole", **settings)
+    assert not any(r["resumed"] for r in _trial_records(tmp_path / "whole").values())
+    save = trainer.save_checkpoint
+
+    def save_then_die(state, path):
+        save(state, path)
+        if Path(path).name == "last.pt" and state["engine"]["epoch"] == 1:
+            raise _Killed
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        run_search(CXR, tmp_path / "killed", **settings)
+    monkeypatch.undo()
+    first = tmp_path / "killed" / "trials" / "full" / "fold0_seed0"
+    assert (first / "train" / "last.pt").is_file() and not (first / "train" / "train_summary.json").exists()
+
+    resumed = run_search(CXR, tmp_path / "killed", **settings)
+    assert resumed.trained == whole.trained and resumed.reused == 0
+    records = _trial_records(tmp_path / "killed")
+    assert [key for key, r in records.items() if r["resumed"]] == ["full/fold0/seed0"]
+    assert "after epoch 1" in (first / "trial.log").read_text()
+    assert records["full/fold0/seed0"]["epochs_run"] == 2
+    assert _metrics_table(resumed.rows) == _metrics_table(whole.rows)
+    assert not (first / "train" / "last.pt").exists()  # engine state dropped once the trial is recorded

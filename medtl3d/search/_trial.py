@@ -15,9 +15,11 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..reporting import write_text
 
 
 @dataclass(frozen=True)
@@ -39,14 +41,23 @@ class TrialSpec:
 
 
 def run_trial(spec: TrialSpec) -> dict:
-    """Run ``spec`` from scratch (a folder left by an interrupted run is cleared first) and return its record."""
+    """Run ``spec`` and return its record.
+
+    A folder left by an interrupted run of the same spec (``trial_spec.json`` equal) whose training had written a
+    checkpoint is resumed: the engine continues from ``train/last.pt`` exactly where it stopped (bit-identical on
+    CPU), so a killed search loses at most the epoch in progress. Any other folder is cleared first.
+    """
     import monai.bundle  # noqa: F401  (creates MONAI's bundle loggers before they are redirected)
     import torch
 
     out = Path(spec.ids["output_dir"])
-    if out.exists():
+    identity = json.dumps(asdict(spec), sort_keys=True, default=str)
+    stamp = out / "trial_spec.json"
+    resumed = (out / "train" / "last.pt").is_file() and stamp.is_file() and stamp.read_text() == identity
+    if out.exists() and not resumed:
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(stamp, identity)
     configs = Path(spec.bundle_dir) / "configs"
     log = out / "trial.log"
     (out / "logging.conf").write_text(_LOGGING.format(path=str(log)))
@@ -59,7 +70,7 @@ def run_trial(spec: TrialSpec) -> dict:
     try:
         with open(log, "a") as stream, contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream), \
                 _own_handlers_to(stream, _MONAI_LOGGERS):
-            record = _train_and_score(spec, out, configs, common)
+            record = {**_train_and_score(spec, out, configs, common), "resumed": resumed}
     finally:
         torch.set_num_threads(threads)
         for handler in root.handlers:
