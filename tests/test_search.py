@@ -332,3 +332,23 @@ def test_interrupted_trial_resumes_from_its_last_checkpoint(tmp_path, monkeypatc
     assert records["full/fold0/seed0"]["epochs_run"] == 2
     assert _metrics_table(resumed.rows) == _metrics_table(whole.rows)
     assert not (first / "train" / "last.pt").exists()  # engine state dropped once the trial is recorded
+
+
+def test_trials_train_data_parallel_under_torchrun(tmp_path):
+    """``processes_per_trial=2``: each trial's bundle model was trained by two ranks (gloo on the CPU); the store
+    records the setting, so a single-process re-run of the folder is refused; impossible GPU splits are refused."""
+    settings = dict(overrides={k: v for k, v in TINY.items() if k != "device"}, strategies=["truncate"],
+                    cuts=["layer1"], stage2=False, **FAST)
+    result = run_search(CXR, tmp_path, processes_per_trial=2, **settings)
+    assert result.trained == 4 and {r["label"] for r in result.rows} == {"full", "truncate@layer1"}
+    assert all(0 <= r["val_auroc_mean"] <= 1 for r in result.rows)
+    for trial in (tmp_path / "trials").glob("*/fold*_seed0"):
+        model = torch.load(trial / "model.pt", weights_only=True)
+        assert model["run_config"]["world_size"] == 2, trial
+        assert "device" not in json.loads((trial / "trial_ids.json").read_text())
+    with pytest.raises(SearchError, match="processes_per_trial: 2 in the store, None now"):
+        run_search(CXR, tmp_path, **settings)
+    with pytest.raises(SearchError, match="needs a GPU per process; gpus_per_trial is 1"):
+        run_search(CXR, tmp_path / "gpus", processes_per_trial=2, gpus_per_trial=1, **settings)
+    with pytest.raises(SearchError, match="processes_per_trial must be an integer >= 1"):
+        run_search(CXR, tmp_path / "zero", processes_per_trial=0, **settings)

@@ -7,8 +7,10 @@ request), picks the best block cut on the mean validation key metric over k fold
 TruncatedTL paper (``TTL-1`` best after Stage 1, ``TTL-2`` after Stage 2) and joins params / MACs / latency from
 :mod:`medtl3d.efficiency`. Optional kNN / linear probes on frozen pretrained features rank every cut point before
 any fine-tuning (and can restrict Stage 1 to the top-m); their Spearman correlation with the fine-tuned result is
-reported. Each finished trial is appended to ``trials.jsonl`` at once, and a trial in flight continues from its last epoch's
-checkpoint: a killed search resumes losing at most one epoch per running trial. Trials run in-process or as Ray tasks (``executor="ray"``).
+reported. Each finished trial is appended to ``trials.jsonl`` at once, and a trial in flight continues from its
+last epoch's checkpoint: a killed search resumes losing at most one epoch per running trial. Trials run in-process
+or as Ray tasks (``executor="ray"``), each on one process or data-parallel under torchrun
+(``processes_per_trial``).
 
 No maintained library fits: Ray Tune / Optuna search hyper-parameter spaces, not the structured, stage-wise
 candidate sets of a cut-point search, and neither knows bundles, folds or costs; Ray is used as the executor.

@@ -43,7 +43,8 @@ class LocalExecutor:
 
 
 class RayExecutor:
-    """Each trial a Ray task (``num_cpus`` = the trial's threads, ``num_gpus`` = ``gpus_per_trial``)."""
+    """Each trial a Ray task (``num_cpus`` = the trial's threads, at least one per process; ``num_gpus`` =
+    ``gpus_per_trial``)."""
 
     name = "ray"
 
@@ -62,7 +63,8 @@ class RayExecutor:
         ray = self.ray
         pending = {}
         for spec in specs:
-            task = ray.remote(num_cpus=spec.threads or 1, num_gpus=self.gpus_per_trial, max_retries=0)(run_trial)
+            cpus = max(spec.threads or 1, spec.processes)
+            task = ray.remote(num_cpus=cpus, num_gpus=self.gpus_per_trial, max_retries=0)(run_trial)
             pending[task.remote(spec)] = spec
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)

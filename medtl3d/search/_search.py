@@ -51,9 +51,11 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 class _Search:
     def __init__(self, task: BundleTask, store: ResultsStore, executor, folds: list[int], seeds: list[int],
-                 out: Path, threads: int | None, evaluate_test: bool, keep_checkpoints: bool) -> None:
-        self.task, self.store, self.executor, self.folds, self.seeds, self.out = task, store, executor, folds, seeds, out
-        self.threads, self.evaluate_test, self.keep_checkpoints = threads, evaluate_test, keep_checkpoints
+                 out: Path, threads: int | None, processes: int, evaluate_test: bool, keep_checkpoints: bool) -> None:
+        self.task, self.store, self.executor = task, store, executor
+        self.folds, self.seeds, self.out = folds, seeds, out
+        self.threads, self.processes = threads, processes
+        self.evaluate_test, self.keep_checkpoints = evaluate_test, keep_checkpoints
         self.trained = self.reused = 0
 
     def run(self, candidates: Sequence[Candidate], title: str) -> None:
@@ -70,7 +72,7 @@ class _Search:
                     specs.append(TrialSpec(key=key, bundle_dir=str(self.task.dir),
                                            ids=self.task.trial_ids(candidate, fold, seed, folder),
                                            strategy=candidate.strategy, cut=candidate.cut, fold=fold, seed=seed,
-                                           stage=candidate.stage, threads=self.threads,
+                                           stage=candidate.stage, threads=self.threads, processes=self.processes,
                                            evaluate_test=self.evaluate_test, keep_checkpoints=self.keep_checkpoints,
                                            meta={"unit": candidate.unit, "level": candidate.level}))
         total = len(candidates) * len(self.folds) * len(self.seeds)
@@ -125,8 +127,8 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
                n_folds: int | None = None, seeds: int | Sequence[int] = 1, probe: bool = False,
                probe_top_m: int | None = None, probe_rank_by: str = "linear", evaluate_test: bool = True,
                executor: str = "local", ray_address: str | None = None, ray_num_cpus: int | None = None,
-               cpus_per_trial: int | None = None, gpus_per_trial: float = 0, efficiency_runs: int = 10,
-               efficiency_warmup: int = 3, keep_checkpoints: bool = False) -> SearchResult:
+               cpus_per_trial: int | None = None, gpus_per_trial: float = 0, processes_per_trial: int = 1,
+               efficiency_runs: int = 10, efficiency_warmup: int = 3, keep_checkpoints: bool = False) -> SearchResult:
     """Hierarchical cutoff search over a bundle; see :mod:`medtl3d.search`.
 
     ``overrides`` are bundle ids every trial shares (epochs, image size, weights, dataset_dir, ...). Each candidate
@@ -135,7 +137,9 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
     kNN/linear probe ranking; ``probe_top_m`` trains Stage 1 only on the top-m block cuts by ``probe_rank_by``.
     Trials already in ``<output_dir>/trials.jsonl`` are not run again. ``cpus_per_trial`` pins torch's threads
     in each trial (and is each Ray task's CPU request; None: all threads locally, 1 CPU per Ray task): give the
-    same value to both executors for bit-identical numbers.
+    same value to both executors for bit-identical numbers. ``processes_per_trial`` > 1 trains each trial
+    data-parallel under torchrun with the bundle's ``multi_gpu_train.yaml`` (one GPU per process: give as many
+    ``gpus_per_trial``; ``cpus_per_trial`` threads are shared among the processes).
     """
     start = time.perf_counter()
     out = Path(output_dir).resolve()
@@ -153,6 +157,12 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
         raise SearchError(f"probe_top_m must be >= 1, got {probe_top_m}")
     if probe_rank_by not in PROBES:
         raise SearchError(f"probe_rank_by must be one of {', '.join(PROBES)}, got {probe_rank_by!r}")
+    if int(processes_per_trial) != processes_per_trial or processes_per_trial < 1:
+        raise SearchError(f"processes_per_trial must be an integer >= 1, got {processes_per_trial!r}")
+    processes_per_trial = int(processes_per_trial)
+    if processes_per_trial > 1 and 0 < gpus_per_trial < processes_per_trial:
+        raise SearchError(f"processes_per_trial={processes_per_trial} needs a GPU per process; gpus_per_trial is "
+                          f"{gpus_per_trial:g}")
     seeds = list(range(int(seeds))) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seeds:
         raise SearchError("search seeds: give at least one seed")
@@ -160,6 +170,9 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
     if n_folds is not None:
         overrides["n_folds"] = int(n_folds)
     task = BundleTask(bundle_dir, overrides, out)
+    if processes_per_trial > 1 and not (task.dir / "configs" / "multi_gpu_train.yaml").is_file():
+        raise SearchError(f"processes_per_trial={processes_per_trial}: bundle {task.name} has no "
+                          "configs/multi_gpu_train.yaml to train data-parallel with")
     folds = list(range(max(task.n_folds, 1)))
     body = task.backbone()
     plan1 = {s: stage1_cuts(body, s, cuts) for s in strategies}
@@ -173,7 +186,9 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
               "datalist": str(task.datalist), "backbone": task.backbone_name, "strategies": strategies,
               "references": references, "cuts": cuts if isinstance(cuts, str) else list(cuts), "stage2": stage2,
               "neighbourhood": neighbourhood, "folds": folds, "seeds": seeds, "probe": probing,
-              "probe_top_m": probe_top_m, "probe_rank_by": probe_rank_by, "evaluate_test": evaluate_test}
+              "probe_top_m": probe_top_m, "probe_rank_by": probe_rank_by, "evaluate_test": evaluate_test,
+              # a different number of ranks trains on different batches (absent when 1: older stores stay valid)
+              **({"processes_per_trial": processes_per_trial} if processes_per_trial > 1 else {})}
     store = ResultsStore(out / "trials.jsonl", config)
 
     probes: list[dict] = []
@@ -195,7 +210,7 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
 
     search = _Search(task, store, make_executor(executor, address=ray_address, num_cpus=ray_num_cpus,
                                                 gpus_per_trial=gpus_per_trial),
-                     folds, seeds, out, cpus_per_trial, evaluate_test, keep_checkpoints)
+                     folds, seeds, out, cpus_per_trial, processes_per_trial, evaluate_test, keep_checkpoints)
     stage1 = [Candidate(r, None, 1) for r in references] + \
         [c for s, points in plan1.items() for c in candidates_for(s, points, 1)]
     search.run(stage1, "stage 1 (block cut points)" if cuts == "block" else "stage 1")

@@ -6,6 +6,10 @@ anything a search trained can be evaluated, exported or analysed like any bundle
 ``trial.log`` in that folder (the search's console shows one line per trial); the root logger is restored after.
 The trial pins torch's thread count and the bundle seeds everything, so a trial gives the same numbers in-process
 and in a Ray worker.
+
+With ``processes > 1`` the training is data-parallel: ``torchrun --standalone`` starts that many ranks on the
+bundle's ``multi_gpu_train.yaml`` (one GPU each where CUDA is available, gloo on the CPU otherwise), with the
+trial's ids in a config file merged last; the test scoring that follows runs in this process.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +42,7 @@ class TrialSpec:
     seed: int
     stage: int
     threads: int | None = 1
+    processes: int = 1
     evaluate_test: bool = True
     keep_checkpoints: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
@@ -134,7 +142,10 @@ def _train_and_score(spec: TrialSpec, out: Path, configs: Path, common: dict) ->
     from monai.bundle import run
 
     start = time.perf_counter()
-    run(config_file=str(configs / "train.yaml"), **common, **spec.ids)
+    if spec.processes > 1:
+        _train_data_parallel(spec, out, configs, common)
+    else:
+        run(config_file=str(configs / "train.yaml"), **common, **spec.ids)
     seconds = time.perf_counter() - start
     summary = json.loads((out / "train" / "train_summary.json").read_text())
     best = next((row for row in summary["history"] if row["epoch"] == summary["best_epoch"]), {})
@@ -149,3 +160,21 @@ def _train_and_score(spec: TrialSpec, out: Path, configs: Path, common: dict) ->
         "best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"], "train_seconds": round(seconds, 3),
         "output_dir": str(out), **spec.meta,
     }
+
+
+def _train_data_parallel(spec: TrialSpec, out: Path, configs: Path, common: dict) -> None:
+    """Train with ``spec.processes`` ranks under torchrun (the bundle's multi_gpu_train.yaml picks each rank's
+    device, so the trial's ``device`` id is left out); its output is appended to ``trial.log``."""
+    ids = write_text(out / "trial_ids.json", json.dumps({k: v for k, v in spec.ids.items() if k != "device"}))
+    files = [str(configs / "train.yaml"), str(configs / "multi_gpu_train.yaml"), str(ids)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+               f"--nproc_per_node={spec.processes}", "-m", "monai.bundle", "run", "--config_file", json.dumps(files),
+               "--meta_file", common["meta_file"], "--logging_file", common["logging_file"]]
+    env = dict(os.environ)
+    if spec.threads:
+        env["OMP_NUM_THREADS"] = str(max(1, int(spec.threads) // spec.processes))
+    sys.stdout.flush()
+    with open(out / "trial.log", "a") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    if code:
+        raise RuntimeError(f"torchrun with {spec.processes} processes exited with status {code}")

@@ -40,6 +40,8 @@ def add_parser(commands) -> None:
     search.add_argument("--cpus-per-trial", type=int,
                         help="torch threads and Ray CPUs per trial (default: all threads locally, 1 per Ray task)")
     search.add_argument("--gpus-per-trial", type=float, default=0, help="Ray GPUs per trial")
+    search.add_argument("--processes-per-trial", type=int, default=1,
+                        help="train each trial data-parallel with N torchrun processes (one GPU each; default 1)")
     search.add_argument("--efficiency-runs", type=int, default=10, help="timed runs per model for the latency column")
     search.add_argument("--keep-checkpoints", action="store_true", help="keep each trial's engine checkpoints")
     search.add_argument("--set", action="append", metavar="ID=VALUE", default=[],
@@ -61,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
                    n_folds=args.folds, seeds=args.seeds, probe=args.probe, probe_top_m=args.probe_top_m,
                    probe_rank_by=args.probe_rank_by, evaluate_test=not args.no_test, executor=args.executor,
                    ray_address=args.ray_address, ray_num_cpus=args.ray_num_cpus, cpus_per_trial=args.cpus_per_trial,
-                   gpus_per_trial=args.gpus_per_trial, efficiency_runs=args.efficiency_runs,
+                   gpus_per_trial=args.gpus_per_trial,
+                   processes_per_trial=args.processes_per_trial, efficiency_runs=args.efficiency_runs,
                    keep_checkpoints=args.keep_checkpoints)
     except Medtl3dError as exc:
         print(f"medtl3d search: error: {exc}", file=sys.stderr)
