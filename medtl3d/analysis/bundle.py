@@ -61,11 +61,11 @@ def _loader(data, batch_size: int):
 
 def _case(sample: dict) -> str:
     """A file-name-safe case id: the image's file name (``id`` is its path), or ``<series>_w<window>``."""
-    from ..data.datalists import item_id
+    from ..data.datalists import image_stem
 
     if "series" in sample:
-        return f"{item_id({'image': sample['series']})}_w{int(sample['window'])}"
-    return item_id({"image": str(sample.get("id", "case"))})
+        return f"{image_stem(sample['series'])}_w{int(sample['window'])}"
+    return image_stem(sample.get("id", "case"))
 
 
 def _cam_cases(model: torch.nn.Module, data, cases: int, series_key: str | None):

@@ -49,13 +49,15 @@ def _stem(path: str) -> str:
     return name
 
 
-def item_id(item: dict) -> str:
-    """A datalist item's case id in reports: its ``id`` field, else its (first) image's file name without the image
-    extension (``ct_01.nii.gz`` -> ``ct_01``)."""
-    if item.get("id"):
-        return str(item["id"])
-    image = item.get("image")
+def image_stem(image) -> str:
+    """An image's (or the first of a list's) file or folder name without the image extension
+    (``ct_01.nii.gz`` -> ``ct_01``)."""
     return _stem(str(image[0] if isinstance(image, list) else image))
+
+
+def item_id(item: dict) -> str:
+    """A datalist item's case id in reports: its ``id`` field, else :func:`image_stem` of its image."""
+    return str(item["id"]) if item.get("id") else image_stem(item.get("image"))
 
 
 def _read_rows(path: Path, key: str) -> tuple[list[tuple[int, Any]], str]:
@@ -276,7 +278,7 @@ def _patient(item: dict) -> str:
     p = item.get("patient", item.get("group"))
     if p not in (None, ""):
         return str(p)
-    return item_id({"image": item.get("image")})
+    return image_stem(item.get("image"))
 
 
 def _stratum(item: dict) -> int | None:

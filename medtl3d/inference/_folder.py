@@ -41,9 +41,9 @@ from ..data.windows import slice_windows, take_window
 from ..engine import TASKS, load_model
 from ..engine._trainer import resolve_device
 from ..engine._tasks import check_outputs
-from ..reporting import atomic_write, write_text
 from ..engine.metrics import AGGREGATIONS
 from ..errors import DataError, TrainingError
+from ..reporting import atomic_write, write_text
 
 logger = logging.getLogger(__name__)
 
