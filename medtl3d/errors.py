@@ -2,6 +2,41 @@
 
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Iterator
+
+_INTERFACE: ContextVar[str] = ContextVar("medtl3d_interface", default="python")
+
+
+def interface() -> str:
+    """Where the user drives medtl3d, so that advice names what they can type: ``"bundle"`` (the process is
+    ``python -m monai.bundle``), ``"cli"`` (inside the ``medtl3d`` console script) or ``"python"``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return "bundle" if getattr(spec, "name", None) == "monai.bundle.__main__" else _INTERFACE.get()
+
+
+@contextmanager
+def user_interface(kind: str) -> Iterator[None]:
+    """Run a block as interface ``kind`` (the ``medtl3d`` CLI wraps its commands in ``user_interface("cli")``)."""
+    token = _INTERFACE.set(kind)
+    try:
+        yield
+    finally:
+        _INTERFACE.reset(token)
+
+
+def setting(name: str, value: Any) -> str:
+    """How the user sets option ``name`` to ``value`` in their interface: ``--name value`` for a bundle id,
+    ``--name-with-dashes value`` for a CLI flag, ``name=value`` for a Python argument."""
+    kind = interface()
+    if kind == "bundle":
+        return f"--{name} {value}"
+    if kind == "cli":
+        return f"--{name.replace('_', '-')} {value}"
+    return f"{name}={value!r}"
+
 
 class Medtl3dError(Exception):
     """Base class of every error medtl3d raises on purpose."""

@@ -5,22 +5,29 @@ transfer-learning choice there is a config id (backbone, weights, strategy, cut,
 frozen part, input size, fold) passed to these functions. :func:`check_ids` runs first (the configs'
 ``initialize``) so that a wrong override stops with one line naming the config id, not a traceback from the config
 parser; :class:`ConfigIdError` is a ``SystemExit`` for that reason (MONAI wraps ordinary exceptions raised inside
-config expressions).
+config expressions). Under ``python -m monai.bundle run`` it also checks the ``--id value`` overrides against the
+config files (:func:`check_overrides`) and makes any other error medtl3d raises, however MONAI wrapped it, end the
+process with its one line (:func:`report_bundle_errors`).
 """
 
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
+import os
+import re
+import sys
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .errors import Medtl3dError
+from .errors import Medtl3dError, interface, setting
 from .reporting import atomic_write, write_text
 
 TASKS = ("binary", "multiclass", "multilabel", "segmentation")
@@ -54,11 +61,20 @@ def check_ids(**ids: Any) -> bool:
 
     Known ids: backbone, spatial_dims, in_channels, strategy, cut, freeze_up_to, weights, dataset_dir, datalist,
     task, num_classes, n_folds, fold, lr, epochs, batch_size, num_slices, overlap, aggregation, cuts, ckpt_path.
+    Inside a ``monai.bundle run`` call the overrides it was given are checked first (:func:`check_overrides`).
     """
     from .backbones import build_backbone, get_entry, list_backbones
     from .errors import UnknownCutPointError
     from .strategies import CUT_STRATEGIES, STRATEGIES
 
+    if interface() == "bundle":
+        report_bundle_errors()
+    given = _bundle_run_overrides()
+    if given is not None:
+        check_overrides(*given)
+    for key, value in ids.items():
+        if key in _ID_TYPES:
+            _check_type(key, value, _ID_TYPES[key])
     backbone = ids.get("backbone")
     if backbone is not None:
         if backbone not in list_backbones():
@@ -99,21 +115,108 @@ def check_ids(**ids: Any) -> bool:
     if task is not None and task not in TASKS:
         raise ConfigIdError("task", f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     n_folds, fold = ids.get("n_folds"), ids.get("fold")
-    if n_folds is not None and (int(n_folds) < 2 and n_folds != 1):
+    if n_folds is not None and n_folds < 2 and n_folds != 1:
         raise ConfigIdError("n_folds", f"needs n_folds >= 2 (or 1: no cross-validation), got {n_folds}")
-    if fold is not None and n_folds is not None and not 0 <= int(fold) < max(int(n_folds), 1):
-        raise ConfigIdError("fold", f"fold {fold} is outside 0..{int(n_folds) - 1}")
+    if fold is not None and n_folds is not None and not 0 <= fold < max(n_folds, 1):
+        raise ConfigIdError("fold", f"fold {fold} is outside 0..{n_folds - 1}")
     for key in ("lr", "epochs", "batch_size", "num_slices"):
         value = ids.get(key)
-        if value is not None and not float(value) > 0:
+        if value is not None and not value > 0:
             raise ConfigIdError(key, f"must be positive, got {value!r}")
     overlap, num_slices = ids.get("overlap"), ids.get("num_slices")
-    if overlap is not None and num_slices is not None and not 0 <= int(overlap) < int(num_slices):
+    if overlap is not None and num_slices is not None and not 0 <= overlap < num_slices:
         raise ConfigIdError("overlap", f"must be in [0, num_slices={num_slices}), got {overlap}")
     aggregation = ids.get("aggregation")
     if aggregation is not None and aggregation not in ("max", "mean"):
         raise ConfigIdError("aggregation", f"must be 'max' or 'mean', got {aggregation!r}")
     return True
+
+
+# ids check_ids knows, by the type their value must have
+_ID_TYPES = {"spatial_dims": int, "in_channels": int, "num_classes": int, "n_folds": int, "fold": int, "epochs": int,
+             "batch_size": int, "num_slices": int, "overlap": int, "lr": float}
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number"}
+
+
+def _check_type(config_id: str, value: Any, expected: type) -> None:
+    """Refuse a ``value`` of ``config_id`` that is not of type ``expected`` (bool, int or float; an int is a
+    number; null and config expressions/references pass): ``--epochs abc`` arrives from MONAI's CLI as a string."""
+    if value is None or (isinstance(value, str) and value[:1] in ("$", "@", "%")):
+        return
+    accepted = {bool: (bool,), int: (int,), float: (int, float)}[expected]
+    if not isinstance(value, accepted) or (expected is not bool and isinstance(value, bool)):
+        raise ConfigIdError(config_id, f"expected {_TYPE_NAMES[expected]}, got {value!r}")
+
+
+def check_overrides(config_files: str | Sequence[str], overrides: Mapping[str, Any]) -> None:
+    """Refuse overrides that the config files do not define, naming the closest ids (MONAI adds an unknown id as a
+    new entry, so ``--epoch 3`` would train with the default), and values that do not fit a numeric or true/false
+    default (``--epochs abc``). Nested ids (``preprocessing#preset_options#size``) are followed level by level."""
+    from monai.bundle import ConfigParser
+
+    files = [config_files] if isinstance(config_files, (str, os.PathLike)) else list(config_files)
+    where = ", ".join(Path(f).name for f in files)
+    defined = ConfigParser.load_config_files(files)
+    for config_id, value in overrides.items():
+        node: Any = defined
+        for part in re.split("#|::", config_id):
+            if not isinstance(node, dict):
+                node = None  # inside a list or a value: MONAI resolves (or refuses) such paths itself
+                break
+            if part not in node:
+                close = difflib.get_close_matches(part, [str(k) for k in node if not str(k).startswith("_")], n=3)
+                hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
+                    f"; the ids are listed in {where}"
+                raise ConfigIdError(config_id, f"unknown id: {where} define{'s' if len(files) == 1 else ''} no "
+                                               f"{part!r}{hint}")
+            node = node[part]
+        if type(node) in _TYPE_NAMES:
+            _check_type(config_id, value, type(node))
+
+
+def _bundle_run_overrides() -> tuple[str | Sequence[str], dict] | None:
+    """The config files and overrides of the ``monai.bundle run`` call that is running this bundle (its CLI or
+    the Python function; the innermost when runs nest), or None outside one or when they came in an args file."""
+    from monai.bundle import scripts
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is scripts.run.__code__:
+            config_file = frame.f_locals.get("config_file")
+            return None if config_file is None else (config_file, dict(frame.f_locals.get("override") or {}))
+        frame = frame.f_back
+    return None
+
+
+def _medtl3d_error(error: BaseException | None) -> Medtl3dError | None:
+    """The first error medtl3d raised on purpose in ``error``'s chain of causes (MONAI wraps the errors of config
+    expressions and components in ``RuntimeError``s)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, Medtl3dError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def report_bundle_errors() -> None:
+    """From now on, an uncaught error whose cause is a medtl3d error ends the process (status 1) with one line,
+    ``medtl3d bundle: <its message>``, instead of MONAI's wrapper traceback; ``MEDTL3D_TRACEBACK=1`` shows the
+    traceback. Other errors reach the previous ``sys.excepthook`` unchanged."""
+    if getattr(sys.excepthook, "medtl3d_bundle", False):
+        return
+    previous = sys.excepthook
+
+    def hook(kind, error, traceback) -> None:
+        ours = _medtl3d_error(error)
+        if ours is None or os.environ.get("MEDTL3D_TRACEBACK"):
+            previous(kind, error, traceback)
+        else:
+            print(f"medtl3d bundle: {' '.join(str(ours).split())}", file=sys.stderr)
+
+    hook.medtl3d_bundle = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -178,7 +281,9 @@ def load_items(datalist: str, *, task: str, num_classes: int, key: str = "traini
                path_keys: Sequence[str] = (), label_key: str = "label") -> list[dict]:
     """Datalist entries for ``task`` (see :func:`medtl3d.data.datalists.load_datalist`; ``label_key`` is the
     field holding the label, e.g. ``mask``); a missing ``key`` section gives an empty list (a datalist without a
-    separate test split). Invalid rows stop the run with every problem listed, under config id ``datalist``."""
+    separate test split). Invalid rows (labels and mask values included) stop the run with every problem listed,
+    under config id ``datalist``; so does training data in which a class never occurs (it would train a model whose
+    validation metric is undefined)."""
     from .data.datalists import load_datalist
     from .errors import DataError
 
@@ -191,7 +296,7 @@ def load_items(datalist: str, *, task: str, num_classes: int, key: str = "traini
     kind = "segmentation" if task == "segmentation" else ("multilabel" if task == "multilabel" else "classification")
     try:
         return load_datalist(datalist, key=key, task=kind, num_classes=num_classes, path_keys=tuple(path_keys),
-                             label_key=label_key)
+                             label_key=label_key, every_class=key == "training")
     except DataError as err:
         raise ConfigIdError("datalist", str(err)) from None
 
@@ -227,6 +332,18 @@ def image_dataset(items: Sequence[dict], transform, *, task: str, cache: bool = 
 
 
 # --------------------------------------------------------------------------------------------- models
+@contextmanager
+def _weights_id(weights: str | None) -> Iterator[None]:
+    """Weights that cannot be fetched or loaded stop the bundle under config id ``weights`` (MONAI would otherwise
+    report a failed ``network_def`` component)."""
+    from .errors import HubUnavailableError, WeightsError
+
+    try:
+        yield
+    except (WeightsError, HubUnavailableError) as err:
+        raise ConfigIdError("weights", f"{weights}: {err}") from err
+
+
 def build_classifier(backbone: str, strategy: str = "full", num_classes: int = 1, cut: str | None = None,
                      weights: str | None = None, spatial_dims: int | None = None, in_channels: int | None = None,
                      width_factor: float = 2.0, lr_ratio: float = 10.0, dropout: float = 0.0,
@@ -240,9 +357,10 @@ def build_classifier(backbone: str, strategy: str = "full", num_classes: int = 1
         kwargs["width_factor"] = width_factor
     if strategy == "lwft":
         kwargs["lr_ratio"] = lr_ratio
-    model = create_model(backbone, strategy, num_classes, cut=cut if strategy in CUT_STRATEGIES else None,
-                         weights=weights, spatial_dims=spatial_dims, in_channels=in_channels,
-                         **({"up_to": cut} if strategy == "stats" and cut else {}), **kwargs)
+    with _weights_id(weights):
+        model = create_model(backbone, strategy, num_classes, cut=cut if strategy in CUT_STRATEGIES else None,
+                             weights=weights, spatial_dims=spatial_dims, in_channels=in_channels,
+                             **({"up_to": cut} if strategy == "stats" and cut else {}), **kwargs)
     if freeze_up_to:
         model.freeze_units(range(model.backbone.cut_point(freeze_up_to).unit + 1))
         model.snapshot_initial_state()
@@ -261,8 +379,9 @@ def build_segmenter(backbone: str, out_channels: int, cut: str | None = None, we
     """A :class:`~medtl3d.models.TruncatedUNet` whose encoder is ``backbone`` cut at ``cut``."""
     from .models import create_unet
 
-    return create_unet(backbone, out_channels, cut=cut, weights=weights, spatial_dims=spatial_dims,
-                       in_channels=in_channels, freeze_encoder_units=freeze_up_to, **unet_options)
+    with _weights_id(weights):
+        return create_unet(backbone, out_channels, cut=cut, weights=weights, spatial_dims=spatial_dims,
+                           in_channels=in_channels, freeze_encoder_units=freeze_up_to, **unet_options)
 
 
 def load_network(path: str) -> nn.Module:

@@ -116,7 +116,8 @@ def _as_int(value: Any) -> int | None:
 
 def load_datalist(path: str | Path, *, base_dir: str | Path | None = None, key: str = "training",
                   task: str = "classification", num_classes: int | None = None, check_files: bool = True,
-                  labels: bool = True, path_keys: Sequence[str] = (), label_key: str = "label") -> list[dict]:
+                  labels: bool = True, path_keys: Sequence[str] = (), label_key: str = "label",
+                  every_class: bool = False) -> list[dict]:
     """Read and validate a datalist; returns items with absolute path strings, ``label`` and ``patient``.
 
     ``label_key`` is the field holding the label (e.g. ``mask`` in a datalist that also has a class label); the
@@ -126,7 +127,11 @@ def load_datalist(path: str | Path, *, base_dir: str | Path | None = None, key: 
     ``multilabel`` (label a list of num_classes 0/1 flags) or ``segmentation`` (label a mask file).
     ``labels=False`` reads unlabelled lists (inference): labels are validated only where present.
     ``path_keys`` names further path fields (e.g. ``("mask",)``) to resolve like ``image``.
-    ``check_files`` checks that images, segmentation masks and ``path_keys`` files exist.
+    ``check_files`` checks that images, segmentation masks and ``path_keys`` files exist, and reads every mask:
+    its values must be class indices 0..num_classes-1 (a 0/1 mask needs num_classes 2; a 0/255 one must be
+    converted to 0/1 first), so a mask in another label convention stops here, not inside the first batch.
+    ``every_class`` (training data) refuses a datalist in which some class never occurs (for multi-label: a finding
+    that is never, or always, positive; for segmentation: a class in no mask): its metrics would be undefined.
     """
     path = Path(path)
     if task not in TASKS:
@@ -227,9 +232,73 @@ def load_datalist(path: str | Path, *, base_dir: str | Path | None = None, key: 
     if errors:
         more = f"\n  ... and {len(errors) - _MAX_REPORTED} more" if len(errors) > _MAX_REPORTED else ""
         raise DataError(f"{path}: {len(errors)} invalid entr{'y' if len(errors) == 1 else 'ies'}"
-                        f"{f' under {key!r}' if kind == 'json' else ''}:\n  " +
-                        "\n  ".join(errors[:_MAX_REPORTED]) + more)
+                        f"{f' under {key!r}' if kind == 'json' else ''}:{' ' if len(errors) == 1 else chr(10) + '  '}"
+                        + "\n  ".join(errors[:_MAX_REPORTED]) + more)
+    if task == "segmentation" and check_files and num_classes is not None and labels:
+        _check_masks(path, items, [i for i, _ in rows], num_classes, label_key, every_class)
+    elif every_class and labels and task != "segmentation":
+        _check_every_class(path, items, task, n_binary)
     return items
+
+
+def _check_masks(path: Path, items: list[dict], row_numbers: list[int], num_classes: int, label_key: str,
+                 every_class: bool) -> None:
+    """Read every mask once; refuse values that are not class indices 0..num_classes-1 (naming the first mask,
+    the values and the fix) and, with ``every_class``, classes that occur in no mask."""
+    from medtl3d.data.io import load_image
+    from medtl3d.errors import setting
+
+    found: set[float] = set()
+    outside: list[tuple[int, str, list]] = []
+    for row, item in zip(row_numbers, items):
+        if "label" not in item:
+            continue
+        try:
+            values = np.unique(np.asarray(load_image(item["label"])))
+        except DataError as err:
+            raise DataError(f"{path}: row {row}, field {label_key!r}: {err}") from None
+        found.update(values.tolist())
+        bad = [v for v in values.tolist() if not (float(v).is_integer() and 0 <= v < num_classes)]
+        if bad:
+            outside.append((row, item["label"], bad))
+    labels = sorted(found)
+    shown = ", ".join(f"{v:g}" for v in labels[:8]) + (", ..." if len(labels) > 8 else "")
+    if outside:
+        row, mask, bad = outside[0]
+        if all(float(v).is_integer() and v >= 0 for v in labels) and labels == list(range(int(labels[-1]) + 1)):
+            fix = f"if these are the classes, set {setting('num_classes', len(labels))}"
+        elif set(labels) == {0, 255}:
+            fix = f"an 8-bit binary mask: convert 255 to 1 and set {setting('num_classes', 2)}"
+        else:
+            fix = "map the mask values to class indices 0..K-1 and set num_classes to K"
+        raise DataError(f"{path}: {len(outside)} of {len(items)} masks ({label_key!r}) hold values outside "
+                        f"0..{num_classes - 1} (num_classes={num_classes}), first row {row} ({mask}: "
+                        f"{', '.join(f'{v:g}' for v in bad[:5])}); values in all masks: {shown}; {fix}")
+    missing = [c for c in range(num_classes) if c not in found] if every_class else []
+    if missing:
+        fix = (f"; if these are all the classes, set {setting('num_classes', len(labels))}"
+               if labels == list(range(len(labels))) and len(labels) > 1 else "")
+        raise DataError(f"{path}: class{'es' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of "
+                        f"num_classes={num_classes} occur{'' if len(missing) > 1 else 's'} in no mask "
+                        f"({label_key!r}; values in all masks: {shown}){fix}")
+
+
+def _check_every_class(path: Path, items: list[dict], task: str, n_classes: int | None) -> None:
+    """Refuse labels in which one of ``n_classes`` classes (default: 0 up to the largest label, at least 0 and 1)
+    never occurs; multi-label: a finding that is never, or always, positive."""
+    if task == "multilabel":
+        for index, flags in enumerate(zip(*(item["label"] for item in items))):
+            if len(set(flags)) == 1:
+                raise DataError(f"{path}: finding {index} (flag {index + 1} of each label) is {flags[0]} in all "
+                                f"{len(items)} cases; a classifier needs cases with and without each finding")
+        return
+    counts = Counter(item["label"] for item in items)
+    missing = [c for c in range(n_classes or max(2, max(counts) + 1)) if c not in counts]
+    if missing:
+        present = ", ".join(f"class {c}: {n} case{'s' if n != 1 else ''}" for c, n in sorted(counts.items()))
+        raise DataError(f"{path}: no case of class{'es' if len(missing) > 1 else ''} "
+                        f"{', '.join(map(str, missing))} ({present}); a classifier needs training cases of every "
+                        "class")
 
 
 def write_datalist(items: Sequence[dict], path: str | Path, *, base_dir: str | Path | None = None,

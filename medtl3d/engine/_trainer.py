@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
-from ..errors import TrainingError
+from ..errors import TrainingError, interface
 from ..reporting import write_text
 from ._checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ._tasks import (
@@ -445,8 +445,10 @@ def _resume_check(saved: dict, current: dict, path: Path) -> None:
     diffs = [f"{k}: {saved.get(k)!r} (checkpoint) vs {current.get(k)!r}" for k in sorted(set(saved) | set(current))
              if k not in _RESUMABLE_CHANGES and saved.get(k) != current.get(k)]
     if diffs:
-        raise TrainingError(f"{path} was written by a different run ({'; '.join(diffs)}); pass resume=False to "
-                            "start over, or use another output_dir")
+        # a bundle has no resume id: its user starts over in another folder (or removes the old run's checkpoint)
+        fix = (f"use another --output_dir, or delete {path} to start over" if interface() == "bundle" else
+               "pass resume=False to start over, or use another output_dir")
+        raise TrainingError(f"{path} was written by a different run ({'; '.join(diffs)}); {fix}")
 
 
 # ----------------------------------------------------------------------------------------------- public API

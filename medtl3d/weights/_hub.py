@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..errors import HubUnavailableError
+from ..errors import HubUnavailableError, setting
 
 
 def _offline_error(what: str, exc: Exception) -> HubUnavailableError:
     return HubUnavailableError(
         f"could not fetch {what}: {type(exc).__name__}: {exc}. No model hub seems reachable from this machine; "
-        "download the file elsewhere and pass its path as weights='/path/to/file.pth' (or fill the hub cache)."
+        f"download the file elsewhere and pass its path as {setting('weights', '/path/to/file.pth')} (or fill the hub "
+        "cache)."
     )
 
 
