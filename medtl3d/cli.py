@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from .errors import Medtl3dError
+from .errors import Medtl3dError, user_interface
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -69,6 +69,17 @@ def cut_points_table(name: str, spatial_dims: int | None = None, level: str | No
     return title + "\n" + _table(["cut point", "level", "channels", "reduction", "params kept (M)"], rows)
 
 
+def _batch_sizes(text: str) -> list[int]:
+    """``--batch 1,8`` -> [1, 8]; anything else is an argparse error (usage and one line)."""
+    try:
+        sizes = [int(b) for b in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return sizes
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="medtl3d", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -81,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cost.add_argument("--strategy", default="truncate", help="transfer strategy measured at each cut (default truncate)")
     cost.add_argument("--cuts", default="block", help="all, block, layer or comma-separated cut point names")
     cost.add_argument("--input", help="input shape CxHxW or CxDxHxW (default: the backbone's default input)")
-    cost.add_argument("--batch", default="1", help="batch size(s), comma-separated")
+    cost.add_argument("--batch", default=[1], type=_batch_sizes, help="batch size(s), comma-separated")
     cost.add_argument("--device", default="cpu")
     cost.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     cost.add_argument("--amp", action="store_true", help="time under autocast")
@@ -101,6 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     phantoms.add_parser(commands)
     analyze_cli.add_parser(commands)
     args = parser.parse_args(argv)
+    with user_interface("cli"):  # advice in error messages names flags, not Python arguments
+        return _run(args, delegated)
+
+
+def _run(args: argparse.Namespace, delegated: dict) -> int:
+    """Run the parsed command; bad input ends as one line on stderr and exit status 2."""
     if args.command in delegated:
         return delegated[args.command](args)
     try:
@@ -110,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .efficiency import efficiency_report
 
             report = efficiency_report(
-                args.name, args.strategy, args.cuts, args.input, [int(b) for b in args.batch.split(",")],
+                args.name, args.strategy, args.cuts, args.input, args.batch,
                 args.device, args.dtype, args.amp, args.channels_last, args.warmup, args.runs, output_dir=args.output,
             )
             print(report.to_markdown())

@@ -13,8 +13,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import SearchError
-from ..workflows import ConfigIdError
+from ..errors import SearchError, interface
+from ..workflows import ConfigIdError, check_overrides
 from ._plan import Candidate
 
 TRIAL_IDS = ("strategy", "cut", "fold", "seed", "output_dir", "ckpt_path", "bundle_root")
@@ -34,8 +34,13 @@ class BundleTask:
         if fixed:
             raise SearchError(f"override(s) {', '.join(fixed)} are set by the search for each trial; remove them")
         self.work_dir = Path(work_dir)
-        self.parser = self._parser(["train.yaml"], output_dir=str(self.work_dir))
-        self.parser.get_parsed_content("initialize")  # check_ids: wrong overrides stop here, before any training
+        try:  # unknown ids, wrong types and check_ids' checks stop here, before any training
+            check_overrides(str(self.configs / "train.yaml"), self.overrides)
+            self.parser = self._parser(["train.yaml"], output_dir=str(self.work_dir))
+            self.parser.get_parsed_content("initialize")
+        except ConfigIdError as err:
+            where = f"--set {err.config_id}" if interface() == "cli" else f"bundle id {err.config_id!r}"
+            raise SearchError(f"{where}: {err.problem}") from None
         self.task = self.parser["task"]
         self.backbone_name = self.parser["backbone"]
         self.spatial_dims = self.parser.get("spatial_dims")
