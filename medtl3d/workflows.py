@@ -27,7 +27,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .errors import Medtl3dError, interface, setting
+from .errors import Medtl3dError, interface
 from .reporting import atomic_write, write_text
 
 TASKS = ("binary", "multiclass", "multilabel", "segmentation")

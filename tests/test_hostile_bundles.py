@@ -223,5 +223,5 @@ def test_efficiency_cli_refuses_a_bad_batch_list(capsys):
     with pytest.raises(SystemExit) as stopped:
         cli.main(["efficiency", "resnet18", "--batch", "1,x"])
     assert stopped.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == ("medtl3d efficiency: error: argument --batch: expected positive "
-                                                        "integers separated by commas, got '1,x'")
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "medtl3d efficiency: error: argument --batch: expected positive integers separated by commas, got '1,x'")
