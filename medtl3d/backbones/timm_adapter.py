@@ -22,21 +22,36 @@ metadata and one shape-only pass of ``forward_features`` on the meta device:
 Weights: a local file in timm layout, or timm's pretrained tags by name: ``weights="d2_in1k"`` (or spelled out,
 ``weights="timm/convnext_atto.d2_in1k"``) is timm's ``convnext_atto.d2_in1k``, fetched through timm's hub mechanism.
 
-Strategy support (tested in ``tests/test_timm_backbones.py``):
+Strategy support (tested in ``tests/test_timm_backbones.py``; block / layer cut points as built there):
 
-===============================  ===========================================================  ============
-family (model tested)            strategies                                                   transfusion
-===============================  ===========================================================  ============
-every family below               random, full, linear_probe, truncate, partial, lwft, stats   refused
-===============================  ===========================================================  ============
+==================  ============================  ===========  =====================================  ===========
+family              model tested                  cuts b / l   strategies                             transfusion
+==================  ============================  ===========  =====================================  ===========
+ConvNeXt            convnext_atto                 4 / 0        random, full, linear_probe, truncate,  refused
+ConvNeXt-V2         convnextv2_atto               4 / 0        partial, lwft, stats (every family)    refused
+EfficientNet        efficientnet_b0               6 / 15       same                                   refused
+RegNet              regnetx_002                   5 / 0        same                                   refused
+ResNet-D            resnet18d                     5 / 8        same                                   refused
+ViT                 vit_tiny_patch16_224          4 / 12       same                                   refused
+DeiT                deit_tiny_patch16_224         4 / 12       same                                   refused
+DINOv2 ViT          vit_small_patch14_dinov2      4 / 12       same                                   refused
+Swin                swin_tiny_patch4_window7_224  4 / 0        same                                   refused
+MaxViT              maxvit_nano_rw_256            5 / 0        same                                   refused
+EfficientFormer-V2  efficientformerv2_s0          4 / 0        same                                   refused
+MobileNetV3         mobilenetv3_small_050         5 / 12       same                                   refused
+MobileNetV4         mobilenetv4_conv_small        5 / 17       same                                   refused
+DenseNet            densenet121                   5 / 4        same                                   refused
+Inception-v3        inception_v3                  5 / 9        same                                   refused
+Xception            legacy_xception               5 / 13       same                                   refused
+==================  ============================  ===========  =====================================  ===========
 
-ConvNeXt(-V2), EfficientNet, RegNet, ResNet-D, ViT, DeiT, Swin, MaxViT, EfficientFormer-V2, MobileNetV3/V4,
-DenseNet, Inception-v3, Xception (legacy), DINOv2 ViT. TransFusion is refused for every timm model: rebuilding the
-units above a cut narrower needs per-stage width arguments that timm's models do not share (the transformers'
-residual streams cannot narrow at all, see :mod:`.transformers`); use the hand-written families for it.
-``full(..., pretrained_head=True)`` needs a published head that is a single linear layer (ResNet, EfficientNet,
-RegNet, DenseNet, Inception, Xception, Swin, token-pooled ViT/DeiT/DINOv2); heads with a norm or hidden layer
-(ConvNeXt, MaxViT, MobileNetV3/V4) or two classifiers (EfficientFormer-V2) are refused by name.
+TransFusion is refused for every timm model: rebuilding the units above a cut narrower needs per-stage width
+arguments that timm's models do not share (and the transformers' residual streams cannot narrow at all, see
+:mod:`.transformers`); use the hand-written families for it. ``full(..., pretrained_head=True)`` needs a published
+head that is one linear layer (ResNet, EfficientNet, RegNet, DenseNet, Inception, Xception, Swin, token-pooled
+ViT/DeiT/DINOv2); heads with a norm or hidden layer (ConvNeXt, MaxViT, MobileNetV3/V4) or two classifiers
+(EfficientFormer-V2) are refused by name. ``xception41`` taps its features inside strided blocks: its cuts sit
+after those blocks, at twice timm's stated reduction.
 """
 
 from __future__ import annotations
@@ -49,7 +64,7 @@ import torch
 from torch import nn
 
 from ..errors import HubUnavailableError, UnknownBackboneError
-from ._base import Backbone, CutPoint, Unit
+from ._base import Backbone, Unit
 from ._registry import BackboneEntry
 
 PREFIX = "timm/"
@@ -158,7 +173,11 @@ def _trace(model: nn.Module, in_channels: int, size: tuple[int, int]) -> tuple:
     return order, records, out, feature_inputs, x
 
 
-def _input_size(model: nn.Module) -> tuple[int, int]:
+def _input_size(model: nn.Module, kwargs: dict) -> tuple[int, int]:
+    """The input size the model was built for: ``img_size`` if given, else the patch embedding's or timm's default."""
+    if "img_size" in kwargs:
+        size = kwargs["img_size"]
+        return (size, size) if isinstance(size, int) else tuple(size)
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
         return tuple(patch_embed.img_size)
@@ -172,7 +191,7 @@ def _layout(model_name: str, in_channels: int, kwargs: tuple) -> dict:
     with torch.device("meta"):
         model = timm.create_model(model_name, pretrained=False, in_chans=in_channels, **dict(kwargs))
     embeds = hasattr(model, "_pos_embed") and hasattr(model, "patch_embed")
-    size = _input_size(model)
+    size = _input_size(model, dict(kwargs))
     order, records, out, feature_inputs, x = _trace(model, in_channels, size)
     if not order:
         raise UnknownBackboneError(f"{name}: forward_features calls none of its modules; cannot cut it")
