@@ -1,7 +1,8 @@
 """The ``medtl3d`` console script.
 
 ``medtl3d backbones`` lists the zoo; ``medtl3d backbones NAME`` prints a backbone's cut points as a table, with the
-parameters a truncation at each cut keeps. ``efficiency`` measures params/MACs/latency per cut point, ``infer``
+parameters a truncation at each cut keeps (a block cut that ends at the same unit as a layer cut shares its row:
+``stage1 = features.1``); NAME may be ``timm/<any timm model>``. ``efficiency`` measures params/MACs/latency per cut point, ``infer``
 predicts a folder of cases, ``phantoms`` writes the synthetic datasets, ``analyze`` runs the representation analyses, ``search`` runs the
 hierarchical cutoff search of a bundle. Errors from bad input are printed as one line (exit status 2), not as a
 traceback.
@@ -61,11 +62,17 @@ def cut_points_table(name: str, spatial_dims: int | None = None, level: str | No
     with torch.device("meta"):
         backbone = build_backbone(name, spatial_dims)
     params_by_unit = [sum(p.numel() for p in backbone.unit_parameters(i)) for i in range(len(backbone.units))]
+    cuts = backbone.cut_points_at(level)
+    by_unit: dict[int, list] = {}
+    for cut in cuts:  # one row per unit: a block cut and a layer cut ending at the same unit are aliases
+        by_unit.setdefault(cut.unit, []).append(cut)
     rows = []
-    for cut in backbone.cut_points_at(level):
-        kept = sum(params_by_unit[: cut.unit + 1])
-        rows.append([cut.name, cut.level, cut.channels, cut.reduction_str, f"{kept / 1e6:.3f}"])
-    title = f"{name} ({backbone.spatial_dims}D, {backbone.in_channels} input channels): {len(rows)} cut points"
+    for unit, aliases in by_unit.items():
+        aliases.sort(key=lambda c: c.level != "block")  # the block (Stage-1) name first
+        cut, kept = aliases[0], sum(params_by_unit[: unit + 1])
+        rows.append([" = ".join(c.name for c in aliases), ", ".join(c.level for c in aliases), cut.channels,
+                     cut.reduction_str, f"{kept / 1e6:.3f}"])
+    title = f"{name} ({backbone.spatial_dims}D, {backbone.in_channels} input channels): {len(cuts)} cut points"
     return title + "\n" + _table(["cut point", "level", "channels", "reduction", "params kept (M)"], rows)
 
 

@@ -42,3 +42,20 @@ def test_console_script_is_installed():
     assert list(rows) == ["stem", "layer1", "layer2", "layer3", "layer4"]
     assert rows["stem"][:3] == ["block", "64", "2x4x4"]
     assert rows["layer4"][:3] == ["block", "2048", "16x32x32"]
+
+
+def test_cut_point_table_shows_aliases_of_one_unit_on_one_row(capsys):
+    assert main(["backbones", "mobilenet_v2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("mobilenet_v2 (2D, 3 input channels): 26 cut points")
+    rows = [line.split("  ")[0].strip() for line in lines[3:]]
+    assert "stage1 = features.1" in rows and "features.1" not in rows and "stage1" not in rows
+    assert "features.2" in rows and "stem" in rows  # a unit with one cut keeps its plain name
+    assert len(rows) == 19  # 26 cut points on 19 units
+
+
+def test_cut_point_table_of_a_timm_model(capsys):
+    assert main(["backbones", "timm/resnet18d", "--level", "block"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("timm/resnet18d (2D, 3 input channels): 5 cut points")
+    assert [line.split()[0] for line in lines[3:]] == ["act1", "layer1", "layer2", "layer3", "layer4"]

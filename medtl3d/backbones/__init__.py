@@ -1,7 +1,7 @@
 """The backbone zoo: 2D and 3D networks exposed as ordered units with named cut points.
 
 ``create_backbone(name, spatial_dims, in_channels, weights)`` builds one and loads weights; importing this package
-registers every family module.
+registers every family module, and ``timm/<model name>`` builds any timm 2D model (:mod:`.timm_adapter`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,10 @@ from pathlib import Path
 
 from . import cbr, densenet, i3d, inception, mobilenet, penet, resnet, transformers  # noqa: F401  (each registers its family)
 from ._base import LEVELS, Backbone, CutPoint, Unit
-from ._registry import BackboneEntry, build_backbone, get_entry, list_backbones, register_backbone
+from ._registry import BackboneEntry, build_backbone, get_entry, list_backbones, register_backbone, register_namespace
+from .timm_adapter import PREFIX as TIMM_PREFIX, TimmBackbone, timm_entry
+
+register_namespace(TIMM_PREFIX, timm_entry)
 
 
 def create_backbone(
@@ -43,6 +46,7 @@ __all__ = [
     "LEVELS",
     "Backbone",
     "BackboneEntry",
+    "TimmBackbone",
     "CutPoint",
     "Unit",
     "build_backbone",
@@ -50,4 +54,5 @@ __all__ = [
     "get_entry",
     "list_backbones",
     "register_backbone",
+    "register_namespace",
 ]

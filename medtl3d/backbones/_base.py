@@ -146,6 +146,11 @@ class Backbone(nn.Module):
             x = self.forward_unit(index, x)
         return self.to_feature_map(x)
 
+    def forward_pre_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C)`` features as a published classifier read them in training: the global average of the output map
+        (class-token models override this)."""
+        return torch.flatten(self(x), 2).mean(dim=2)
+
     def forward_cuts(self, x: torch.Tensor, cuts: Sequence[str | CutPoint]) -> dict[str, torch.Tensor]:
         """Feature maps at several cut points from one pass (stops after the deepest one)."""
         wanted = [self.cut_point(c) for c in cuts]

@@ -32,6 +32,7 @@ class BackboneEntry:
 
 
 _REGISTRY: dict[str, BackboneEntry] = {}
+_NAMESPACES: dict[str, Callable[[str], BackboneEntry]] = {}
 
 
 def register_backbone(
@@ -75,6 +76,11 @@ def register_backbone(
     return decorator
 
 
+def register_namespace(prefix: str, resolver: Callable[[str], BackboneEntry]) -> None:
+    """Let ``resolver(name)`` answer every name starting with ``prefix`` (``timm/``: any timm model)."""
+    _NAMESPACES[prefix] = resolver
+
+
 def list_backbones(spatial_dims: int | None = None) -> list[str]:
     """Registered backbone names (optionally only those that support ``spatial_dims``), sorted."""
     return sorted(n for n, e in _REGISTRY.items() if spatial_dims is None or spatial_dims in e.spatial_dims)
@@ -82,6 +88,9 @@ def list_backbones(spatial_dims: int | None = None) -> list[str]:
 
 def get_entry(name: str) -> BackboneEntry:
     """Registry entry of ``name``; an unknown name raises an error listing the registered ones."""
+    for prefix, resolver in _NAMESPACES.items():
+        if name.startswith(prefix):
+            return resolver(name)
     try:
         return _REGISTRY[name]
     except KeyError:

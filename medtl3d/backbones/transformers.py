@@ -90,6 +90,12 @@ class VisionTransformer(Backbone):
             return self.embed(x)
         return super().forward_unit(index, x)
 
+    def forward_pre_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The normed class token, which DeiT's published classifier reads (not the mean of the patch tokens)."""
+        for index in range(len(self.units)):
+            x = self.forward_unit(index, x)
+        return x[:, 0]
+
     def to_feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """Drop the class token and fold the patch tokens onto their grid: ``(B, 1 + H*W, C) -> (B, C, H, W)``."""
         height, width = self.token_grid

@@ -56,10 +56,14 @@ class TransferModel(FrozenUnits):
         self.frozen_units: set[int] = set()
         self.unit_lr_scale: dict[int, float] = {}
         self.initial_state: dict[str, torch.Tensor] = {}
+        self.published_pooling = False
 
     # ----------------------------------------------------------------- forward
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled backbone features ``(B, C)``."""
+        """Pooled backbone features ``(B, C)``; with the published head, pooled as that head was trained (class
+        token for DeiT)."""
+        if self.published_pooling:
+            return self.backbone.forward_pre_logits(x)
         return torch.flatten(self.pool(self.backbone(x)), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,6 +113,7 @@ class TransferModel(FrozenUnits):
                 self.head.bias.copy_(biases[0])
             else:
                 self.head.bias.zero_()
+        self.published_pooling = True
 
     def describe(self) -> dict:
         """Strategy, cut and parameter counts (total / trainable / frozen)."""
