@@ -27,6 +27,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from ._config_security import explain_config_security
 from .errors import Medtl3dError, interface
 from .reporting import atomic_write, write_text
 
@@ -34,6 +35,7 @@ TASKS = ("binary", "multiclass", "multilabel", "segmentation")
 BUNDLE_CHECKPOINT_KEYS = ("format", "model", "initial_state", "model_config", "key_metric", "best_metric", "best_epoch",
                           "history", "run_config")
 PHANTOMS = ("ctpa", "cxr", "histology")
+explain_config_security()  # MONAI's warning that bundle configs are code: our one line, once per process
 
 
 class ConfigIdError(SystemExit):
