@@ -507,3 +507,14 @@ def search(bundle_dir: str, *, output_dir: str, overrides: Mapping[str, Any], **
         return run_search(bundle_dir, output_dir, overrides=dict(overrides), **options)
     except SearchError as err:
         raise ConfigIdError("search", str(err)) from None
+
+
+def lr_find(model: nn.Module, train_data, *, task: str, output_dir: str, **options: Any):
+    """The learning-rate range test (:func:`medtl3d.engine.lr_finder.find_lr`) of the bundle's model on its
+    training split; writes ``lr_find.csv/json/md/png`` to ``output_dir`` and prints the suggested rate."""
+    from .engine.lr_finder import find_lr
+
+    result = find_lr(model, train_data, task=task, output_dir=output_dir, **options)
+    print(f"medtl3d: suggested lr {result.suggestion:.3g} (scanned {result.lrs[0]:.3g} .. {result.lrs[-1]:.3g}); "
+          f"plot in {result.files['png']}")
+    return result

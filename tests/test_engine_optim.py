@@ -247,3 +247,37 @@ def test_progress_bar_only_on_a_terminal(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(_trainer, "on_terminal", lambda: True)
     train(cbr(), rows(8, 0), rows(4, 1), output_dir=tmp_path / "tty", **options)
     assert "\r" in capsys.readouterr().err
+
+
+def test_lr_finder_scans_the_training_groups_and_leaves_the_weights(tmp_path):
+    from medtl3d.engine.lr_finder import find_lr
+
+    torch.manual_seed(0)
+    model = cbr("lwft", "cbr2")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = find_lr(model, rows(32, 0), task="binary", output_dir=tmp_path, start_lr=1e-6, end_lr=1.0, num_iter=24,
+                     batch_size=8, diverge_th=1e9)
+    assert len(result.lrs) == len(result.losses) == 24
+    assert result.lrs[0] == pytest.approx(1e-6 * 1e6 ** (1 / 24)) and result.lrs[-1] == pytest.approx(1.0)
+    assert result.lrs[0] < result.suggestion < result.lrs[-1]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the finder changed the model"
+    saved = json.loads((tmp_path / "lr_find.json").read_text())
+    assert saved["metadata"]["group_lr_scales"] == {"backbone_x0.1": pytest.approx(0.1), "head": 1.0}
+    assert saved["metadata"]["suggested_lr"] == result.suggestion and len(saved["rows"]) == 24
+    assert (tmp_path / "lr_find.png").stat().st_size > 1000 and (tmp_path / "lr_find.csv").is_file()
+
+
+def test_lr_find_command_runs_a_bundle_on_its_phantoms(tmp_path, capsys):
+    from medtl3d import cli
+
+    bundle = ["lr-find", "--bundle", "bundles/cxr_classification", "--output", str(tmp_path)]
+    tiny = ["backbone=cbr_tiny", "strategy=truncate", "cut=cbr2", "phantom_cases=24", "phantom_size=32",
+            "image_size=32", "n_folds=2", "batch_size=4", "lr_find_num_iter=20"]
+    assert cli.main([*bundle, *(a for t in tiny for a in ("--set", t))]) == 0
+    out = capsys.readouterr().out
+    rows_written = json.loads((tmp_path / "lr_find" / "lr_find.json").read_text())["rows"]
+    suggestion = float(out.split("suggested lr ")[1].split()[0])
+    assert len(rows_written) == 20 and rows_written[0]["lr"] < suggestion < rows_written[-1]["lr"]
+    assert (tmp_path / "lr_find" / "lr_find.png").is_file() and (tmp_path / "lr_find" / "lr_find.md").is_file()
+    assert cli.main([*bundle, "--set", "lr_find_num_iterr=20"]) == 2
+    assert "--set lr_find_num_iterr: unknown id" in capsys.readouterr().err
