@@ -32,6 +32,7 @@ from ignite.engine import Events
 from ignite.handlers import EarlyStopping
 from ignite.metrics import Loss
 from monai.data import DataLoader
+from monai.data import DistributedSampler as MonaiDistributedSampler
 from monai.data.utils import set_rnd
 from monai.engines import IterationEvents, SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import ValidationHandler
@@ -195,14 +196,18 @@ def _device_and_amp(device, amp: bool) -> tuple[torch.device, bool]:
 
 # ----------------------------------------------------------------------------------------------- building blocks
 def _evaluator(model, dataset, task, num_outputs, batch_size, num_workers, device, amp, series_key, aggregation,
-               where) -> tuple[SupervisedEvaluator, CaseCollector]:
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+               where, rank: int = 0, world: int = 1) -> tuple[SupervisedEvaluator, CaseCollector]:
+    # with world > 1 each rank evaluates cases rank, rank + world, ... (no padding duplicates); the collector
+    # gathers them, ignite's Loss all-reduces its sums
+    sampler = None if world == 1 else MonaiDistributedSampler(dataset, even_divisible=False, num_replicas=world,
+                                                              rank=rank, shuffle=False)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, sampler=sampler,
                         pin_memory=device.type == "cuda")
     evaluator = SupervisedEvaluator(
         device=device, val_data_loader=loader, network=model,
         prepare_batch=BatchPreparer(task, num_outputs, series_key or ID_KEY, where), amp=amp, decollate=False,
     )
-    collector = CaseCollector(task, id_key=ID_KEY, series_key=series_key, aggregation=aggregation)
+    collector = CaseCollector(task, id_key=ID_KEY, series_key=series_key, aggregation=aggregation, world=world)
     collector.attach(evaluator, "metrics")
     # the validation loss (per window with series_key): tie-breaker of model selection, the plateau schedule's signal
     Loss(make_loss(task), output_transform=lambda out: (out[CommonKeys.PRED], out[CommonKeys.LABEL]),
@@ -475,7 +480,8 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
 
     When ``torch.distributed`` is initialised with more than one process, every rank calls ``train`` with the same
     arguments (``device`` its own GPU, or ``"cpu"`` with gloo): training is data-parallel with ``batch_size`` per
-    rank, every rank validates on all of ``val_data`` and uses rank 0's metrics, only rank 0 writes to
+    rank, each rank validates its share of ``val_data`` and the predictions are gathered (the metrics equal a
+    single process's), every rank uses rank 0's metrics, only rank 0 writes to
     ``output_dir``, and every rank returns once the files are written. Checkpoints hold the unwrapped model.
     """
     key_metric = _check_options(task, epochs, lr, weight_decay, optimizer, batch_size, num_workers, grad_clip,
@@ -523,7 +529,7 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
         logger.warning("warmup_epochs=%g covers the whole run (epochs=%d): the learning rate only rises",
                        warmup_epochs, epochs)
     evaluator, _ = _evaluator(model, val_data, task, num_outputs, batch_size, num_workers, device, use_amp,
-                              series_key, aggregation, "val_data")
+                              series_key, aggregation, "val_data", rank, world)
     trainer = SupervisedTrainer(
         device=device, max_epochs=epochs, train_data_loader=loader, network=network, optimizer=opt,
         loss_function=make_loss(task), prepare_batch=BatchPreparer(task, num_outputs, series_key or ID_KEY,
