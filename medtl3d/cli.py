@@ -3,9 +3,8 @@
 ``medtl3d backbones`` lists the zoo; ``medtl3d backbones NAME`` prints a backbone's cut points as a table, with the
 parameters a truncation at each cut keeps. ``efficiency`` measures params/MACs/latency per cut point, ``infer``
 predicts a folder of cases, ``phantoms`` writes the synthetic datasets, ``analyze`` runs the representation analyses, ``search`` runs the
-hierarchical cutoff search of a bundle,
-``lr-find`` the learning-rate range test of a bundle's model.
-traceback.
+hierarchical cutoff search of a bundle, ``lr-find`` the learning-rate range test of a bundle's model. Errors
+from bad input are printed as one line (exit status 2), not as a traceback.
 """
 
 from __future__ import annotations
