@@ -4,8 +4,8 @@
 parameters a truncation at each cut keeps (a block cut that ends at the same unit as a layer cut shares its row:
 ``stage1 = features.1``); NAME may be ``timm/<any timm model>``. ``efficiency`` measures params/MACs/latency per cut point, ``infer``
 predicts a folder of cases, ``phantoms`` writes the synthetic datasets, ``analyze`` runs the representation analyses, ``search`` runs the
-hierarchical cutoff search of a bundle. Errors from bad input are printed as one line (exit status 2), not as a
-traceback.
+hierarchical cutoff search of a bundle, ``lr-find`` the learning-rate range test of a bundle's model. Errors
+from bad input are printed as one line (exit status 2), not as a traceback.
 """
 
 from __future__ import annotations
@@ -109,12 +109,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     cost.add_argument("--output", help="directory for the CSV, JSON, Markdown and PNG reports")
     from .analysis import cli as analyze_cli
     from .data import phantoms
+    from .engine import lr_find_cli
     from .inference import cli as infer_cli
     from .search import cli as search_cli
 
     delegated = {"infer": infer_cli.run, "phantoms": phantoms.run, "analyze": analyze_cli.run,
-                 "search": search_cli.run}
+                 "search": search_cli.run, "lr-find": lr_find_cli.run}
     search_cli.add_parser(commands)
+    lr_find_cli.add_parser(commands)
     infer_cli.add_parser(commands)
     phantoms.add_parser(commands)
     analyze_cli.add_parser(commands)

@@ -27,6 +27,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from ._config_security import explain_config_security
 from .errors import Medtl3dError, interface
 from .reporting import atomic_write, write_text
 
@@ -34,6 +35,7 @@ TASKS = ("binary", "multiclass", "multilabel", "segmentation")
 BUNDLE_CHECKPOINT_KEYS = ("format", "model", "initial_state", "model_config", "key_metric", "best_metric", "best_epoch",
                           "history", "run_config")
 PHANTOMS = ("ctpa", "cxr", "histology")
+explain_config_security()  # MONAI's warning that bundle configs are code: our one line, once per process
 
 
 class ConfigIdError(SystemExit):
@@ -505,3 +507,14 @@ def search(bundle_dir: str, *, output_dir: str, overrides: Mapping[str, Any], **
         return run_search(bundle_dir, output_dir, overrides=dict(overrides), **options)
     except SearchError as err:
         raise ConfigIdError("search", str(err)) from None
+
+
+def lr_find(model: nn.Module, train_data, *, task: str, output_dir: str, **options: Any):
+    """The learning-rate range test (:func:`medtl3d.engine.lr_finder.find_lr`) of the bundle's model on its
+    training split; writes ``lr_find.csv/json/md/png`` to ``output_dir`` and prints the suggested rate."""
+    from .engine.lr_finder import find_lr
+
+    result = find_lr(model, train_data, task=task, output_dir=output_dir, **options)
+    print(f"medtl3d: suggested lr {result.suggestion:.3g} (scanned {result.lrs[0]:.3g} .. {result.lrs[-1]:.3g}); "
+          f"plot in {result.files['png']}")
+    return result

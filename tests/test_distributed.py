@@ -1,5 +1,6 @@
 """Data-parallel training under torchrun on the CPU (gloo): two ranks with batch 4 each end with the weights of one
-process with batch 8, resume loads on every rank, every rank sees the same metrics, only rank 0 writes; and a bundle
+process with batch 8, each rank validates its share and the gathered metrics equal one process's, resume loads on
+every rank, every rank sees the same metrics, only rank 0 writes; and a bundle
 runs through ``multi_gpu_train.yaml``."""
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from torch import nn
 
 from medtl3d.engine import _trainer, train
 
-OPTIONS = {"task": "binary", "lr": 0.05, "optimizer": "adamw", "weight_decay": 0.01, "seed": 7,
+# a constant rate: the run below is extended from 2 to 3 epochs on resume, which would change a cosine's horizon
+OPTIONS = {"task": "binary", "lr": 0.05, "optimizer": "adamw", "weight_decay": 0.01, "seed": 7, "scheduler": "constant",
            "progress": False, "tensorboard": False}
 
 
@@ -56,20 +58,35 @@ class Net(nn.Module):
         return self.body(x)
 
 
+class Counted(torch.utils.data.Dataset):
+    """Rows that count how often they are read."""
+
+    def __init__(self, rows):
+        self.rows, self.reads = rows, 0
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.rows[i]
+
+
 def main(out):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     saves = []
     write = _trainer.save_checkpoint
     _trainer.save_checkpoint = lambda state, path: (saves.append(Path(path).name), write(state, path))[1]
-    report = {"world": dist.get_world_size()}
+    report = {"world": dist.get_world_size(), "val_reads": []}
     # a different init per rank (DDP starts every rank from rank 0's); the second call resumes from last.pt
     for call, (epochs, init_seed) in enumerate(((2, rank), (3, 100 + rank))):
         torch.manual_seed(init_seed)
         model = Net()
         saves.clear()
-        result = train(model, rows(32, 0), rows(16, 1), output_dir=out / "ddp", epochs=epochs, batch_size=4,
-                       **OPTIONS)
+        val = Counted(rows(15, 1))  # an odd size: shards of 8 and 7 cases, no padding duplicate
+        result = train(model, rows(32, 0), val, output_dir=out / "ddp", epochs=epochs, batch_size=4, **OPTIONS)
+        report["val_reads"].append(val.reads)
         report[f"call{call}"] = {
             "saves": list(saves), "best_metric": result.best_metric, "best_epoch": result.best_epoch,
             "epochs_run": result.epochs_run, "best_checkpoint": str(result.best_checkpoint),
@@ -102,6 +119,8 @@ def test_two_ranks_of_batch_4_train_like_one_process_of_batch_8_and_only_rank_0_
     check(torchrun(script, tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world"] == ranks[1]["world"] == 2
+    # each rank read one row up front and its own share at each validation (2 epochs, then 1 more after resume)
+    assert [r["val_reads"] for r in ranks] == [[1 + 2 * 8, 1 + 8], [1 + 2 * 7, 1 + 7]]
 
     # every rank took the same decisions on the same numbers (history, best metric and epoch, checkpoint path)
     assert ranks[0]["call0"] == {**ranks[1]["call0"], "saves": ranks[0]["call0"]["saves"]}
@@ -130,7 +149,7 @@ def test_two_ranks_of_batch_4_train_like_one_process_of_batch_8_and_only_rank_0_
         torch.manual_seed(0)
         model = helpers["Net"]()
         initial = {k: v.clone() for k, v in model.state_dict().items()}
-        single = train(model, helpers["rows"](32, 0), helpers["rows"](16, 1), output_dir=tmp_path / f"single{batch}",
+        single = train(model, helpers["rows"](32, 0), helpers["rows"](15, 1), output_dir=tmp_path / f"single{batch}",
                        epochs=3, batch_size=batch, **helpers["OPTIONS"])
         references[batch] = (load_checkpoint(tmp_path / f"single{batch}" / "last.pt")["model"], single)
     weights, single = references[8]

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from ignite.metrics import Metric
 from monai.data import MetaTensor
 from monai.losses import DiceCELoss
@@ -169,12 +170,16 @@ class CaseCollector(Metric):
     Classification keeps probabilities (sigmoid / softmax of the logits) and labels; with ``series_key`` the rows
     are aggregated per series (max or mean) first. Segmentation keeps per-case Dice/Jaccard of the arg-max mask,
     never the masks. ``rows`` holds the per-case (or per-series) predictions after ``compute``. Attached in
-    ``flatten`` mode, so each metric lands in ``engine.state.metrics`` under its own name.
+    ``flatten`` mode, so each metric lands in ``engine.state.metrics`` under its own name. With ``world > 1``
+    each rank has seen the cases ``rank, rank + world, ...`` (MONAI's ``DistributedSampler`` without padding):
+    ``compute`` gathers every rank's cases back into dataset order first, so the metrics are the single-process
+    ones.
     """
 
     def __init__(self, task: str, id_key: str | None = None, series_key: str | None = None,
-                 aggregation: str = "max") -> None:
+                 aggregation: str = "max", world: int = 1) -> None:
         self.task, self.id_key, self.series_key, self.aggregation = task, id_key, series_key, aggregation
+        self.world = world
         self.rows: list[dict] = []
         super().__init__(metrics_result_mode="flatten")
 
@@ -205,11 +210,32 @@ class CaseCollector(Metric):
             raise TrainingError(f"series_key={self.series_key!r} is not a key of the evaluation samples")
         self._ids.extend(ids if ids is not None else [None] * pred.shape[0])
 
+    def _gathered(self) -> tuple[torch.Tensor | None, torch.Tensor | None, list]:
+        """(scores, labels, ids) of every rank's cases in dataset order (rank r holds cases r, r + world, ...)."""
+        local = (torch.cat(self._scores) if self._scores else None,
+                 torch.cat(self._labels) if self._labels else None, self._ids)
+        if self.world == 1:
+            return local
+        parts: list = [None] * self.world
+        dist.all_gather_object(parts, local)
+        merged = []
+        for field in range(3):
+            pieces = [part[field] for part in parts if part[field] is not None and len(part[field])]
+            if not pieces:
+                merged.append(None if field < 2 else [])
+                continue
+            size = sum(len(p) for p in pieces)
+            out = torch.empty((size, *pieces[0].shape[1:]), dtype=pieces[0].dtype) if field < 2 else [None] * size
+            for rank, part in enumerate(parts):
+                if part[field] is not None and len(part[field]):
+                    out[rank::self.world] = part[field]
+            merged.append(out)
+        return merged[0], merged[1], merged[2]
+
     def compute(self) -> dict[str, float]:
-        if not self._scores:
+        scores, gathered_labels, ids = self._gathered()
+        if scores is None:
             raise TrainingError("the evaluation data produced no batches")
-        scores = torch.cat(self._scores)
-        ids = self._ids
         has_ids = any(i is not None for i in ids)
         if self.task == "segmentation":
             dice, iou = scores[:, 0], scores[:, 1]
@@ -217,16 +243,17 @@ class CaseCollector(Metric):
             self.rows = [{**({"id": ids[i]} if has_ids else {}), "dice": _nanmean(dice[i]),
                           "jaccard": _nanmean(iou[i])} for i in range(scores.shape[0])]
             return metrics
-        labels = torch.cat(self._labels)
+        labels = gathered_labels
         if self.task == "binary":
             labels = labels.reshape(-1).long()
         elif self.task == "multilabel":
             labels = labels.long()
         if self.series_key:
-            _, per_series = aggregate_series(scores, ids, self.aggregation)
-            ids, series_labels = aggregate_series(labels, ids, "max")
+            window_ids = ids
+            _, per_series = aggregate_series(scores, window_ids, self.aggregation)
+            ids, series_labels = aggregate_series(labels, window_ids, "max")
             if self.task == "multiclass":
-                _, lowest = aggregate_series(-labels.double(), self._ids, "max")
+                _, lowest = aggregate_series(-labels.double(), window_ids, "max")
                 mixed = [sid for sid, hi, lo in zip(ids, series_labels, -lowest) if hi != lo]
                 if mixed:
                     raise TrainingError(f"series {mixed[:5]} have windows with different multiclass labels; a "

@@ -30,7 +30,9 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Events
 from ignite.handlers import EarlyStopping
+from ignite.metrics import Loss
 from monai.data import DataLoader
+from monai.data import DistributedSampler as MonaiDistributedSampler
 from monai.data.utils import set_rnd
 from monai.engines import IterationEvents, SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import ValidationHandler
@@ -55,6 +57,9 @@ from ._tasks import (
     task_metrics,
 )
 from .metrics import AGGREGATIONS
+from .optim import attach_scheduler, build_scheduler, check_scheduler, param_groups
+from .runtime import check_num_threads, on_terminal, torch_threads
+from .selection import ModelSelection, check_select
 
 logger = logging.getLogger("medtl3d.engine")
 
@@ -66,7 +71,7 @@ OPTIMIZERS = {
 ID_KEY = "id"
 # options that may change when a run is resumed; every other option must match the checkpoint's
 _RESUMABLE_CHANGES = ("epochs", "early_stop_patience", "device", "num_workers", "progress", "tensorboard",
-                      "mlflow_uri")
+                      "mlflow_uri", "num_threads")
 
 
 @dataclass
@@ -80,6 +85,7 @@ class TrainResult:
     best_checkpoint: Path | None = None
     last_checkpoint: Path | None = None
     epochs_run: int = 0
+    select: str = "key_metric"
 
 
 @dataclass
@@ -189,28 +195,23 @@ def _device_and_amp(device, amp: bool) -> tuple[torch.device, bool]:
 
 
 # ----------------------------------------------------------------------------------------------- building blocks
-def _param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
-    if callable(getattr(model, "param_groups", None)):
-        groups = model.param_groups(lr, weight_decay)
-    else:
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr,
-                   "weight_decay": weight_decay, "name": "all"}]
-    groups = [g for g in groups if g["params"]]
-    if not groups:
-        raise TrainingError("the model has no trainable parameters (every parameter has requires_grad=False)")
-    return groups
-
-
 def _evaluator(model, dataset, task, num_outputs, batch_size, num_workers, device, amp, series_key, aggregation,
-               where) -> tuple[SupervisedEvaluator, CaseCollector]:
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+               where, rank: int = 0, world: int = 1) -> tuple[SupervisedEvaluator, CaseCollector]:
+    # with world > 1 each rank evaluates cases rank, rank + world, ... (no padding duplicates); the collector
+    # gathers them, ignite's Loss all-reduces its sums
+    sampler = None if world == 1 else MonaiDistributedSampler(dataset, even_divisible=False, num_replicas=world,
+                                                              rank=rank, shuffle=False)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, sampler=sampler,
                         pin_memory=device.type == "cuda")
     evaluator = SupervisedEvaluator(
         device=device, val_data_loader=loader, network=model,
         prepare_batch=BatchPreparer(task, num_outputs, series_key or ID_KEY, where), amp=amp, decollate=False,
     )
-    collector = CaseCollector(task, id_key=ID_KEY, series_key=series_key, aggregation=aggregation)
+    collector = CaseCollector(task, id_key=ID_KEY, series_key=series_key, aggregation=aggregation, world=world)
     collector.attach(evaluator, "metrics")
+    # the validation loss (per window with series_key): tie-breaker of model selection, the plateau schedule's signal
+    Loss(make_loss(task), output_transform=lambda out: (out[CommonKeys.PRED], out[CommonKeys.LABEL]),
+         device=device).attach(evaluator, "loss")
     return evaluator, collector
 
 
@@ -322,6 +323,8 @@ class _Run:
     model_config: dict | None
     run_config: dict
     early_stopping: EarlyStopping | None = None
+    scheduler: object = None  # a torch learning-rate scheduler (its state goes into every checkpoint)
+    selection: ModelSelection = field(default_factory=ModelSelection)
     writes: bool = True  # False on the ranks > 0 of a distributed run: bookkeeping only
     history: list = field(default_factory=list)
     best_metric: float = math.nan
@@ -332,6 +335,7 @@ class _Run:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
             "engine": {"epoch": trainer.state.epoch, "iteration": trainer.state.iteration,
                        "epoch_length": trainer.state.epoch_length},
@@ -355,10 +359,10 @@ class _Run:
         if epoch % self.val_every == 0:
             metrics = self.evaluator.state.metrics
             record.update({f"val_{name}": float(metrics[name]) for name in self.metric_names})
-            value = float(metrics[self.key_metric])
-            improved = not math.isnan(value) and (math.isnan(self.best_metric) or value > self.best_metric)
+            record["val_loss"] = float(metrics["loss"])
+            improved = self.selection.update(record)
             if improved:
-                self.best_metric, self.best_epoch = value, epoch
+                self.best_metric, self.best_epoch = record[f"val_{self.key_metric}"], epoch
         self.history.append(record)
         self.stopped_early = bool(trainer.should_terminate) and epoch < trainer.state.max_epochs
         if not self.writes:
@@ -377,7 +381,7 @@ class _Run:
         return TrainResult(
             best_metric=self.best_metric, best_epoch=self.best_epoch, key_metric=self.key_metric,
             history=list(self.history), best_checkpoint=best if best.exists() else None,
-            last_checkpoint=self.output_dir / "last.pt", epochs_run=epochs_run,
+            last_checkpoint=self.output_dir / "last.pt", epochs_run=epochs_run, select=self.selection.select,
         )
 
 
@@ -457,7 +461,9 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
           amp: bool = False, grad_clip: float | None = None, key_metric: str | None = None,
           early_stop_patience: int | None = None, seed: int = 0, device="cpu", resume: bool = True,
           tensorboard: bool = True, mlflow_uri: str | None = None, progress: bool = True, val_every: int = 1,
-          series_key: str | None = None, aggregation: str = "max", model_config: dict | None = None) -> TrainResult:
+          series_key: str | None = None, aggregation: str = "max", model_config: dict | None = None,
+          scheduler: str = "cosine", warmup_epochs: float = 0, scheduler_options: dict | None = None,
+          select: str = "key_metric", num_threads: int | None = None) -> TrainResult:
     """Fine-tune ``model`` on ``train_data``, validating on ``val_data`` every ``val_every`` epochs.
 
     Samples are dicts with ``"image"`` (C, *spatial) and ``"label"`` (class index; 0/1 vector for multilabel;
@@ -465,15 +471,24 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
     series id under ``series_key`` (validation metrics are then computed per series, ``aggregation`` max/mean).
     ``output_dir`` receives ``last.pt`` (every epoch), ``best.pt`` (best ``key_metric``), ``history.csv``,
     ``result.json`` and ``tensorboard/``. With ``resume`` an existing ``last.pt`` of the same run is continued.
+    ``scheduler`` (cosine, step, plateau, constant; ``warmup_epochs`` of linear warm-up, ``scheduler_options``)
+    is :func:`medtl3d.engine.optim.build_scheduler`'s; weight decay spares norms, biases, embeddings and position
+    tables (:func:`~medtl3d.engine.optim.param_groups`). ``select`` is the best-checkpoint rule (key_metric, loss,
+    last, ema; ties broken by the validation loss, see :mod:`medtl3d.engine.selection`). ``num_threads`` sets
+    torch's CPU thread count for the run (restored afterwards). A progress bar is shown only on a terminal.
     The model is trained in place (it ends with the last epoch's weights; :func:`load_model` reads ``best.pt``).
 
     When ``torch.distributed`` is initialised with more than one process, every rank calls ``train`` with the same
     arguments (``device`` its own GPU, or ``"cpu"`` with gloo): training is data-parallel with ``batch_size`` per
-    rank, every rank validates on all of ``val_data`` and uses rank 0's metrics, only rank 0 writes to
+    rank, each rank validates its share of ``val_data`` and the predictions are gathered (the metrics equal a
+    single process's), every rank uses rank 0's metrics, only rank 0 writes to
     ``output_dir``, and every rank returns once the files are written. Checkpoints hold the unwrapped model.
     """
     key_metric = _check_options(task, epochs, lr, weight_decay, optimizer, batch_size, num_workers, grad_clip,
                                 key_metric, early_stop_patience, val_every, series_key, aggregation)
+    scheduler_options = check_scheduler(scheduler, warmup_epochs, scheduler_options)
+    check_select(select)
+    check_num_threads(num_threads)
     device, use_amp = _device_and_amp(device, amp)
     model_config = None if model_config is None else _plain(dict(model_config), "model_config")
     output_dir = Path(output_dir)
@@ -492,7 +507,7 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
                      else {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
     if val_every > epochs:
         logger.warning("val_every=%d > epochs=%d: no validation will run, so no best.pt", val_every, epochs)
-    groups = _param_groups(model, lr, weight_decay)
+    groups = param_groups(model, lr, weight_decay)
     opt = OPTIMIZERS[optimizer](groups, lr=lr, weight_decay=weight_decay)
     # the trainer steps through the DDP wrapper; checkpoints, evaluation and param groups use the model itself
     network = model if world == 1 else DistributedDataParallel(
@@ -508,8 +523,13 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
     single_last = len(sampler) % batch_size == 1 and len(sampler) > 1
     loader = DataLoader(train_data, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         generator=generator, pin_memory=device.type == "cuda", drop_last=single_last)
+    lr_scheduler = build_scheduler(scheduler, opt, epochs=epochs, steps_per_epoch=len(loader),
+                                   warmup_epochs=warmup_epochs, **scheduler_options)
+    if warmup_epochs >= epochs:
+        logger.warning("warmup_epochs=%g covers the whole run (epochs=%d): the learning rate only rises",
+                       warmup_epochs, epochs)
     evaluator, _ = _evaluator(model, val_data, task, num_outputs, batch_size, num_workers, device, use_amp,
-                              series_key, aggregation, "val_data")
+                              series_key, aggregation, "val_data", rank, world)
     trainer = SupervisedTrainer(
         device=device, max_epochs=epochs, train_data_loader=loader, network=network, optimizer=opt,
         loss_function=make_loss(task), prepare_batch=BatchPreparer(task, num_outputs, series_key or ID_KEY,
@@ -520,12 +540,14 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
         "task": task, "lr": lr, "weight_decay": weight_decay, "optimizer": optimizer, "batch_size": batch_size,
         "amp": bool(amp), "grad_clip": grad_clip, "key_metric": key_metric, "seed": seed, "val_every": val_every,
         "series_key": series_key, "aggregation": aggregation, "model_config": model_config,
-        "train_size": len(train_data), "val_size": len(val_data),
+        "train_size": len(train_data), "val_size": len(val_data), "scheduler": scheduler,
+        "warmup_epochs": warmup_epochs, "scheduler_options": scheduler_options, "select": select,
     }
     if world > 1:  # a different world size changes the batches: such a checkpoint does not resume
         run_config["world_size"] = world
     run = _Run(model, opt, evaluator, output_dir, key_metric, task_metrics(task), val_every, initial_state,
-               model_config, run_config, writes=rank == 0)
+               model_config, run_config, scheduler=lr_scheduler, selection=ModelSelection(select, key_metric),
+               writes=rank == 0)
     if early_stop_patience is not None:
         score = lambda e: _score(e.state.metrics[key_metric])  # noqa: E731
         run.early_stopping = EarlyStopping(patience=early_stop_patience, score_function=score, trainer=trainer)
@@ -547,19 +569,21 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
         trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, _GradClip(params, grad_clip))
     if world > 1:
         trainer.add_event_handler(Events.EPOCH_COMPLETED, _SyncBuffers(model))  # before validation
-        evaluator.add_event_handler(Events.EPOCH_COMPLETED, _SameMetrics(task_metrics(task), device))
+        evaluator.add_event_handler(Events.EPOCH_COMPLETED, _SameMetrics((*task_metrics(task), "loss"), device))
+    attach_scheduler(lr_scheduler, trainer, evaluator)  # after _SameMetrics: plateau steps on rank 0's loss
     ValidationHandler(interval=val_every, validator=evaluator, epoch_level=True).attach(trainer)
     if run.early_stopping is not None:
         evaluator.add_event_handler(Events.COMPLETED, run.early_stopping)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, run.epoch_completed)
-    closables = (_attach_trackers(trainer, evaluator, output_dir, tensorboard, mlflow_uri, progress, run_config)
-                 if rank == 0 else [])
+    closables = (_attach_trackers(trainer, evaluator, output_dir, tensorboard, mlflow_uri,
+                                  progress and on_terminal(), run_config) if rank == 0 else [])
 
     model.train()
     if saved is not None:
         set_rng_state(saved["rng"])  # last: nothing may draw random numbers between this and the first batch
     try:
-        trainer.run()
+        with torch_threads(num_threads):
+            trainer.run()
     finally:
         for closable in closables:
             closable.close()
@@ -578,10 +602,14 @@ def _restore(run: _Run, trainer: SupervisedTrainer, last: Path) -> dict:
     try:
         run.model.load_state_dict(saved["model"])
         run.optimizer.load_state_dict(saved["optimizer"])
+        run.scheduler.load_state_dict(saved["scheduler"])
     except (RuntimeError, ValueError, KeyError) as err:
         raise TrainingError(f"{last} does not fit this model/optimizer: {err}") from err
     run.history, run.best_metric, run.best_epoch = saved["history"], saved["best_metric"], saved["best_epoch"]
     run.initial_state, run.stopped_early = saved["initial_state"], saved["stopped_early"]
+    for record in run.history:  # the selection rule's state (best score, EMA) is a function of the history
+        if "val_loss" in record:
+            run.selection.update(record)
     if run.early_stopping is not None and saved["early_stopping"] is not None:
         run.early_stopping.load_state_dict(saved["early_stopping"])
     trainer.state.epoch, trainer.state.iteration = saved["engine"]["epoch"], saved["engine"]["iteration"]
