@@ -378,9 +378,10 @@ class _Run:
 
     def case(self, index: int, case) -> None:
         image = load_image(case, irregular=self.irregular, max_decoded_mb=self.limit_mb)
+        self.check_dimensionality(case, image)
         data = self.transform({"image": image})
         x = data["image"]
-        self.check_input(case, image, x)
+        self.check_channels(case, x)
         if self.num_slices is not None and x.ndim != 4:
             raise DataError(f"num_slices needs 3D (C, D, H, W) inputs; the preprocessing gave {tuple(x.shape)}")
         if self.task == "segmentation":
@@ -398,17 +399,22 @@ class _Run:
             if len(self.pending) == self.batch_size:
                 self.flush()
 
-    def check_input(self, case, image, x) -> None:
-        """Refuse a case the model cannot take: its dimensionality as loaded, its channels after preprocessing."""
-        if self.model_input is None:
+    def check_dimensionality(self, case, image) -> None:
+        """Refuse a case of other spatial dimensions than the model's, as loaded (a preset may add a slice axis)."""
+        if self.model_input is None or _spatial_dims(image) == self.model_input[0]:
             return
-        dims, channels = self.model_input
-        got = (_spatial_dims(image), int(x.shape[0]))
-        if got != (dims, channels):
-            raise DataError(f"{case.path}: the model takes {dims}D input with {channels} channel(s), this case is "
-                            f"{got[0]}D with {got[1]} channel(s) (loaded {tuple(image.shape)}, preprocessed "
-                            f"{tuple(x.shape)}): give it a {dims}D model for {got[0]}D data, or a preset that makes "
-                            f"{channels}-channel input")
+        dims, got = self.model_input[0], _spatial_dims(image)
+        raise DataError(f"{case.path}: the model takes {dims}D input, this case is {got}D (shape "
+                        f"{tuple(image.shape)}): give {dims}D cases to this model, or use a {got}D model")
+
+    def check_channels(self, case, x) -> None:
+        """Refuse a case of other channels than the model's, after preprocessing (which may convert them)."""
+        if self.model_input is None or int(x.shape[0]) == self.model_input[1]:
+            return
+        channels, got = self.model_input[1], int(x.shape[0])
+        raise DataError(f"{case.path}: the model takes {channels}-channel input, this case has {got} channel(s) "
+                        f"after preprocessing (shape {tuple(x.shape)}): use a preset that converts it to {channels} "
+                        f"channel(s), or a {got}-channel model")
 
     def flush(self) -> None:
         """Run the pending inputs as one batch; finish the cases whose inputs have all been predicted."""

@@ -13,12 +13,15 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import logging
 import sys
 
 from ..data.presets import PRESETS
 from ..engine import TASKS
 from ..engine.metrics import AGGREGATIONS
-from ..errors import DataError, Medtl3dError
+from ..errors import DataError, Medtl3dError, one_line
+
+logger = logging.getLogger(__name__)
 
 _LISTED = 20  # failures printed; the CSV has them all
 
@@ -75,7 +78,14 @@ def _settings(args: argparse.Namespace) -> tuple[str, dict]:
     if model is None:
         raise DataError("give --model CHECKPOINT (or --bundle DIR)")
     recorded_file = Path(model).with_suffix(".json")
-    recorded = json.loads(recorded_file.read_text()) if recorded_file.is_file() else {}
+    try:
+        recorded = json.loads(recorded_file.read_text(encoding="utf-8")) if recorded_file.is_file() else {}
+    except (OSError, ValueError) as err:
+        raise DataError(f"{recorded_file}: the recorded settings of {model} cannot be read ({one_line(err)}); "
+                        "restore the file, or delete it and give --preset and --task") from err
+    if not isinstance(recorded, dict):
+        raise DataError(f"{recorded_file}: the recorded settings of {model} are not a JSON object; restore the "
+                        "file, or delete it and give --preset and --task")
     if args.bundle and not recorded:
         raise DataError(f"{recorded_file} is missing: it records the preprocessing of {model}; train the bundle "
                         "first (or give --preset and --task)")
@@ -104,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
                                batch_size=args.batch_size, irregular=args.irregular, progress=not args.no_progress,
                                max_decoded_mb=args.max_decoded_mb, **options)
     except Medtl3dError as exc:
-        print(f"medtl3d: error: {exc}", file=sys.stderr)
+        print(f"medtl3d: error: {one_line(exc, 500)}", file=sys.stderr)  # the rest of a long message: the log
+        logger.debug("medtl3d infer refused", exc_info=exc)
         return 2
     resumed = f" ({summary.n_resumed} resumed from an interrupted run)" if summary.n_resumed else ""
     print(f"{summary.n_cases} case(s): {summary.n_ok} ok, {summary.n_failed} failed or skipped{resumed} -> "
