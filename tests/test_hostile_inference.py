@@ -311,6 +311,15 @@ def test_interrupted_run_leaves_no_partial_file_and_the_rerun_completes_only_mis
     assert (out / "predictions.csv").read_bytes() == reference
     assert not (out / folder_module.JOURNAL_DIR).exists()
 
+    # interrupted again, a finished case's file changes: the re-run predicts it again
+    loads[:], interrupt_after = [], 2
+    with pytest.raises(KeyboardInterrupt):
+        infer_folder(model, "cxr", folder, out, **run_args)
+    _png(folder / "film0.png", seed=10)
+    loads[:], interrupt_after = [], None
+    summary = infer_folder(model, "cxr", folder, out, **run_args)
+    assert loads == ["film0", "film2", "film3", "film4"] and summary.n_resumed == 1
+
     # interrupted again, then re-run with another threshold: the journal is discarded, said in one line
     loads[:], interrupt_after = [], 2
     with pytest.raises(KeyboardInterrupt):

@@ -88,9 +88,16 @@ def _reason(err: BaseException) -> str:
 
 
 def _source_stamp(case) -> list:
-    """(name, size, mtime) of the case's files: a journalled row is reused only while its files are unchanged."""
-    stats = [(str(f), os.stat(f)) for f in (case.files or (case.path,))]
-    return [[name, st.st_size, st.st_mtime_ns] for name, st in stats]
+    """(name, size, mtime) of the case's files (None, None for one that cannot be read): a journalled row is reused
+    only while its files are unchanged."""
+    stamp = []
+    for name in map(str, case.files or (case.path,)):
+        try:
+            st = os.stat(name)
+            stamp.append([name, st.st_size, st.st_mtime_ns])
+        except OSError:
+            stamp.append([name, None, None])
+    return stamp
 
 
 def _model_digest(model: nn.Module) -> str:
@@ -284,8 +291,8 @@ def infer_folder(model: nn.Module | str | os.PathLike, preprocess: Compose | str
     columns = ["case_id", "path", "kind", "status", "reason", "windows"]
     columns += ["mask", "labels", "foreground_voxels"] if task == "segmentation" else predictor.columns()
 
+    cases, skipped = find_cases(input_dir)
     with exclusive_output(output_dir, "medtl3d infer"):
-        cases, skipped = find_cases(input_dir)
         journal = _Journal(output_dir, {"model": _model_digest(model), **settings})
         if task == "segmentation":
             (output_dir / MASK_DIR).mkdir(exist_ok=True)
