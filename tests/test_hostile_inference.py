@@ -350,6 +350,13 @@ def test_unusable_model_files_are_refused_in_one_line(tmp_path, cxr_args, capsys
         _one_line_error(capsys, str(tmp_path / name), why)
     assert not (tmp_path / "out" / "predictions.csv").exists()
 
+    # the settings recorded beside a checkpoint (model.json), corrupt
+    model = tmp_path / "model.pt"
+    model.write_bytes((tmp_path / "state_dict.pt").read_bytes())
+    (tmp_path / "model.json").write_text('{"preset": "cxr", ')
+    assert _cli(["--model", str(model), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, f"{tmp_path / 'model.json'}: the recorded settings of {model} cannot be read")
+
 
 def test_truncated_safetensors_weights_name_the_file(tmp_path):
     from safetensors.torch import save_file
