@@ -84,3 +84,18 @@ class AnalysisError(Medtl3dError, ValueError):
 
 class SearchError(Medtl3dError, ValueError):
     """A cutoff search that cannot run as configured: no candidates, inapplicable strategy, foreign results store."""
+
+
+class OutputError(Medtl3dError, ValueError):
+    """An output folder that cannot be written: a file stands at its path, or it cannot be created."""
+
+
+class OutputLockedError(OutputError):
+    """An output folder that another run (named in the message) is writing: one writer per output folder."""
+
+
+def one_line(message: object, limit: int = 300) -> str:
+    """The first non-empty line of ``message``, cut to ``limit`` characters: how a library's message (which may hold
+    a traceback or a listing) is quoted inside one of ours."""
+    line = next((text.strip() for text in str(message).splitlines() if text.strip()), "")
+    return line if len(line) <= limit else line[: limit - 3] + "..."

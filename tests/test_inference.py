@@ -24,6 +24,7 @@ from medtl3d.engine._checkpoint import save_checkpoint
 from medtl3d.errors import DataError, TrainingError
 from medtl3d.inference import infer_folder
 from medtl3d.inference.cli import add_parser, parse_preset_options, run
+from medtl3d.reporting import LOCK_NAME
 from medtl3d.strategies import create_model
 
 EXAMPLE_4D = Path(nib.__file__).parent / "tests" / "data" / "example4d.nii.gz"
@@ -111,7 +112,8 @@ def test_folder_inference_acceptance(ctpa, checkpoint, tmp_path, capsys):
     summary = json.loads((out / "predictions.json").read_text())
     assert (summary["n_cases"], summary["n_ok"], summary["n_failed"], summary["n_skipped"]) == (8, 3, 5, 2)
     assert {f["status"] for f in summary["failures"]} == {"failed", "skipped"}
-    assert sorted(p.name for p in out.iterdir()) == ["predictions.csv", "predictions.json"]  # no temp files left
+    # no temp files or journal left; the (released) lock file stays, as filelock keeps it
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "predictions.csv", "predictions.json"]
 
 
 def test_cli_exit_status_0_when_all_ok_and_2_on_bad_arguments(ctpa, checkpoint, tmp_path, capsys):

@@ -14,15 +14,20 @@ series reader orders them), an RAS affine, ``float32`` values; DICOM pixel value
 Intercept or the Modality LUT applied, so CT is in HU). Compressed transfer syntaxes are decoded by pydicom's pixel
 handlers (JPEG 2000 needs ``pylibjpeg`` + ``pylibjpeg-openjpeg``). Meta keys added to MONAI's: ``case_id``, ``kind``,
 ``modality``, ``series_uid``, ``spacing``, ``resampled`` and ``geometry_problems``.
+
+Hostile files are refused from their headers, before any pixel is decoded: a NIfTI, DICOM series or 2D image whose
+dimensions decode to more than the decoded-size limit (:func:`decoded_size_limit`, 2048 MB by default), and a 2D
+image over PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, whose warning is an error here).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Sequence
@@ -30,6 +35,7 @@ from typing import Any, Hashable, Mapping, Sequence
 import numpy as np
 import pydicom
 import torch
+from PIL import Image
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing, orientation_ras_lps
@@ -38,10 +44,10 @@ from monai.utils import SpaceKeys
 from pydicom.pixels import apply_modality_lut
 from scipy import ndimage
 
-from medtl3d.errors import DataError
+from medtl3d.errors import DataError, one_line
 
 __all__ = ["Case", "SeriesGeometry", "find_cases", "read_series_headers", "load_image", "LoadCased",
-           "NIFTI_SUFFIXES", "IMAGE_SUFFIXES"]
+           "decoded_size_limit", "NIFTI_SUFFIXES", "IMAGE_SUFFIXES"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +82,8 @@ _silence_nvimagecodec_notice()
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 IRREGULAR_MODES = ("refuse", "resample")
+DEFAULT_MAX_DECODED_MB = 2048.0
+MAX_DECODED_ENV = "MEDTL3D_MAX_DECODED_MB"
 
 
 @dataclass(frozen=True)
@@ -149,19 +157,26 @@ def _stem(path: Path) -> str:
     return path.name[: -len(".nii.gz")] if path.name.lower().endswith(".nii.gz") else path.stem
 
 
-def _dicom_header(path: Path) -> pydicom.Dataset | None:
-    """The header of ``path`` if its content is DICOM (preamble "DICM", or a raw dataset with an image's Rows and
-    Columns), else None. Raises DataError when it starts like DICOM but the header cannot be parsed."""
+def _head(path: Path) -> bytes:
+    """The first 132 bytes of ``path`` (enough to recognise DICOM); DataError naming the file when it cannot be
+    read (permissions, I/O error)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(132)
+            return f.read(132)
     except OSError as e:
-        raise DataError(f"{path}: cannot read file: {e}") from e
+        raise DataError(f"{path}: cannot read file: {e.strerror or e}") from e
+
+
+def _dicom_header(path: Path) -> pydicom.Dataset | None:
+    """The header of ``path`` if its content is DICOM (preamble "DICM", or a raw dataset with an image's Rows and
+    Columns), else None. Raises DataError when the file cannot be read or starts like DICOM but the header cannot
+    be parsed."""
+    head = _head(path)
     if head[128:132] == b"DICM":
         try:
             return pydicom.dcmread(path, stop_before_pixels=True)
         except Exception as e:  # noqa: BLE001 - any parser failure is reported with the file name
-            raise DataError(f"{path}: unreadable DICOM header: {type(e).__name__}: {e}") from e
+            raise DataError(f"{path}: unreadable DICOM header: {type(e).__name__}: {one_line(e)}") from e
     try:  # DICOM without preamble (raw dataset): accept only what parses into an image header
         ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
         if isinstance(ds.get("Rows"), int) and isinstance(ds.get("Columns"), int) and "SOPClassUID" in ds:
@@ -173,11 +188,16 @@ def _dicom_header(path: Path) -> pydicom.Dataset | None:
 
 def _walk(root: Path, skipped: list[tuple[Path, str]]) -> list[tuple[Path, list[str]]]:
     """(folder, sorted file names) for every folder under ``root``, following folder links without loops or
-    duplicates (the rules in :func:`find_cases`); empty folders and links not followed go to ``skipped``."""
+    duplicates (the rules in :func:`find_cases`); empty folders, folders that cannot be listed and links not
+    followed go to ``skipped``."""
     own = {os.path.realpath(folder) for folder, _, _ in os.walk(root)}  # reached without following any link
     scanned: dict[str, Path] = {}  # real path -> the path it was scanned at
     entries = []
-    for name, dirs, files in os.walk(root, followlinks=True):
+
+    def unlisted(err: OSError) -> None:
+        skipped.append((Path(err.filename), f"cannot list folder: {err.strerror or err}"))
+
+    for name, dirs, files in os.walk(root, followlinks=True, onerror=unlisted):
         folder, here = Path(name), os.path.realpath(name)
         if here in scanned:  # a second link to a folder already scanned (or to one of its subfolders)
             dirs.clear()
@@ -204,13 +224,18 @@ def _walk(root: Path, skipped: list[tuple[Path, str]]) -> list[tuple[Path, list[
     return entries
 
 
-def _unique(ids: list[str]) -> list[str]:
-    seen: dict[str, int] = defaultdict(int)
-    out = []
-    for i in ids:
-        seen[i] += 1
-        out.append(i if seen[i] == 1 else f"{i}_{seen[i]}")
-    return out
+def _unique_ids(candidates: Sequence[tuple[str, str, str]]) -> list[str]:
+    """Case ids from (id, id with extension, relative path) candidates, unique even where the file system ignores
+    case (ids name mask files) and independent of the order a folder is listed in: ids that collide ignoring case
+    keep their extension (``x.png``, ``x.jpg``); ids that still collide get the first 8 hex digits of their relative
+    path's SHA-1 (``x_3f2a9c01``)."""
+    ids = [short for short, _, _ in candidates]
+    widenings = (lambda short, full, key: full,
+                 lambda short, full, key: f"{short}_{hashlib.sha1(key.encode()).hexdigest()[:8]}")
+    for widen in widenings:
+        counts = Counter(i.casefold() for i in ids)
+        ids = [widen(*candidate) if counts[i.casefold()] > 1 else i for i, candidate in zip(ids, candidates)]
+    return ids
 
 
 def find_cases(root: str | Path) -> tuple[list[Case], list[tuple[Path, str]]]:
@@ -220,9 +245,12 @@ def find_cases(root: str | Path) -> tuple[list[Case], list[tuple[Path, str]]]:
     per series (case_id = folder path relative to ``root`` joined by "_", plus ``_<last 8 UID characters>`` when the
     folder holds several series, or ``_<file stem>`` for one-file series); an enhanced multi-frame file is a case on
     its own. ``.nii``/``.nii.gz`` files and 2D images (``.png .jpg .jpeg .bmp .tif .tiff``) are one case each
-    (case_id = relative path without extension). Everything else is returned in ``skipped`` with the reason:
-    empty folders, non-image files, DICOM without image data (DICOMDIR, SR, RTSTRUCT, truncated headers),
-    unparseable DICOM headers, and linked folders not followed (see below).
+    (case_id = relative path without extension). Case ids are unique ignoring case and do not depend on listing
+    order: ids that collide keep the file's extension, and if they still collide get a hash of the relative path
+    (:func:`_unique_ids`). Everything else is returned in ``skipped`` with the reason:
+    empty folders, folders that cannot be listed, files that cannot be read, non-image files, DICOM without image
+    data (DICOMDIR, SR, RTSTRUCT, truncated headers), unparseable DICOM headers, and linked folders not followed
+    (see below).
     A DICOM whose header parses but whose pixel data is broken is a case that fails in :func:`load_image`.
 
     Symbolic links to folders are followed (case ids use the link's path), except a link to a folder inside
@@ -233,7 +261,7 @@ def find_cases(root: str | Path) -> tuple[list[Case], list[tuple[Path, str]]]:
     if not root.exists():
         raise DataError(f"{root}: input folder does not exist")
     skipped: list[tuple[Path, str]] = []
-    singles: list[tuple[str, Case]] = []  # (id, case) for NIfTI / images
+    singles: list[tuple[tuple[str, str, str], Case]] = []  # ((id, id with extension, relative path), case)
     dicom: dict[Path, dict[str, list[tuple[Path, pydicom.Dataset]]]] = defaultdict(lambda: defaultdict(list))
 
     if root.is_file():
@@ -251,11 +279,15 @@ def find_cases(root: str | Path) -> tuple[list[Case], list[tuple[Path, str]]]:
         for name in files:
             path = folder / name
             suffix = _suffix(path)
-            if suffix in NIFTI_SUFFIXES:
-                singles.append((rel_id(path.parent / _stem(path)), Case("", "nifti", path)))
-                continue
-            if suffix in IMAGE_SUFFIXES:
-                singles.append((rel_id(path.parent / path.stem), Case("", "image", path)))
+            if suffix in NIFTI_SUFFIXES + IMAGE_SUFFIXES:
+                try:
+                    _head(path)
+                except DataError as e:
+                    skipped.append((path, str(e)[len(f"{path}: "):]))
+                    continue
+                stem = _stem(path) if suffix in NIFTI_SUFFIXES else path.stem
+                names = (rel_id(path.parent / stem), rel_id(path), path.relative_to(base).as_posix())
+                singles.append((names, Case("", "nifti" if suffix in NIFTI_SUFFIXES else "image", path)))
                 continue
             try:
                 ds = _dicom_header(path)
@@ -271,7 +303,7 @@ def find_cases(root: str | Path) -> tuple[list[Case], list[tuple[Path, str]]]:
             else:
                 dicom[folder][str(ds.get("SeriesInstanceUID", ""))].append((path, ds))
 
-    cases: list[tuple[str, Case]] = list(singles)
+    cases = list(singles)
     for folder, series in dicom.items():
         folder_id = rel_id(folder) if folder != base else (root.stem if root.is_file() else root.name)
         groups: list[tuple[str, list[Path]]] = []
@@ -289,9 +321,10 @@ def find_cases(root: str | Path) -> tuple[list[Case], list[tuple[Path, str]]]:
             else:
                 cid = f"{folder_id}_{uid[-8:].strip('.') or 'nouid'}"
             path = files[0] if len(files) == 1 and len(groups) > 1 else folder
-            cases.append((cid, Case("", "dicom", path, tuple(files), uid or None)))
+            key = f"{path.relative_to(base).as_posix()}#{uid}"
+            cases.append(((cid, cid, key), Case("", "dicom", path, tuple(files), uid or None)))
 
-    ids = _unique([cid for cid, _ in cases])
+    ids = _unique_ids([names for names, _ in cases])
     out = sorted((Case(i, c.kind, c.path, c.files, c.series_uid) for i, (_, c) in zip(ids, cases)),
                  key=lambda c: c.case_id)
     logger.info("%s: %d case(s), %d skipped", root, len(out), len(skipped))
@@ -564,6 +597,50 @@ def _resample_regular(vol: np.ndarray, geom: SeriesGeometry) -> tuple[np.ndarray
 # ------------------------------------------------------------------------------------------------------- loading
 
 
+def decoded_size_limit(max_decoded_mb: float | None = None) -> float:
+    """The limit on an image's decoded size, in MB: ``max_decoded_mb``, else the environment variable
+    ``MEDTL3D_MAX_DECODED_MB``, else 2048. A header claiming more is refused before any pixel is decoded, so a
+    tiny hostile file cannot make the reader allocate gigabytes."""
+    given, source = max_decoded_mb, "max_decoded_mb"
+    if given is None:
+        given, source = os.environ.get(MAX_DECODED_ENV), MAX_DECODED_ENV
+        if given is None:
+            return DEFAULT_MAX_DECODED_MB
+    try:
+        limit = float(given)
+    except (TypeError, ValueError):
+        limit = math.nan
+    if not (math.isfinite(limit) and limit > 0):
+        raise DataError(f"{source}={given!r}: the decoded-size limit must be a positive number of MB")
+    return limit
+
+
+def _check_decoded_size(path: Path, shape: Sequence[int], what: str, value_bytes: int, limit_mb: float) -> None:
+    """Refuse ``path`` when ``shape`` values of ``value_bytes`` each (at least float32, what load_image returns)
+    exceed ``limit_mb``; the message names the file, its dimensions and both sizes."""
+    size_mb = math.prod(int(n) for n in shape) * max(value_bytes, 4) / 2**20
+    if size_mb > limit_mb:
+        raise DataError(f"{path}: {'x'.join(str(int(n)) for n in shape)} ({what}) decodes to {size_mb:,.0f} MB, "
+                        f"over the decoded-size limit of {limit_mb:g} MB: refused before reading the pixels; if the "
+                        f"file is trusted, raise the limit (--max-decoded-mb, max_decoded_mb= or {MAX_DECODED_ENV})")
+
+
+def _check_image_header(path: Path, limit_mb: float) -> None:
+    """Read a 2D image's header with PIL (no pixels): refuse a file PIL cannot identify, one over PIL's
+    decompression-bomb limit (its warning is an error here) and one over the decoded-size limit."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                shape, bands = im.size, len(im.getbands())
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise DataError(f"{path}: a possible decompression bomb, refused before decoding ({one_line(e)}); "
+                            "downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted") from e
+        except Exception as e:  # noqa: BLE001 - any parser failure is reported with the file name
+            raise DataError(f"{path}: cannot read as image: {type(e).__name__}: {one_line(e)}") from e
+    _check_decoded_size(path, (*shape, bands), "width x height x bands", 4, limit_mb)
+
+
 def _meta(affine: np.ndarray, spatial_shape: Sequence[int], filename: str, **extra: Any) -> dict:
     affine_t = torch.as_tensor(affine, dtype=torch.float64)
     meta = {
@@ -579,7 +656,7 @@ def _meta(affine: np.ndarray, spatial_shape: Sequence[int], filename: str, **ext
     return meta
 
 
-def _load_dicom(case: Case, volume_index: int | None, irregular: str) -> MetaTensor:
+def _load_dicom(case: Case, volume_index: int | None, irregular: str, limit_mb: float) -> MetaTensor:
     if not case.files and case.path.is_dir():
         case = replace(_case_of(case.path), case_id=case.case_id)
     files = case.files or (case.path,)
@@ -594,8 +671,11 @@ def _load_dicom(case: Case, volume_index: int | None, irregular: str) -> MetaTen
     if geom.problems and irregular == "refuse":
         raise DataError(f"{geom.location}: " + "; ".join(geom.problems) +
                         " - pass irregular='resample' to resample onto a regular grid")
-    vol = _read_pixels(geom, frame)
     ds = pydicom.dcmread(geom.slices[0][0], stop_before_pixels=True)
+    frames = len(files) * int(ds.get("NumberOfFrames", 1) or 1)  # every frame of a file is decoded
+    _check_decoded_size(geom.location, (geom.columns, geom.rows, frames, int(ds.get("SamplesPerPixel", 1) or 1)),
+                        "columns x rows x frames x samples", 4, limit_mb)
+    vol = _read_pixels(geom, frame)
     resampled = bool(geom.problems)
     if resampled:
         vol, affine = _resample_regular(vol, geom)
@@ -623,15 +703,17 @@ def _single_frame_geometry(path: Path) -> SeriesGeometry:
                           (0.0, 1.0, 0.0), ((0.0, 0.0, 0.0),), (0.0,), None, True, False)
 
 
-def _load_with_monai(case: Case, reader: str, volume_index: int | None) -> MetaTensor:
+def _load_with_monai(case: Case, reader: str, volume_index: int | None, limit_mb: float) -> MetaTensor:
     path = case.path
     if case.kind == "nifti":
         import nibabel as nib
 
         try:
-            shape = nib.load(str(path)).shape
+            header = nib.load(str(path)).header  # the header only: nibabel reads voxels on demand
+            shape, value_bytes = header.get_data_shape(), header.get_data_dtype().itemsize
         except Exception as e:  # noqa: BLE001 - nibabel's errors are reported with the file name
-            raise DataError(f"{path}: unreadable NIfTI: {type(e).__name__}: {e}") from e
+            raise DataError(f"{path}: unreadable NIfTI: {type(e).__name__}: {one_line(e)}") from e
+        _check_decoded_size(path, shape, "voxels", value_bytes, limit_mb)
         volumes = shape[3] if len(shape) >= 4 else 1
         if len(shape) > 4 and int(np.prod(shape[4:])) > 1:
             raise DataError(f"{path}: {len(shape)}-D NIfTI {shape} is not supported (3-D or 4-D only)")
@@ -640,12 +722,14 @@ def _load_with_monai(case: Case, reader: str, volume_index: int | None) -> MetaT
                             f"(0..{volumes - 1}) to load one")
         if volume_index is not None and not 0 <= volume_index < volumes:
             raise DataError(f"{path}: volume_index={volume_index} out of range (0..{volumes - 1})")
-    elif volume_index not in (None, 0):
-        raise DataError(f"{path}: volume_index={volume_index} but a 2D image is one volume")
+    else:
+        if volume_index not in (None, 0):
+            raise DataError(f"{path}: volume_index={volume_index} but a 2D image is one volume")
+        _check_image_header(path, limit_mb)
     try:
         img = LoadImage(image_only=True, ensure_channel_first=True, reader=reader)(str(path))
     except Exception as e:  # noqa: BLE001 - reader failures are reported with the file name
-        raise DataError(f"{path}: cannot read as {case.kind}: {type(e).__name__}: {e}") from e
+        raise DataError(f"{path}: cannot read as {case.kind}: {type(e).__name__}: {one_line(e)}") from e
     if case.kind == "nifti" and img.shape[0] > 1:
         img = img[volume_index or 0: (volume_index or 0) + 1]
     img.meta.update(case_id=case.case_id, kind=case.kind, modality="unknown", series_uid="", resampled=False,
@@ -677,23 +761,26 @@ def _case_of(source: Case | str | Path) -> Case:
     return Case(path.stem, "dicom", path, (path,), str(ds.get("SeriesInstanceUID", "")) or None)
 
 
-def load_image(source: Case | str | Path, *, volume_index: int | None = None,
-               irregular: str = "refuse") -> MetaTensor:
+def load_image(source: Case | str | Path, *, volume_index: int | None = None, irregular: str = "refuse",
+               max_decoded_mb: float | None = None) -> MetaTensor:
     """Load a case (a :class:`Case`, a file, or a folder holding exactly one case) as a channel-first MetaTensor.
 
     ``volume_index`` selects one volume of a 4-D NIfTI (refused without it) or one frame of a multi-frame DICOM
     without per-frame positions. ``irregular``: what to do with a DICOM series that has missing slices,
     non-uniform spacing or gantry tilt: ``"refuse"`` (DataError naming the folder and the problem) or
     ``"resample"`` (regular grid, recorded in ``meta["resampled"]`` / ``meta["geometry_problems"]``).
+    ``max_decoded_mb``: the decoded-size limit (:func:`decoded_size_limit`), checked against the headers.
     NaN/inf voxels, unreadable or non-image files raise DataError naming the file and the cause.
     """
     if irregular not in IRREGULAR_MODES:
         raise DataError(f"irregular={irregular!r}: expected one of {IRREGULAR_MODES}")
+    limit_mb = decoded_size_limit(max_decoded_mb)
     case = _case_of(source)
     if case.kind == "dicom":
-        img = _load_dicom(case, volume_index, irregular)
+        img = _load_dicom(case, volume_index, irregular, limit_mb)
     elif case.kind in ("nifti", "image"):
-        img = _load_with_monai(case, "NibabelReader" if case.kind == "nifti" else "PILReader", volume_index)
+        img = _load_with_monai(case, "NibabelReader" if case.kind == "nifti" else "PILReader", volume_index,
+                               limit_mb)
     else:
         raise DataError(f"{case.path}: unknown case kind {case.kind!r} (expected dicom, nifti or image)")
     if img.is_floating_point():

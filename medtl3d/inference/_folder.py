@@ -1,10 +1,17 @@
 """Folder inference: every case of a folder (DICOM series, NIfTI, PNG/JPEG) -> one CSV row, masks as NIfTI.
 
-A case that cannot be read or predicted is recorded with status ``failed`` and its reason, an entry that is not a
-case (empty folder, non-image file, DICOM without pixels) with status ``skipped``; the run goes on. Rows are
-appended (and flushed) to a hidden temporary CSV as cases finish and the file is renamed to ``predictions.csv`` at
-the end, so ``predictions.csv`` is always complete (an interrupted run leaves only the hidden ``.partial`` file with
-the rows done so far); ``predictions.json`` sums the run up.
+A case that cannot be read or predicted is recorded with status ``failed`` and a one-line reason (the traceback
+goes to the log at DEBUG level), an entry that is not a case (empty folder, unreadable folder or file, non-image
+file, DICOM without pixels) with status ``skipped``; the run goes on. A case the model cannot take (2D input for a 3D
+model, or the other way round; the wrong number of channels after preprocessing) fails with the expected and the
+given dimensionality and channels.
+
+One run writes an output folder at a time (:func:`~medtl3d.reporting.exclusive_output`). Each finished case's row
+is written at once to a hidden journal (``.medtl3d-run/`` in the output folder); ``predictions.csv`` and
+``predictions.json`` are published atomically at the end, and the journal is removed. An interrupted run (Ctrl-C, a
+crash) leaves the journal and no partial file; the same command run again predicts only the cases the journal lacks
+(a case whose files changed is predicted again). A journal written with another model or other options is discarded
+(a warning names what differs) and the run starts over.
 
 Classification follows the training engine's conventions: binary = one logit -> sigmoid, multiclass = softmax,
 multilabel = sigmoid per label; a decision is ``probability > threshold`` (multiclass: arg-max). With
@@ -18,10 +25,11 @@ affine, so it overlays the input in any viewer.
 
 from __future__ import annotations
 
-import csv
+import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,25 +43,26 @@ from monai.inferers import SimpleInferer, SlidingWindowInferer
 from monai.transforms import Compose, InvertibleTransform, Invertd
 from torch import nn
 
-from ..data.io import find_cases, load_image
+from ..data.io import decoded_size_limit, find_cases, load_image
 from ..data.presets import medtl3d_cause, preset as make_preset
 from ..data.windows import slice_windows, take_window
 from ..engine import TASKS, load_model
 from ..engine._trainer import resolve_device
 from ..engine._tasks import check_outputs
 from ..engine.metrics import AGGREGATIONS
-from ..errors import DataError, TrainingError
-from ..reporting import atomic_write, write_text
+from ..errors import DataError, OutputError, TrainingError, one_line
+from ..reporting import atomic_write, exclusive_output, write_csv, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
-CSV_NAME, JSON_NAME, MASK_DIR = "predictions.csv", "predictions.json", "masks"
+CSV_NAME, JSON_NAME, MASK_DIR, JOURNAL_DIR = "predictions.csv", "predictions.json", "masks", ".medtl3d-run"
 
 
 @dataclass
 class InferenceSummary:
     """What :func:`infer_folder` did. ``n_failed`` counts every row that is not ``ok`` (``n_skipped`` of them are
-    entries that were not cases); ``failures`` lists them as dicts (case_id, path, status, reason)."""
+    entries that were not cases); ``failures`` lists them as dicts (case_id, path, status, reason); ``n_resumed``
+    rows were taken from an interrupted run's journal."""
 
     n_cases: int
     n_ok: int
@@ -62,51 +71,83 @@ class InferenceSummary:
     csv_path: Path
     json_path: Path
     failures: list[dict] = field(default_factory=list)
+    n_resumed: int = 0
 
 
 def _reason(err: BaseException) -> str:
-    """The message of the medtl3d error behind ``err`` (MONAI wraps transform errors), else the root cause's type
-    and message."""
+    """One line: the message of the medtl3d error behind ``err`` (MONAI wraps transform errors), else the root
+    cause's type and message."""
     ours = medtl3d_cause(err)
     if ours is not None:
-        return str(ours)
+        return one_line(ours)
     root, seen = err, {id(err)}
     while root.__cause__ is not None and id(root.__cause__) not in seen:
         root = root.__cause__
         seen.add(id(root))
-    return f"{type(root).__name__}: {root}".strip()
+    return one_line(f"{type(root).__name__}: {root}")
 
 
-class _Rows:
-    """CSV rows written in case order as soon as every earlier row is known, to a temporary file renamed at the
-    end (``close``)."""
+def _source_stamp(case) -> list:
+    """(name, size, mtime) of the case's files (None, None for one that cannot be read): a journalled row is reused
+    only while its files are unchanged."""
+    stamp = []
+    for name in map(str, case.files or (case.path,)):
+        try:
+            st = os.stat(name)
+            stamp.append([name, st.st_size, st.st_mtime_ns])
+        except OSError:
+            stamp.append([name, None, None])
+    return stamp
 
-    def __init__(self, path: Path, columns: Sequence[str], total: int) -> None:
-        self.path, self.columns, self.total = path, list(columns), total
-        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        self.handle = open(self.tmp, "w", newline="")
-        self.writer = csv.DictWriter(self.handle, self.columns, extrasaction="raise")
-        self.writer.writeheader()
-        self.done: dict[int, dict] = {}
-        self.next = 0
 
-    def put(self, index: int, row: dict) -> None:
-        self.done[index] = row
-        while self.next in self.done:
-            self.writer.writerow({c: self.done[self.next].get(c, "") for c in self.columns})
-            self.next += 1
-        self.handle.flush()
+def _model_digest(model: nn.Module) -> str:
+    """SHA-256 of the model's class name and state (names, shapes, dtypes, bytes): which model a journal is for."""
+    digest = hashlib.sha256(type(model).__name__.encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
-    def close(self) -> None:
-        if self.next != self.total:
-            raise RuntimeError(f"{self.next} of {self.total} rows written")  # a bug, not a data problem
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-        self.handle.close()
-        os.replace(self.tmp, self.path)
 
-    def abort(self) -> None:
-        self.handle.close()
+class _Journal:
+    """Rows of finished cases, one JSON file per case in ``output_dir/.medtl3d-run/``, next to the settings they
+    were made with (``settings.json``): what lets an interrupted run resume. Removed once the run is published."""
+
+    def __init__(self, output_dir: Path, settings: dict) -> None:
+        self.folder = output_dir / JOURNAL_DIR
+        settings_file = self.folder / "settings.json"
+        try:
+            previous = json.loads(settings_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            previous = None
+        if previous is not None and previous != settings:
+            differs = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+            logger.warning("%s holds an interrupted run with a different %s: starting over", output_dir,
+                           ", ".join(differs))
+        if previous != settings:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            write_json(settings_file, settings)
+
+    def _file(self, case_id: str) -> Path:
+        return self.folder / f"{hashlib.sha1(case_id.encode()).hexdigest()}.json"
+
+    def finished(self, case) -> dict | None:
+        """The journalled row of ``case``, if it was made from the same files (and its mask is still there)."""
+        try:
+            entry = json.loads(self._file(case.case_id).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        row = entry.get("row", {})
+        if entry.get("source") != _source_stamp(case) or row.get("path") != str(case.path) or \
+                (row.get("mask") and not Path(row["mask"]).is_file()):
+            return None
+        return row
+
+    def put(self, case, row: dict) -> None:
+        write_json(self._file(case.case_id), {"source": _source_stamp(case), "row": row})
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder)
 
 
 class _Predictor:
@@ -149,10 +190,45 @@ def resolve_model(model: nn.Module | str | os.PathLike, device: torch.device) ->
     if isinstance(model, (str, os.PathLike)):
         if not os.path.isfile(model):
             raise TrainingError(f"model file {model} does not exist")
-        model = torch.jit.load(str(model), map_location="cpu") if str(model).endswith(".ts") else load_model(model)
+        model = _load_torchscript(model) if str(model).endswith(".ts") else load_model(model)
     if not isinstance(model, nn.Module):
         raise TrainingError(f"model must be a torch nn.Module or a checkpoint path, got {type(model).__name__}")
     return model.to(device).eval()
+
+
+def _load_torchscript(path) -> nn.Module:
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - torch's errors name no file and say nothing actionable
+        raise TrainingError(f"model file {path} is not a TorchScript export ({type(err).__name__}: "
+                            f"{one_line(err, 120)}): export the model with monai.bundle ckpt_export, or give the "
+                            "medtl3d checkpoint (.pt)") from err
+
+
+def _model_input(model: nn.Module) -> tuple[int, int] | None:
+    """(spatial dimensions, channels) that the model's first convolution reads, or None without one. Works for
+    TorchScript too (its modules keep their ``original_name``)."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or \
+                getattr(module, "original_name", None) in ("Conv1d", "Conv2d", "Conv3d"):
+            weight = module.weight
+            return weight.ndim - 2, int(weight.shape[1]) * int(getattr(module, "groups", 1))
+    return None
+
+
+def _spatial_dims(image) -> int:
+    """Spatial dimensions of a loaded (C, x, y[, z]) image; a volume of one slice counts as 2D."""
+    spatial = image.ndim - 1
+    return 2 if spatial == 3 and image.shape[-1] == 1 else spatial
+
+
+def _check_apart(input_dir: Path, output_dir: Path) -> None:
+    """Refuse an output folder inside the input folder: the next run would read its masks as cases."""
+    inside = Path(os.path.realpath(output_dir))
+    source = Path(os.path.realpath(input_dir))
+    if source.is_dir() and (inside == source or source in inside.parents):
+        raise OutputError(f"output folder {output_dir} is inside the input folder {input_dir}: its predictions and "
+                          "masks would be read as cases; choose an output folder outside the input")
 
 
 def _resolve_preprocess(preprocess, options: Mapping[str, Any] | None) -> Compose:
@@ -169,9 +245,10 @@ def infer_folder(model: nn.Module | str | os.PathLike, preprocess: Compose | str
                  task: str = "binary", class_names: Sequence[str] | None = None, threshold: float = 0.5,
                  num_slices: int | None = None, overlap: int = 0, aggregation: str = "max", device="cpu",
                  batch_size: int = 4, irregular: str = "refuse", preset_options: Mapping[str, Any] | None = None,
-                 progress: bool = True) -> InferenceSummary:
+                 max_decoded_mb: float | None = None, progress: bool = True) -> InferenceSummary:
     """Predict every case under ``input_dir``; write ``predictions.csv``, ``predictions.json`` (and
-    ``masks/<case_id>.nii.gz`` for segmentation) under ``output_dir``.
+    ``masks/<case_id>.nii.gz`` for segmentation) under ``output_dir``, holding its lock for the whole run (a second
+    run on the same output raises :class:`~medtl3d.errors.OutputLockedError`) and resuming an interrupted run.
 
     ``model``: a module or a checkpoint (:func:`medtl3d.engine.load_model`). ``preprocess``: a ``Compose`` over
     ``{"image": MetaTensor}`` (the loaded case) or a preset name built with ``train=False`` and ``preset_options``.
@@ -179,8 +256,9 @@ def infer_folder(model: nn.Module | str | os.PathLike, preprocess: Compose | str
     "0".."K-1"; binary: two names for the 0/1 decision). ``threshold``: classification decisions (segmentation
     takes the arg-max class). ``num_slices``/``overlap``: windows of slices for 3D
     inputs (C, D, H, W). ``irregular`` is passed to :func:`~medtl3d.data.io.load_image` for DICOM series with
-    missing slices, uneven spacing or tilt. Bad arguments raise :class:`~medtl3d.errors.Medtl3dError` before any
-    case is read; a case that fails never stops the run.
+    missing slices, uneven spacing or tilt. ``max_decoded_mb``: images whose headers claim more are refused
+    (:func:`~medtl3d.data.io.decoded_size_limit`: default ``$MEDTL3D_MAX_DECODED_MB`` or 2048). Bad arguments raise
+    :class:`~medtl3d.errors.Medtl3dError` before any case is read; a case that fails never stops the run.
     """
     started = time.perf_counter()
     if task not in TASKS:
@@ -195,47 +273,46 @@ def infer_folder(model: nn.Module | str | os.PathLike, preprocess: Compose | str
         slice_windows(num_slices, num_slices, overlap)  # validates num_slices and overlap
     elif overlap:
         raise TrainingError("overlap applies to windows of slices; set num_slices too")
+    limit_mb = decoded_size_limit(max_decoded_mb)
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    _check_apart(input_dir, output_dir)
     device = resolve_device(device)
     transform = _resolve_preprocess(preprocess, preset_options)
     model = resolve_model(model, device)
     class_names = _class_names(task, class_names, model)
     predictor = _Predictor(task, class_names, threshold, aggregation)
 
-    output_dir = Path(output_dir)
-    cases, skipped = find_cases(input_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if task == "segmentation":
-        (output_dir / MASK_DIR).mkdir(exist_ok=True)
+    settings = {"input_dir": str(input_dir.resolve()), "task": task, "class_names": class_names,
+                "threshold": threshold, "num_slices": num_slices, "overlap": overlap, "aggregation": aggregation,
+                "irregular": irregular, "max_decoded_mb": limit_mb,
+                "preprocess": preprocess if isinstance(preprocess, str) else
+                [type(t).__name__ for t in transform.flatten().transforms],
+                "preset_options": {k: repr(v) for k, v in (preset_options or {}).items()}}
     columns = ["case_id", "path", "kind", "status", "reason", "windows"]
     columns += ["mask", "labels", "foreground_voxels"] if task == "segmentation" else predictor.columns()
-    rows = _Rows(output_dir / CSV_NAME, columns, len(cases) + len(skipped))
-    try:
-        run = _Run(model, transform, predictor, task, num_slices, overlap, device, int(batch_size), irregular,
-                   output_dir, rows)
-        run.all(cases, progress)
-        for j, (path, why) in enumerate(skipped):
-            rows.put(len(cases) + j, {"case_id": "", "path": str(path), "kind": "", "status": "skipped",
-                                      "reason": why})
-        rows.close()
-    except BaseException:
-        rows.abort()
-        raise
 
-    ordered = [rows.done[i] for i in sorted(rows.done)]
-    statuses = [row["status"] for row in ordered]
-    failures = [{k: row.get(k, "") for k in ("case_id", "path", "status", "reason")}
-                for row in ordered if row["status"] != "ok"]
-    summary = InferenceSummary(n_cases=len(statuses), n_ok=statuses.count("ok"), n_failed=len(failures),
-                               n_skipped=statuses.count("skipped"), csv_path=output_dir / CSV_NAME,
-                               json_path=output_dir / JSON_NAME, failures=failures)
-    report = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(summary).items()},
-              "input_dir": str(Path(input_dir).resolve()), "task": task, "class_names": class_names,
-              "threshold": threshold, "num_slices": num_slices, "overlap": overlap, "aggregation": aggregation,
-              "preprocess": preprocess if isinstance(preprocess, str) else
-              [type(t).__name__ for t in transform.flatten().transforms],
-              "preset_options": {k: repr(v) for k, v in (preset_options or {}).items()},
-              "device": str(device), "seconds": round(time.perf_counter() - started, 3)}
-    write_text(summary.json_path, json.dumps(report, indent=2) + "\n")
+    cases, skipped = find_cases(input_dir)
+    with exclusive_output(output_dir, "medtl3d infer"):
+        journal = _Journal(output_dir, {"model": _model_digest(model), **settings})
+        if task == "segmentation":
+            (output_dir / MASK_DIR).mkdir(exist_ok=True)
+        run = _Run(model, transform, predictor, task, num_slices, overlap, device, int(batch_size), irregular,
+                   limit_mb, output_dir, journal)
+        run.all(cases, progress)
+        rows = [run.rows[i] for i in range(len(cases))]
+        rows += [{"case_id": "", "path": str(path), "kind": "", "status": "skipped", "reason": why}
+                 for path, why in skipped]
+        statuses = [row["status"] for row in rows]
+        failures = [{k: row.get(k, "") for k in ("case_id", "path", "status", "reason")}
+                    for row in rows if row["status"] != "ok"]
+        summary = InferenceSummary(n_cases=len(statuses), n_ok=statuses.count("ok"), n_failed=len(failures),
+                                   n_skipped=statuses.count("skipped"), csv_path=output_dir / CSV_NAME,
+                                   json_path=output_dir / JSON_NAME, failures=failures, n_resumed=run.resumed)
+        report = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(summary).items()}, **settings,
+                  "device": str(device), "seconds": round(time.perf_counter() - started, 3)}
+        write_csv(summary.csv_path, rows, columns)
+        write_text(summary.json_path, json.dumps(report, indent=2) + "\n")
+        journal.remove()
     logger.info("%d case(s): %d ok, %d failed -> %s", summary.n_cases, summary.n_ok, summary.n_failed,
                 summary.csv_path)
     return summary
@@ -261,15 +338,19 @@ class _Run:
     """One pass over the cases: preprocess, batch, predict, write rows (and masks)."""
 
     def __init__(self, model, transform, predictor, task, num_slices, overlap, device, batch_size, irregular,
-                 output_dir, rows) -> None:
+                 limit_mb, output_dir, journal) -> None:
         self.model, self.transform, self.predictor, self.task = model, transform, predictor, task
         self.num_slices, self.overlap, self.device, self.batch_size = num_slices, overlap, device, batch_size
-        self.irregular, self.output_dir, self.rows = irregular, output_dir, rows
+        self.irregular, self.limit_mb, self.output_dir, self.journal = irregular, limit_mb, output_dir, journal
+        self.model_input = _model_input(model)
         self.pending: list[tuple[int, torch.Tensor]] = []  # (case index, one input) waiting for a batch
         self.outputs: dict[int, list[torch.Tensor]] = {}  # case index -> logits received so far
         self.expected: dict[int, int] = {}  # case index -> number of inputs
         self.base: dict[int, dict] = {}  # case index -> row fields known before prediction
+        self.cases: dict = {}  # case index -> Case, until its row is written
+        self.rows: dict[int, dict] = {}  # case index -> finished row
         self.counts = {"ok": 0, "failed": 0}
+        self.resumed = 0
         if task == "segmentation":
             roi = None if num_slices is None else (num_slices, -1, -1)
             self.inferer = SimpleInferer() if roi is None else SlidingWindowInferer(
@@ -280,11 +361,17 @@ class _Run:
     def all(self, cases, progress: bool) -> None:
         bar = _progress_bar(len(cases), progress)
         for index, case in enumerate(cases):
-            self.base[index] = {"case_id": case.case_id, "path": str(case.path), "kind": case.kind}
-            try:
-                self.case(index, case)
-            except Exception as err:  # noqa: BLE001 - any failure of one case is recorded, the run goes on
-                self.fail(index, _reason(err))
+            done = self.journal.finished(case)
+            if done is not None:
+                self.rows[index], self.resumed = done, self.resumed + 1
+                self.counts[done["status"]] += 1
+            else:
+                self.base[index] = {"case_id": case.case_id, "path": str(case.path), "kind": case.kind}
+                self.cases[index] = case
+                try:
+                    self.case(index, case)
+                except Exception as err:  # noqa: BLE001 - any failure of one case is recorded, the run goes on
+                    self.fail(index, err)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(self.counts, refresh=False)
@@ -292,11 +379,16 @@ class _Run:
         if bar is not None:
             bar.set_postfix(self.counts, refresh=False)
             bar.close()
+        if self.resumed:
+            logger.info("resumed an interrupted run: %d of %d case(s) taken from %s", self.resumed, len(cases),
+                        self.journal.folder)
 
     def case(self, index: int, case) -> None:
-        image = load_image(case, irregular=self.irregular)
+        image = load_image(case, irregular=self.irregular, max_decoded_mb=self.limit_mb)
+        self.check_dimensionality(case, image)
         data = self.transform({"image": image})
         x = data["image"]
+        self.check_channels(case, x)
         if self.num_slices is not None and x.ndim != 4:
             raise DataError(f"num_slices needs 3D (C, D, H, W) inputs; the preprocessing gave {tuple(x.shape)}")
         if self.task == "segmentation":
@@ -314,6 +406,23 @@ class _Run:
             if len(self.pending) == self.batch_size:
                 self.flush()
 
+    def check_dimensionality(self, case, image) -> None:
+        """Refuse a case of other spatial dimensions than the model's, as loaded (a preset may add a slice axis)."""
+        if self.model_input is None or _spatial_dims(image) == self.model_input[0]:
+            return
+        dims, got = self.model_input[0], _spatial_dims(image)
+        raise DataError(f"{case.path}: the model takes {dims}D input, this case is {got}D (shape "
+                        f"{tuple(image.shape)}): give {dims}D cases to this model, or use a {got}D model")
+
+    def check_channels(self, case, x) -> None:
+        """Refuse a case of other channels than the model's, after preprocessing (which may convert them)."""
+        if self.model_input is None or int(x.shape[0]) == self.model_input[1]:
+            return
+        channels, got = self.model_input[1], int(x.shape[0])
+        raise DataError(f"{case.path}: the model takes {channels}-channel input, this case has {got} channel(s) "
+                        f"after preprocessing (shape {tuple(x.shape)}): use a preset that converts it to {channels} "
+                        f"channel(s), or a {got}-channel model")
+
     def flush(self) -> None:
         """Run the pending inputs as one batch; finish the cases whose inputs have all been predicted."""
         if not self.pending:
@@ -329,7 +438,7 @@ class _Run:
         except Exception as err:  # noqa: BLE001 - the cases of this batch fail, the run goes on
             for index in dict.fromkeys(owners):
                 if index in self.outputs:
-                    self.fail(index, _reason(err))
+                    self.fail(index, err)
             return
         for index, row in zip(owners, logits):
             if index not in self.outputs:  # already failed
@@ -339,7 +448,7 @@ class _Run:
                 try:
                     fields = self.predictor.row(torch.stack(self.outputs.pop(index)))
                 except Exception as err:  # noqa: BLE001
-                    self.fail(index, _reason(err))
+                    self.fail(index, err)
                     continue
                 self.ok(index, {"windows": self.expected[index], **fields})
 
@@ -367,14 +476,20 @@ class _Run:
 
     def ok(self, index: int, fields: dict) -> None:
         self.counts["ok"] += 1
-        self.rows.put(index, {**self.base.pop(index), "status": "ok", "reason": "", **fields})
+        self.finish(index, {**self.base.pop(index), "status": "ok", "reason": "", **fields})
 
-    def fail(self, index: int, reason: str) -> None:
+    def fail(self, index: int, err: BaseException) -> None:
         self.outputs.pop(index, None)
         self.pending = [(i, t) for i, t in self.pending if i != index]
         self.counts["failed"] += 1
+        reason = _reason(err)
         logger.info("%s failed: %s", self.base[index]["case_id"], reason)
-        self.rows.put(index, {**self.base.pop(index), "status": "failed", "reason": reason})
+        logger.debug("%s failed", self.base[index]["case_id"], exc_info=err)
+        self.finish(index, {**self.base.pop(index), "status": "failed", "reason": reason})
+
+    def finish(self, index: int, row: dict) -> None:
+        self.rows[index] = row
+        self.journal.put(self.cases.pop(index), row)
 
 
 def _progress_bar(total: int, enabled: bool):

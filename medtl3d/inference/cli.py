@@ -5,7 +5,7 @@ was trained with (the ``model.json`` written beside it); without it, ``--model``
 everything. Options given on the command line win over the recorded ones.
 
 Exit status: 0 when every case was predicted, 1 when some failed or were skipped (their count and the CSV path are
-printed), 2 on bad arguments (one-line error, no traceback).
+printed), 2 on bad arguments, an unusable model file or an output folder in use (one-line error, no traceback).
 """
 
 from __future__ import annotations
@@ -13,12 +13,15 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import logging
 import sys
 
 from ..data.presets import PRESETS
 from ..engine import TASKS
 from ..engine.metrics import AGGREGATIONS
-from ..errors import DataError, Medtl3dError
+from ..errors import DataError, Medtl3dError, one_line
+
+logger = logging.getLogger(__name__)
 
 _LISTED = 20  # failures printed; the CSV has them all
 
@@ -60,6 +63,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--irregular", choices=("refuse", "resample"), default="refuse",
                         help="DICOM series with missing slices / uneven spacing / tilt: refuse (default) or resample")
+    parser.add_argument("--max-decoded-mb", type=float, metavar="MB",
+                        help="refuse images whose headers claim a larger decoded size (default: "
+                             "$MEDTL3D_MAX_DECODED_MB or 2048)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -72,7 +78,14 @@ def _settings(args: argparse.Namespace) -> tuple[str, dict]:
     if model is None:
         raise DataError("give --model CHECKPOINT (or --bundle DIR)")
     recorded_file = Path(model).with_suffix(".json")
-    recorded = json.loads(recorded_file.read_text()) if recorded_file.is_file() else {}
+    try:
+        recorded = json.loads(recorded_file.read_text(encoding="utf-8")) if recorded_file.is_file() else {}
+    except (OSError, ValueError) as err:
+        raise DataError(f"{recorded_file}: the recorded settings of {model} cannot be read ({one_line(err)}); "
+                        "restore the file, or delete it and give --preset and --task") from err
+    if not isinstance(recorded, dict):
+        raise DataError(f"{recorded_file}: the recorded settings of {model} are not a JSON object; restore the "
+                        "file, or delete it and give --preset and --task")
     if args.bundle and not recorded:
         raise DataError(f"{recorded_file} is missing: it records the preprocessing of {model}; train the bundle "
                         "first (or give --preset and --task)")
@@ -99,11 +112,14 @@ def run(args: argparse.Namespace) -> int:
         preset = options.pop("preset")
         summary = infer_folder(model, preset, args.input, args.output, device=args.device,
                                batch_size=args.batch_size, irregular=args.irregular, progress=not args.no_progress,
-                               **options)
+                               max_decoded_mb=args.max_decoded_mb, **options)
     except Medtl3dError as exc:
-        print(f"medtl3d: error: {exc}", file=sys.stderr)
+        print(f"medtl3d: error: {one_line(exc, 500)}", file=sys.stderr)  # the rest of a long message: the log
+        logger.debug("medtl3d infer refused", exc_info=exc)
         return 2
-    print(f"{summary.n_cases} case(s): {summary.n_ok} ok, {summary.n_failed} failed or skipped -> {summary.csv_path}")
+    resumed = f" ({summary.n_resumed} resumed from an interrupted run)" if summary.n_resumed else ""
+    print(f"{summary.n_cases} case(s): {summary.n_ok} ok, {summary.n_failed} failed or skipped{resumed} -> "
+          f"{summary.csv_path}")
     for failure in summary.failures[:_LISTED]:
         print(f"  {failure['status']}: {failure['case_id'] or failure['path']}: {failure['reason']}")
     if len(summary.failures) > _LISTED:

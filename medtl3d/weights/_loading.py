@@ -46,7 +46,11 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        raw: object = load_file(str(path))
+        try:
+            raw: object = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - SafetensorError and friends name no file
+            raise WeightsError(f"{path}: not a readable .safetensors file ({type(exc).__name__}: {exc}); it is "
+                               "truncated or corrupt: download or export it again") from exc
     elif suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as archive:
