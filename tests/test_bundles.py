@@ -249,7 +249,11 @@ def wrong_cli_runs(wrong_root):
                                                     *_cli_args(overrides)),
                                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
                        Path(overrides["output_dir"]))
-    return {case: (proc.returncode, proc.communicate(timeout=300)[1], out) for case, (proc, out) in procs.items()}
+    runs = {}
+    for case, (proc, out) in procs.items():
+        _, stderr = proc.communicate(timeout=300)  # waits for the exit: returncode is None before it
+        runs[case] = (proc.returncode, stderr, out)
+    return runs
 
 
 def _check_message(message: str, config_id: str) -> None:

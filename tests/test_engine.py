@@ -317,7 +317,7 @@ def test_resume_refuses_a_checkpoint_of_a_different_run(tmp_path):
 
 
 def test_mlflow_logs_params_and_per_epoch_metrics(tmp_path):
-    mlflow = pytest.importorskip("mlflow", reason="mlflow is an optional dependency (extra 'tracking')")
+    import mlflow  # optional for users (extra 'tracking'), part of the 'test' extra: this test always runs
     rows = blob_rows(8, (4, 4), 0)
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     train(Linear(16), rows, rows, task="binary", output_dir=tmp_path / "run", epochs=2, batch_size=4,
