@@ -45,6 +45,7 @@ def registry_reports():
     return reports
 
 
+@pytest.mark.slow
 def test_counters_agree_or_the_report_names_why(registry_reports):
     for name, report in registry_reports.items():
         for row in report.rows:
@@ -53,6 +54,7 @@ def test_counters_agree_or_the_report_names_why(registry_reports):
             assert row.macs_g > 0, (name, row.cut)
 
 
+@pytest.mark.slow
 def test_truncation_never_grows_as_the_cut_moves_earlier(registry_reports):
     for name, report in registry_reports.items():
         rows = report.rows_for(strategy="truncate")

@@ -186,6 +186,7 @@ RUN = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_mid_epoch_ends_identical_to_an_uninterrupted_run(tmp_path):
     namespace: dict = {}
     exec(compile(RUN, "engine_run", "exec"), namespace)
