@@ -147,7 +147,8 @@ def main(argv=None) -> int:
              + (", --quick" if args.quick else ""))
     print(markdown_table(rows, columns, title))
     if args.output:
-        write_table(args.output, "bench_attribution", rows, metadata={k: str(v) for k, v in vars(args).items()})
+        write_table(args.output, "bench_attribution", rows, metadata={k: str(v) for k, v in vars(args).items()},
+                    title=title, columns=columns)
     return 0
 
 
