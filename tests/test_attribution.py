@@ -1,4 +1,7 @@
-"""Grad-CAM / Grad-CAM++ (MONAI) at cut points, 2D and 3D: localisation on a planted-lesion task, overlays."""
+"""Grad-CAM / Grad-CAM++ (MONAI) at cut points, 2D and 3D: on constructed models whose answer is known exactly (the
+map peaks where the score's evidence is, is exactly zero where no evidence or gradient reaches, and equals the map
+computed from the definitions), receptive-field placement, overlays, errors. How well a *trained* model's CAM
+localises is measured by scripts/bench_attribution.py, not asserted here: it depends on the CPU and thread count."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
+from torch import nn
 
 from medtl3d.analysis._registry import get_analysis
 from medtl3d.analysis.attribution import (
@@ -27,66 +30,119 @@ from medtl3d.strategies import TransferModel, apply_strategy
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def planted_lesions(n: int, shape: tuple[int, ...], side: tuple[int, ...], generator: torch.Generator):
-    """Noise images; every other one has a bright box (+4 sd) at a random place. Returns images, labels, masks."""
-    images = torch.randn((n, 1, *shape), generator=generator)
-    labels = (torch.arange(n) % 2).float()
-    masks = torch.zeros((n, *shape), dtype=torch.bool)
-    for i in range(1, n, 2):
-        start = [int(torch.randint(0, s - k + 1, (1,), generator=generator)) for s, k in zip(shape, side)]
-        box = tuple(slice(a, a + k) for a, k in zip(start, side))
-        masks[(i, *box)] = True
-        images[(i, 0, *box)] += 4.0
-    return images, labels, masks
+# ----------------------------------------------------------------- correctness on constructed models
+# Every convolution passes channel i on unchanged (a Dirac kernel, zero bias), batch norms are at their identity
+# initialisation (eval mode): a cut's feature map c is the max-pooled input channel c, zero wherever that channel is
+# zero within the receptive field. The head reads channel 0 with weight 100 (the lesion that drives the score),
+# channel 3 with 50, channel 1 with 0 (its gradient is zero) and channel 2 with -100 (negative evidence); weights
+# this large make MONAI's 1e-7 stabiliser in the Grad-CAM++ denominator negligible.
+HEAD_WEIGHTS = (100.0, 0.0, -100.0, 50.0)
 
 
-def trained_lesion_model(dims: int, shape, side, seed: int = 0):
-    """A TruncatedTL-style model (cbr_tiny up to cbr1, 8 channels) trained a few CPU epochs on planted lesions."""
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    train_x, train_y, _ = planted_lesions(128, shape, side, generator)
-    test_x, test_y, test_masks = planted_lesions(32, shape, side, generator)
-    body = build_backbone("cbr_tiny", dims, 1, slim_from=0, width_factor=8)
-    model = apply_strategy(body, "truncate", 1, cut="cbr1")
-    optimizer = torch.optim.Adam(model.parameters(), 2e-2)
-    for _ in range(8):
-        model.train()
-        for batch in torch.randperm(len(train_x), generator=generator).split(16):
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(train_x[batch])[:, 0], train_y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
+def constructed_model(dims: int, strategy: str, cut: str | None):
+    """cbr_tiny (slimmed top where ``strategy`` is transfusion, cut off above ``cut`` where it is truncate) with the
+    hand-set weights above, in eval mode."""
+    slim = {} if strategy == "transfusion" else {"slim_from": 0, "width_factor": 16}  # transfusion slims itself
+    body = build_backbone("cbr_tiny", dims, len(HEAD_WEIGHTS), **slim)
+    model = apply_strategy(body, strategy, 1, **({"cut": cut} if cut else {})).eval()
     with torch.no_grad():
-        accuracy = float(((model(test_x)[:, 0] > 0).float() == test_y).float().mean())
-    positives = test_y.bool()
-    return model, accuracy, test_x[positives], test_masks[positives]
+        for module in model.backbone.modules():
+            if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+                nn.init.dirac_(module.weight)
+                nn.init.zeros_(module.bias)
+        model.head.weight.zero_()
+        model.head.weight[0, :len(HEAD_WEIGHTS)] = torch.tensor(HEAD_WEIGHTS)
+        model.head.bias.fill_(0.25)
+    return model
 
 
-@pytest.mark.parametrize("dims, shape, side", [(2, (32, 32), (6, 6)), (3, (12, 24, 24), (4, 6, 6))])
-def test_cam_mass_falls_inside_planted_lesion(dims, shape, side, tmp_path):
-    model, accuracy, images, masks = trained_lesion_model(dims, shape, side)
-    assert accuracy >= 0.9
-    dilated = [ndimage.binary_dilation(m.numpy(), iterations=2) for m in masks]  # the CAM is at stride 2
-    area_share = float(np.mean([d.mean() for d in dilated]))
-    results = {}
-    for name in ("gradcam", "gradcampp"):
-        cams = get_analysis("attribution", name)(model, images)  # default cut: the model's last cut point
-        assert cams.shape == (len(images), *shape)
-        assert float(cams.amax()) == pytest.approx(1.0) and float(cams.amin()) >= 0.0
-        results[name] = float(np.mean([cam_mass_inside(c, d) for c, d in zip(cams, dilated)]))
-    print(f"\n{dims}D CAM mass inside dilated lesion: Grad-CAM {results['gradcam']:.3f}, "
-          f"Grad-CAM++ {results['gradcampp']:.3f}, lesion area share {area_share:.3f}, accuracy {accuracy:.2f}")
-    assert results["gradcam"] > 0.5 and results["gradcam"] > 5 * area_share
-    assert results["gradcampp"] > 0.4 and results["gradcampp"] > 4 * area_share
-    # overlays: PNG (a montage of the slices with the most CAM mass in 3D), NIfTI with the image's affine in 3D
-    png = save_cam_png(tmp_path / "cam.png", images[0], cams[0], title=f"{dims}D")
+def lesion_image(shape, centres):
+    """One image (C, *shape): in channel c a 3^d box of value 1 around ``centres[c]`` with 2 at its centre."""
+    image = torch.zeros(len(centres), *shape)
+    for channel, centre in enumerate(centres):
+        image[(channel, *(slice(p - 1, p + 2) for p in centre))] = 1.0
+        image[(channel, *centre)] = 2.0
+    return image
+
+
+def hand_cam(model, image, cut: str, method: str) -> torch.Tensor:
+    """The map computed from the definitions: feature maps A at ``cut`` and the gradient g of the logit with
+    respect to them (autograd through the rest of the model); Grad-CAM ReLU(sum_c mean(g_c) A_c), Grad-CAM++
+    ReLU(sum_c sum_ij a_ij ReLU(g_ij) A_c) with a = g^2 / (2 g^2 + sum(A_c) g^3) (Chattopadhyay et al. 2018; their
+    exp(score) factor cancels in the scaling). Upsampled with the aligned upsampler, scaled to max 1."""
+    backbone = model.backbone
+    unit = backbone.cut_point(cut).unit
+    features = backbone(image[None], cut=cut).detach().requires_grad_(True)
+    x = features
+    for index in range(unit + 1, len(backbone.units)):
+        x = backbone.forward_unit(index, x)
+    logit = model.head(model.pool(x).flatten(1))[0, 0]
+    (gradient,) = torch.autograd.grad(logit, features)
+    features, gradient = features.detach()[0], gradient[0]
+    spatial = tuple(range(1, features.ndim))
+    if method == "gradcam":
+        weights = gradient.mean(dim=spatial)
+    else:
+        denominator = 2 * gradient ** 2 + features.sum(dim=spatial, keepdim=True) * gradient ** 3
+        alpha = torch.where(denominator != 0, gradient ** 2 / denominator.where(denominator != 0, 1.0), 0.0)
+        weights = (alpha * gradient.clamp_min(0)).sum(dim=spatial)
+    cells = torch.relu(torch.einsum("c...,c->...", features, weights))
+    upsample = aligned_upsampler(cell_centres(model, image.shape[1:], cut))(image.shape[1:])
+    cam = upsample(cells[None, None])[0, 0]
+    return cam / cam.max()
+
+
+@pytest.mark.parametrize("dims, strategy, cut, explained, shape, centres", [
+    # the whole backbone, CAM at its top (stride 16)
+    (2, "random", None, "cbr4", (128, 128), [(32, 32), (96, 32), (96, 96), (32, 96)]),
+    # slimmed top above cbr2 (TransFusion), CAM below it: the gradient comes through the slimmed units
+    (2, "transfusion", "cbr2", "cbr2", (64, 64), [(16, 16), (48, 16), (48, 48), (16, 48)]),
+    # truncated top, CAM at the truncated model's last layer (stride 4)
+    (3, "truncate", "cbr2", "cbr2", (16, 32, 32), [(4, 8, 8), (12, 24, 8), (12, 24, 24), (4, 8, 24)]),
+    # truncated top, CAM one unit below it: the gradient passes a conv block and a max-pool first
+    (3, "truncate", "cbr3", "cbr2", (16, 32, 32), [(4, 8, 8), (12, 24, 8), (12, 24, 24), (4, 8, 24)]),
+])
+@pytest.mark.parametrize("method", ["gradcam", "gradcampp"])
+def test_cam_of_a_constructed_model_is_the_hand_computed_map(dims, strategy, cut, explained, shape, centres,
+                                                             method, request):
+    model = constructed_model(dims, strategy, cut)
+    if method == "gradcampp" and explained != model.backbone.cut_points[-1].name:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "MONAI's GradCAMpp sums A_ab g_ab^3 over the map in the denominator where the paper has g_ij^3 sum(A_ab): "
+            "the same where the gradient is constant over the map (a CAM at the top, before global pooling), not "
+            "below it; medtl3d.analysis.attribution uses MONAI's as is")))
+    image = lesion_image(shape, centres)
+    cam_cut = None if explained == model.backbone.cut_points[-1].name else explained
+    cam = get_analysis("attribution", method)(model, image, cut=cam_cut)
+    torch.testing.assert_close(cam, hand_cam(model, image, explained, method), rtol=1e-4, atol=1e-5)
+    # the peak is in the lesion that drives the score (a Dirac-kernel model's measured cell centres may be off by
+    # half a pixel: max-pools pass the probe's gradient to one input per window)
+    peak = np.unravel_index(int(cam.argmax()), shape)
+    assert max(abs(int(a) - b) for a, b in zip(peak, centres[0])) <= 1 and float(cam.max()) == 1.0
+    # exactly zero two cells (and a pixel) away from the lesions of positive weight: a cell's evidence reaches one
+    # cell, its interpolation another; the zero-gradient and negative lesions (channels 1 and 2) add nothing
+    stride = model.backbone.cut_point(explained).reduction
+    grid = np.indices(shape)
+    near = np.zeros(shape, dtype=bool)
+    for centre in (centres[0], centres[3]):
+        near |= np.all([np.abs(g - p) <= 2 * s for g, p, s in zip(grid, centre, stride)], axis=0)
+    assert cam[torch.from_numpy(~near)].abs().max() == 0.0
+    assert float(cam[centres[3]]) > 0  # the second positive lesion shows, below the first
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_overlays_are_written_png_and_nifti_with_the_affine(dims, tmp_path):
+    """PNG (a montage of the slices with the most CAM mass in 3D); NIfTI with the image's affine in 3D."""
+    shape = (64, 64) if dims == 2 else (16, 32, 32)
+    image = lesion_image(shape, [tuple(n // 2 for n in shape)] * len(HEAD_WEIGHTS))
+    cam = grad_cam(constructed_model(dims, "truncate", "cbr2"), image)
+    png = save_cam_png(tmp_path / "cam.png", image, cam, title=f"{dims}D")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if dims == 3:
         affine = np.diag([0.7, 0.7, 2.5, 1.0])
-        nifti = nib.load(save_cam_nifti(tmp_path / "cam.nii.gz", cams[0], affine))
+        nifti = nib.load(save_cam_nifti(tmp_path / "cam.nii.gz", cam, affine))
         np.testing.assert_allclose(nifti.affine, affine)
-        np.testing.assert_allclose(np.asarray(nifti.dataobj), cams[0].numpy(), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(nifti.dataobj), cam.numpy(), atol=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["cam.nii.gz", "cam.png"] if dims == 3 else ["cam.png"])
 
 

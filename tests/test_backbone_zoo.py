@@ -16,7 +16,9 @@ REQUIRED = {
     "resnext3d_101", "resnet3d_18", "resnet3d_50", "penet", "i3d", "densenet121_3d",
 }
 
-CASES = [(name, dims) for name in list_backbones() for dims in get_entry(name).spatial_dims]
+# 3D builds take most of this module's time: they belong to the slow tier (pytest -m slow)
+CASES = [pytest.param(name, dims, marks=[pytest.mark.slow] if dims == 3 else [])
+         for name in list_backbones() for dims in get_entry(name).spatial_dims]
 
 
 def test_required_backbones_registered():
@@ -84,7 +86,7 @@ def test_truncate_drops_everything_above_the_cut(name, dims):
         assert torch.equal(backbone(x), expected)
 
 
-@pytest.mark.parametrize("name,dims", [c for c in CASES if get_entry(c[0]).slimmable])
+@pytest.mark.parametrize("name,dims", [c for c in CASES if get_entry(c.values[0]).slimmable])
 def test_slim_build_halves_widths_above_the_cut(name, dims):
     full = build_backbone(name, dims)
     blocks = full.cut_points_at("block")

@@ -99,6 +99,7 @@ def bundle(request, tmp_path_factory):
     return {"name": name, "out": out, "common": common, "ckpt": out / "models" / "model.pt", "stdout": proc.stdout}
 
 
+@pytest.mark.slow
 def test_train_writes_model_settings_and_summary(bundle):
     ckpt = torch.load(bundle["ckpt"], map_location="cpu", weights_only=True)  # loadable without unpickling code
     assert {"model", "initial_state", "model_config"} <= set(ckpt)
@@ -111,6 +112,7 @@ def test_train_writes_model_settings_and_summary(bundle):
     assert "model saved to" in bundle["stdout"]
 
 
+@pytest.mark.slow
 def test_evaluate_scores_the_test_split(bundle):
     name, out = bundle["name"], bundle["out"]
     run(config_file=_configs(name, "train.yaml", "evaluate.yaml"), **bundle["common"])
@@ -132,6 +134,7 @@ def _predictions(csv_path: Path, n_cases: int) -> dict[str, dict]:
     return {row["case_id"]: row for row in rows}
 
 
+@pytest.mark.slow
 def test_inference_and_torchscript_export_agree(bundle):
     name, out, ckpt = bundle["name"], bundle["out"], bundle["ckpt"]
     images = out / "inference_input"  # a folder of six of the phantom cases (links)
@@ -165,6 +168,7 @@ def test_inference_and_torchscript_export_agree(bundle):
         assert np.ptp(p_pt) > 1e-3
 
 
+@pytest.mark.slow
 def test_efficiency_reports_every_block_cut(bundle):
     name, out = bundle["name"], bundle["out"]
     # every block cut ("block") for one 2D classifier; three named cuts for the others (the pathology model is the
@@ -249,7 +253,11 @@ def wrong_cli_runs(wrong_root):
                                                     *_cli_args(overrides)),
                                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
                        Path(overrides["output_dir"]))
-    return {case: (proc.returncode, proc.communicate(timeout=300)[1], out) for case, (proc, out) in procs.items()}
+    runs = {}
+    for case, (proc, out) in procs.items():
+        _, stderr = proc.communicate(timeout=300)  # waits for the exit: returncode is None before it
+        runs[case] = (proc.returncode, stderr, out)
+    return runs
 
 
 def _check_message(message: str, config_id: str) -> None:
@@ -259,6 +267,7 @@ def _check_message(message: str, config_id: str) -> None:
     assert all(line.startswith("  ") for line in lines[at + 1:]), lines[at:]  # only the message's own detail lines
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CLI_CASES)
 def test_wrong_override_on_the_cli_is_one_message_naming_the_config_id(wrong_cli_runs, case):
     returncode, stderr, out = wrong_cli_runs[case]
@@ -277,6 +286,7 @@ def test_wrong_override_names_the_config_id(wrong_root, tmp_path, case):
     assert not Path(overrides["output_dir"]).exists()
 
 
+@pytest.mark.slow
 def test_user_datalist_through_dataset_dir(bundle, tmp_path):
     """A CSV datalist (image, label, patient; paths relative to it) in ``dataset_dir`` replaces the phantoms."""
     if bundle["name"] != "cxr_classification":

@@ -46,6 +46,7 @@ def analysed(request, tmp_path_factory):
     return name, out / "analysis"
 
 
+@pytest.mark.slow
 def test_analysis_yaml_writes_every_report(analysed):
     name, out = analysed
     stems = {"weights": "weights", "reinit": "reinit", "cka": "debiased_cka", "probes": "probes"}
@@ -56,6 +57,7 @@ def test_analysis_yaml_writes_every_report(analysed):
     assert (out / "probes.json").is_file() == ("probes" in ANALYSES[name])
 
 
+@pytest.mark.slow
 def test_weights_moved_in_every_trained_layer(analysed):
     _, out = analysed
     rows = _rows(out / "weights.json")
@@ -64,6 +66,7 @@ def test_weights_moved_in_every_trained_layer(analysed):
         assert row["l2"] > 0 and row["relative_l2"] > 0 and 0.5 < row["cosine"] <= 1.0, row
 
 
+@pytest.mark.slow
 def test_reinit_rows_per_unit_and_mode(analysed):
     name, out = analysed
     rows = _rows(out / "reinit.json")
@@ -77,6 +80,7 @@ def test_reinit_rows_per_unit_and_mode(analysed):
         assert rows[0]["trained"] > 0.2  # a Dice to lose
 
 
+@pytest.mark.slow
 def test_cka_initial_vs_final(analysed):
     _, out = analysed
     document = json.loads((out / "debiased_cka.json").read_text())
@@ -87,6 +91,7 @@ def test_cka_initial_vs_final(analysed):
     assert all(document["matrix"][i][i] > 0.5 for i in range(3))  # a few steps of fine-tuning keep each layer
 
 
+@pytest.mark.slow
 def test_probes_and_gradcam_of_the_classifier(analysed):
     name, out = analysed
     if name != "cxr_classification":
@@ -130,6 +135,7 @@ def test_segmentation_refuses_classifier_analyses(tmp_path):
             ckpt_path=str(tmp_path / "model.pt"), output_dir=str(tmp_path / "out"), analyses=["weights", "gradcam"])
 
 
+@pytest.mark.slow
 def test_wrong_analysis_name_is_one_line_naming_the_id(tmp_path):
     (tmp_path / "model.pt").touch()
     args = _cli_args({"output_dir": str(tmp_path / "out"), "ckpt_path": str(tmp_path / "model.pt"),

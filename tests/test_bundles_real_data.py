@@ -26,7 +26,8 @@ LUNGS = DATA / "cxr_lung_segmentation"
 COVID = DATA / "cxr_covid_classification"
 CT = DATA / "ct_volumes"
 
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data not available ({DATA} is absent)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not DATA.is_dir(), reason=f"real data not available ({DATA} is absent)")]
 
 
 def _configs(name: str, *files: str) -> list[str]:

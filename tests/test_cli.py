@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from medtl3d.backbones import list_backbones
 from medtl3d.cli import main
 
@@ -33,6 +35,7 @@ def test_unknown_backbone_is_one_line_error(capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_console_script_is_installed():
     script = Path(sys.executable).parent / "medtl3d"
     assert script.exists(), "run `pip install -e .` (scripts/test.sh does) to get the console script"

@@ -17,6 +17,8 @@ import torch
 
 from medtl3d.engine import load_checkpoint, train
 
+pytestmark = pytest.mark.slow  # torchrun subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Run by torchrun (two ranks) and imported by the test for its data and model.

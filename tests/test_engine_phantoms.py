@@ -17,7 +17,7 @@ from medtl3d.strategies import apply_strategy
 from medtl3d.workflows import image_dataset
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # one_thread: tests/conftest.py
 
 
 def _small_model(spatial_dims: int, cut: str, width_factor: float):

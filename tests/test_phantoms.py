@@ -308,6 +308,7 @@ def _check_learnability(raw, cnn_input, lesions, items, spatial_dims, epochs, ba
 
 # Measured over other seeds too (CTPA 0/5/6/7, CXR 0/1, histology 0/1/2): logistic 0.51-0.61, CNN 0.92-1.00.
 # Weak (image-label-only) training of the same CNN was not reliable in so few CPU epochs, hence the location loss.
+@pytest.mark.slow
 def test_ctpa_emboli_learnable_not_from_global_statistics(tmp_path):
     items = _items(generate_ctpa(tmp_path, 200, shape=(16, 48, 48), spacing=(1.0, 1.0, 1.0), seed=0))
     load = LoadImage(image_only=True)
@@ -317,6 +318,7 @@ def test_ctpa_emboli_learnable_not_from_global_statistics(tmp_path):
     _check_learnability(raw, window, lesions, items, 3, 6, 8)
 
 
+@pytest.mark.slow
 def test_cxr_opacity_learnable_not_from_global_statistics(tmp_path):
     items = _items(generate_cxr(tmp_path, 480, size=64, seed=0))
     raw = np.stack([_png(tmp_path / it["image"]) for it in items])[:, None].astype(np.float32)
@@ -324,6 +326,7 @@ def test_cxr_opacity_learnable_not_from_global_statistics(tmp_path):
     _check_learnability(raw, _standardise(raw), lesions, items, 2, 4, 16)
 
 
+@pytest.mark.slow
 def test_histology_mitosis_learnable_not_from_global_statistics(tmp_path):
     items = _items(generate_histology(tmp_path, 480, size=64, seed=1))
     raw = np.stack([_png(tmp_path / it["image"]) for it in items]).transpose(0, 3, 1, 2).astype(np.float32)

@@ -126,6 +126,7 @@ def _metrics_table(rows):
             for r in rows}
 
 
+@pytest.mark.slow
 def test_hierarchical_search_trains_exactly_the_expected_candidates(searched):
     out, result = searched
     stage1 = {"full", "truncate@stem", "truncate@layer1", "truncate@layer2", "truncate@layer3"}
@@ -149,6 +150,7 @@ def test_hierarchical_search_trains_exactly_the_expected_candidates(searched):
         assert row["val_auroc_std"] == pytest.approx(abs(values[0] - values[1]) / math.sqrt(2))
 
 
+@pytest.mark.slow
 def test_report_files_costs_and_probes(searched):
     out, result = searched
     for name in ("search_report.csv", "search_report.json", "search_report.md", "search_pareto.png",
@@ -171,6 +173,7 @@ def test_report_files_costs_and_probes(searched):
         f"{p['cut']}.pt" for p in result.probes)
 
 
+@pytest.mark.slow
 def test_rerun_trains_nothing_and_probe_top_m(searched, tmp_path, one_thread):
     out, result = searched
     again = run_search(CXR, out, overrides=TINY, strategies=["truncate"], probe=True, **FAST)
@@ -186,6 +189,7 @@ def test_rerun_trains_nothing_and_probe_top_m(searched, tmp_path, one_thread):
     assert top.trained == (1 + 2) * 2
 
 
+@pytest.mark.slow
 def test_killed_search_resumes_to_the_same_table(searched, tmp_path):
     out, result = searched
     script = (f"from medtl3d.search import run_search\n"
@@ -211,6 +215,7 @@ def test_killed_search_resumes_to_the_same_table(searched, tmp_path):
     assert resumed.picks == result.picks
 
 
+@pytest.mark.slow
 def test_ray_executor_reproduces_local_numbers(searched, tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is the optional 'distributed' extra")
     out, result = searched
@@ -241,6 +246,7 @@ def test_search_yaml_forwards_every_train_id(bundle):
     assert all(value == f"@{key}" for key, value in search["search_trial_ids"].items())
 
 
+@pytest.mark.slow
 def test_search_through_the_bundle_cli(tmp_path, one_thread):
     configs = CXR / "configs"
     args = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
@@ -302,6 +308,7 @@ class _Killed(BaseException):
     """A kill right after a checkpoint: not an Exception, so nothing on the way catches it."""
 
 
+@pytest.mark.slow
 def test_interrupted_trial_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
     """A trial killed after its first epoch's checkpoint is continued from it on the re-run (not retrained) and
     ends with exactly the metrics of an uninterrupted search."""
@@ -334,6 +341,7 @@ def test_interrupted_trial_resumes_from_its_last_checkpoint(tmp_path, monkeypatc
     assert not (first / "train" / "last.pt").exists()  # engine state dropped once the trial is recorded
 
 
+@pytest.mark.slow
 def test_trials_train_data_parallel_under_torchrun(tmp_path):
     """``processes_per_trial=2``: each trial's bundle model was trained by two ranks (gloo on the CPU); the store
     records the setting, so a single-process re-run of the folder is refused; impossible GPU splits are refused."""

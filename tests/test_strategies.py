@@ -169,6 +169,7 @@ def _seeded_backbone(name: str, dims: int):
     return build_backbone(name, dims)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,dims,strategy", list(_cases()))
 def test_every_strategy_builds_and_trains_on_every_backbone(name, dims, strategy):
     entry = get_entry(name)

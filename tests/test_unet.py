@@ -98,6 +98,8 @@ def test_deeper_cut_keeps_more_units_and_drops_the_rest(bodies):
 
 
 def test_a_few_steps_on_a_toy_mask_task_lower_dice_ce():
+    """Five Adam steps lower the Dice-CE loss below 0.85 of its first value. Measured for seeds 0-4 (model and
+    data) with 1 and 2 threads: 0.66-0.76, the same to three decimals for both thread counts."""
     torch.manual_seed(0)
     model = create_unet("resnet18", 2, cut="layer2", in_channels=1)
     g = torch.Generator().manual_seed(0)
