@@ -104,13 +104,8 @@ def hand_cam(model, image, cut: str, method: str) -> torch.Tensor:
 ])
 @pytest.mark.parametrize("method", ["gradcam", "gradcampp"])
 def test_cam_of_a_constructed_model_is_the_hand_computed_map(dims, strategy, cut, explained, shape, centres,
-                                                             method, request):
+                                                             method):
     model = constructed_model(dims, strategy, cut)
-    if method == "gradcampp" and explained != model.backbone.cut_points[-1].name:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "MONAI's GradCAMpp sums A_ab g_ab^3 over the map in the denominator where the paper has g_ij^3 sum(A_ab): "
-            "the same where the gradient is constant over the map (a CAM at the top, before global pooling), not "
-            "below it; medtl3d.analysis.attribution uses MONAI's as is")))
     image = lesion_image(shape, centres)
     cam_cut = None if explained == model.backbone.cut_points[-1].name else explained
     cam = get_analysis("attribution", method)(model, image, cut=cam_cut)

@@ -9,7 +9,7 @@ Built on MONAI's N-d ``monai.visualize.GradCAM`` / ``GradCAMpp``, with these gua
   shifted by up to half a cell (3.5 px at stride 8). Here :func:`cell_centres` measures each cell's receptive-field
   centre (where its gradient reaches the input) and :func:`aligned_upsampler` interpolates linearly between those
   centres. On CXR phantoms this raises the Grad-CAM mass within one cell of the planted opacity from 0.48 to 0.54
-  (``tests/test_attribution_phantoms.py``).
+  (``scripts/bench_attribution.py``).
 - Resolution. A CAM cannot be finer than its cut's stride, and each cell's evidence spreads over about the effective
   receptive field: ``cut`` picks the layer to explain by cut-point name (default: the last), and a shallower cut
   gives a finer map (on 16 x 48 x 48 CTPA phantoms one ``cbr3`` cell spans a quarter of the volume; the emboli are
@@ -26,6 +26,10 @@ Built on MONAI's N-d ``monai.visualize.GradCAM`` / ``GradCAMpp``, with these gua
   mixing classes when samples disagree; here samples are grouped by their target class. MONAI's ``GradCAMpp``
   multiplies the gradients by ``exp(score)`` with ``score`` shaped ``(B,)``, which broadcasts along the last spatial
   axis (wrong maps, or a shape error, for B > 1); Grad-CAM++ therefore runs one sample at a time.
+
+- MONAI's ``GradCAMpp`` sums ``A_ab g_ab^3`` over the map in the alpha denominator, where Chattopadhyay et al. (2018,
+  eq. 19) have ``g_ij^3 sum_ab A_ab``; the two agree only at the top of the model (constant gradient over the map).
+  Here Grad-CAM++ uses the paper's denominator (tested against a hand computation below the top).
 
 Token models (ViT, Swin) are refused: their units output tokens, not channels-first maps.
 """
@@ -220,15 +224,38 @@ def aligned_upsampler(centres):
     return factory
 
 
+def _paper_grad_cam_pp():
+    """MONAI's ``GradCAMpp`` with the denominator of Chattopadhyay et al. 2018 (eq. 19): for ``Y = exp(S)``,
+    ``alpha_ij = g_ij^2 / (2 g_ij^2 + g_ij^3 sum_ab A_ab)``. MONAI sums ``A_ab g_ab^3`` over the map instead, which
+    is the same only where the gradient is constant over the map (a CAM at the top, just before global pooling)."""
+    import torch.nn.functional as F
+    from monai.visualize import GradCAMpp
+
+    class PaperGradCAMpp(GradCAMpp):
+        def compute_map(self, x, class_idx=None, retain_graph=False, layer_idx=-1, **kwargs):
+            _, acti, grad = self.nn_module(x, class_idx=class_idx, retain_graph=retain_graph, **kwargs)
+            acti, grad = acti[layer_idx], grad[layer_idx]
+            b, c, *spatial = grad.shape
+            ones = [1] * len(spatial)
+            numerator = grad.pow(2)
+            denominator = numerator.mul(2) + grad.pow(3) * acti.view(b, c, -1).sum(-1).view(b, c, *ones)
+            alpha = numerator / torch.where(denominator != 0.0, denominator, torch.ones_like(denominator))
+            score = self.nn_module.score.detach().view(b, 1, *ones)
+            weights = (alpha * F.relu(score.exp() * grad)).view(b, c, -1).sum(-1).view(b, c, *ones)
+            return F.relu((weights * acti).sum(1, keepdim=True))
+
+    return PaperGradCAMpp
+
+
 def _cam(method: str, model: nn.Module, image, cut: str | None, class_idx: int | None) -> torch.Tensor:
-    from monai.visualize import GradCAM, GradCAMpp
+    from monai.visualize import GradCAM
 
     x, batched = _as_batch(model, image)
     twin, layer = cam_target(model, cut)
     twin.eval()
     x = x.to(next(twin.parameters()).device)
     upsampler = aligned_upsampler(cell_centres(model, x.shape[2:], cut))
-    factory = GradCAMpp if method == "gradcampp" else GradCAM
+    factory = _paper_grad_cam_pp() if method == "gradcampp" else GradCAM
     cam = factory(nn_module=twin, target_layers=layer, upsampler=upsampler, postprocessing=_scale_to_max)
     if class_idx is not None:
         targets = torch.full((x.shape[0],), int(class_idx))
