@@ -247,7 +247,7 @@ def build_classifier(backbone: str, strategy: str = "full", num_classes: int = 1
         model.freeze_units(range(model.backbone.cut_point(freeze_up_to).unit + 1))
         model.snapshot_initial_state()
     model.model_config = {
-        "builder": "medtl3d.workflows.build_classifier", "backbone": backbone, "strategy": strategy,
+        "builder": "classifier", "backbone": backbone, "strategy": strategy,
         "num_classes": num_classes, "cut": cut, "spatial_dims": model.backbone.spatial_dims,
         "in_channels": model.backbone.in_channels, "width_factor": width_factor, "lr_ratio": lr_ratio,
         "dropout": dropout, "freeze_up_to": freeze_up_to,

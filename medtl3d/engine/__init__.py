@@ -6,6 +6,7 @@ state, and bit-exact resume.
 scores (optionally per series), ``load_model(path)`` rebuilds a checkpointed model from its ``model_config``.
 """
 
+from ._builders import available_builders, register_builder
 from ._checkpoint import load_checkpoint, load_model
 from ._tasks import TASKS, default_key_metric
 from ._trainer import OPTIMIZERS, EvalResult, TrainResult, evaluate, train
@@ -17,11 +18,13 @@ __all__ = [
     "EvalResult",
     "TrainResult",
     "aggregate_series",
+    "available_builders",
     "classification_metrics",
     "default_key_metric",
     "evaluate",
     "load_checkpoint",
     "load_model",
+    "register_builder",
     "segmentation_metrics",
     "train",
 ]

@@ -41,6 +41,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ..errors import TrainingError
 from ..reporting import write_text
+from ._builders import plain_config
 from ._checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ._tasks import (
     IMAGE,
@@ -127,19 +128,6 @@ def _probe_outputs(model: nn.Module, sample: Mapping, task: str, device: torch.d
                                else "expected one logit vector per image"))
     check_outputs(task, out.shape[1])
     return out.shape[1]
-
-
-def _plain(value, name: str):
-    """``model_config`` must survive ``torch.load(weights_only=True)``: plain python values only."""
-    if isinstance(value, (Path, torch.device)):
-        return str(value)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v, f"{name}[{i}]") for i, v in enumerate(value))
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v, f"{name}.{k}") for k, v in value.items()}
-    raise TrainingError(f"{name} is a {type(value).__name__}; model_config may hold only plain python values")
 
 
 def _check_options(task, epochs, lr, weight_decay, optimizer, batch_size, num_workers, grad_clip, key_metric,
@@ -473,7 +461,7 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
     key_metric = _check_options(task, epochs, lr, weight_decay, optimizer, batch_size, num_workers, grad_clip,
                                 key_metric, early_stop_patience, val_every, series_key, aggregation)
     device, use_amp = _device_and_amp(device, amp)
-    model_config = None if model_config is None else _plain(dict(model_config), "model_config")
+    model_config = None if model_config is None else plain_config(dict(model_config), "model_config")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     set_determinism(seed=seed)
