@@ -49,3 +49,7 @@ class AnalysisError(Medtl3dError, ValueError):
 
 class SearchError(Medtl3dError, ValueError):
     """A cutoff search that cannot run as configured: no candidates, inapplicable strategy, foreign results store."""
+
+
+class OutputLockedError(Medtl3dError, RuntimeError):
+    """An output folder another run is writing (one writer per folder): names the folder and the holder."""

@@ -16,12 +16,14 @@ handlers do the work; this module wires them for a task and adds what they lack 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
 import math
 import time
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -40,6 +42,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
 from ..errors import TrainingError
+from ..locking import output_lock
+from ..provenance import build_provenance, data_hash, dataset_items
 from ..reporting import write_text
 from ._builders import plain_config
 from ._checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -309,6 +313,7 @@ class _Run:
     initial_state: dict
     model_config: dict | None
     run_config: dict
+    provenance: dict | None = None  # built by the writing rank only
     early_stopping: EarlyStopping | None = None
     writes: bool = True  # False on the ranks > 0 of a distributed run: bookkeeping only
     history: list = field(default_factory=list)
@@ -333,6 +338,7 @@ class _Run:
             "initial_state": self.initial_state,
             "model_config": self.model_config,
             "run_config": self.run_config,
+            "provenance": self.provenance,
         }
 
     def epoch_completed(self, trainer) -> None:
@@ -438,6 +444,20 @@ def _resume_check(saved: dict, current: dict, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- public API
+def _one_writer(train_fn):
+    """Hold ``output_dir``'s lock for the whole run on the rank that writes (rank 0; the other ranks of a
+    distributed run write nothing and take no lock, so they cannot deadlock on it)."""
+
+    @functools.wraps(train_fn)
+    def locked(model, train_data, val_data, *, output_dir, **options):
+        writes = _rank_and_world()[0] == 0
+        with output_lock(output_dir) if writes else nullcontext():
+            return train_fn(model, train_data, val_data, output_dir=output_dir, **options)
+
+    return locked
+
+
+@_one_writer
 def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epochs: int = 10, lr: float = 1e-3,
           weight_decay: float = 0.0, optimizer: str = "adamw", batch_size: int = 8, num_workers: int = 0,
           amp: bool = False, grad_clip: float | None = None, key_metric: str | None = None,
@@ -451,6 +471,9 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
     series id under ``series_key`` (validation metrics are then computed per series, ``aggregation`` max/mean).
     ``output_dir`` receives ``last.pt`` (every epoch), ``best.pt`` (best ``key_metric``), ``history.csv``,
     ``result.json`` and ``tensorboard/``. With ``resume`` an existing ``last.pt`` of the same run is continued.
+    One run writes to ``output_dir`` at a time (:func:`medtl3d.locking.output_lock`: another one is refused at
+    once), and every checkpoint carries a ``provenance`` record (:func:`medtl3d.provenance.build_provenance`:
+    versions, pretrained weights, content hashes of the train/val data, the run's configuration).
     The model is trained in place (it ends with the last epoch's weights; :func:`load_model` reads ``best.pt``).
 
     When ``torch.distributed`` is initialised with more than one process, every rank calls ``train`` with the same
@@ -510,8 +533,11 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
     }
     if world > 1:  # a different world size changes the batches: such a checkpoint does not resume
         run_config["world_size"] = world
+    provenance = None if rank else build_provenance(
+        weights=getattr(getattr(model, "backbone", None), "weights_source", None), config=run_config,
+        data={"train": data_hash(dataset_items(train_data)), "val": data_hash(dataset_items(val_data))})
     run = _Run(model, opt, evaluator, output_dir, key_metric, task_metrics(task), val_every, initial_state,
-               model_config, run_config, writes=rank == 0)
+               model_config, run_config, provenance=provenance, writes=rank == 0)
     if early_stop_patience is not None:
         score = lambda e: _score(e.state.metrics[key_metric])  # noqa: E731
         run.early_stopping = EarlyStopping(patience=early_stop_patience, score_function=score, trainer=trainer)
@@ -579,7 +605,7 @@ def _finish(run: _Run, epochs_run: int, world: int = 1) -> TrainResult:
         dist.barrier()  # rank 0 has written its checkpoints: every rank sees them from here on
     result = run.result(epochs_run)
     if run.writes:
-        summary = {**asdict(result), "stopped_early": run.stopped_early}
+        summary = {**asdict(result), "stopped_early": run.stopped_early, "run_id": run.provenance["run_id"]}
         write_text(run.output_dir / "result.json", json.dumps(_json_safe(summary), indent=2))
     return result
 
