@@ -151,7 +151,7 @@ def build_provenance(*, weights: str | os.PathLike | None = None, data: Mapping[
     return {
         "run_id": uuid.uuid4().hex,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"medtl3d": __version__, "torch": torch.__version__, "monai": monai.__version__,
+        "versions": {"medtl3d": __version__, "torch": str(torch.__version__), "monai": str(monai.__version__),
                      "python": platform.python_version()},
         "git_commit": git_commit(),
         "command": " ".join(sys.argv),

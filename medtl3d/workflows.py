@@ -273,7 +273,10 @@ def load_network(path: str) -> nn.Module:
 
     if not Path(path).is_file():
         raise ConfigIdError("ckpt_path", f"checkpoint {path} does not exist; train the bundle first")
-    return resolve_model(path, torch.device("cpu"))
+    try:
+        return resolve_model(path, torch.device("cpu"))
+    except Medtl3dError as err:  # e.g. a builder that is not registered: one line, not MONAI's wrapped traceback
+        raise ConfigIdError("ckpt_path", str(err)) from None
 
 
 # --------------------------------------------------------------------------------------------- runs
