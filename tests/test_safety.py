@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -24,7 +28,7 @@ from medtl3d.cli import main as medtl3d_main
 from medtl3d.engine import _builders, load_model
 from medtl3d.engine._checkpoint import FORMAT, save_checkpoint
 from medtl3d.errors import OutputLockedError, SearchError, TrainingError
-from medtl3d.locking import output_lock
+from medtl3d.locking import LOCK_NAME, output_lock
 from medtl3d.provenance import data_hash
 from medtl3d.workflows import ConfigIdError, build_classifier
 from medtl3d.workflows import train as bundle_train
@@ -186,35 +190,54 @@ def test_data_hash_follows_content_not_paths(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ one writer
-def _hold(folder: Path) -> subprocess.Popen:
-    """Another process holding ``folder``'s lock (as a run in progress would), once it has printed 'held'."""
-    code = ("import sys, time; from medtl3d.locking import output_lock\n"
-            "with output_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(120)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True,
-                              env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
-    assert holder.stdout.readline().strip() == "held"
-    return holder
+@contextmanager
+def _held(folder: Path):
+    """``folder``'s lock held by another thread for the block, as a run in progress would hold it."""
+    acquired, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with output_lock(folder):
+            acquired.set()
+            done.wait(60)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert acquired.wait(30)
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def test_second_training_into_a_held_folder_refuses_and_leaves_the_first_intact(tmp_path):
     ckpt, _, _ = _trained_bundle_model(tmp_path)
     written = {p: p.read_bytes() for p in [*ckpt.parent.iterdir(), *(tmp_path / "train").iterdir()] if p.is_file()}
-    holder = _hold(ckpt.parent)
-    try:
-        model = build_classifier("cbr_tiny", "full", spatial_dims=2, in_channels=1)
+    holder = rf"\(pid {os.getpid()} on {socket.gethostname()}, started "
+    model = build_classifier("cbr_tiny", "full", spatial_dims=2, in_channels=1)
+    with _held(ckpt.parent):
         with pytest.raises(ConfigIdError, match=rf"config id 'ckpt_path': output folder {ckpt.parent} is being "
-                                                rf"written by another run \(pid {holder.pid} on "):
+                                                rf"written by another run {holder}"):
             bundle_train(model, _rows(8, 2), _rows(4, 3), task="binary", output_dir=str(tmp_path / "train"),
                          ckpt_path=str(ckpt), epochs=1, **QUIET)
         started = time.perf_counter()
         with pytest.raises(OutputLockedError, match=rf"output folder {ckpt.parent} is being written by another run"):
             engine.train(model, _rows(8, 2), _rows(4, 3), task="binary", output_dir=ckpt.parent, epochs=1, **QUIET)
         assert time.perf_counter() - started < 5  # refused at once, not after waiting
-    finally:
-        holder.kill()
-        holder.wait()
     assert {p: p.read_bytes() for p in written} == written
-    # the dead holder released the lock with its process: the folder is usable again (stale holder file or not)
+    # a run killed while holding the lock releases it with its process (here a bare filelock holder: no holder file)
+    code = ("import sys, time, filelock\nlock = filelock.FileLock(sys.argv[1])\nlock.acquire()\n"
+            "print('held', flush=True)\ntime.sleep(60)")
+    process = subprocess.Popen([sys.executable, "-c", code, str(ckpt.parent / LOCK_NAME)], stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        assert process.stdout.readline().strip() == "held"
+        with pytest.raises(OutputLockedError, match="another run \\(holder unknown\\)"):
+            with output_lock(ckpt.parent):
+                pass
+    finally:
+        process.kill()
+        process.wait()
     with output_lock(ckpt.parent):
         pass
 
@@ -222,15 +245,32 @@ def test_second_training_into_a_held_folder_refuses_and_leaves_the_first_intact(
 def test_second_search_on_one_output_refuses(tmp_path, capsys):
     from medtl3d.search import run_search
 
-    holder = _hold(tmp_path / "search")
-    try:
+    with _held(tmp_path / "search"):
         with pytest.raises(SearchError, match=rf"output folder {tmp_path / 'search'} is being written by another "
-                                              rf"run \(pid {holder.pid}"):
+                                              rf"run \(pid {os.getpid()}"):
             run_search(REPO / "bundles" / "cxr_classification", tmp_path / "search")
         assert medtl3d_main(["search", "--bundle", str(REPO / "bundles" / "cxr_classification"), "--output",
                              str(tmp_path / "search")]) == 2
         assert "is being written by another run" in capsys.readouterr().err
-    finally:
-        holder.kill()
-        holder.wait()
     assert not (tmp_path / "search" / "trials.jsonl").exists()
+
+
+def test_search_store_follows_data_content_not_paths(tmp_path, one_thread):
+    from medtl3d.data.phantoms import generate_cxr
+    from medtl3d.search import run_search
+
+    datalist = generate_cxr(tmp_path / "data", 12, size=32)
+    tiny = {"backbone": "cbr_tiny", "epochs": 1, "image_size": 32, "batch_size": 4, "amp": False,
+            "tensorboard": False, "device": "cpu"}
+    fast = dict(cuts=["cbr1"], stage2=False, n_folds=1, evaluate_test=False, efficiency_runs=1,
+                efficiency_warmup=0, cpus_per_trial=1)
+    bundle, out = REPO / "bundles" / "cxr_classification", tmp_path / "search"
+    first = run_search(bundle, out, overrides={**tiny, "datalist": str(datalist)}, **fast)
+    assert first.trained == 2
+    moved = shutil.copytree(tmp_path / "data", tmp_path / "moved")  # relative paths: the same data elsewhere
+    again = run_search(bundle, out, overrides={**tiny, "datalist": str(moved / datalist.name)}, **fast)
+    assert again.trained == 0 and again.reused == 2
+    image = sorted((tmp_path / "data" / "images").iterdir())[0]
+    image.write_bytes(image.read_bytes()[:-1] + bytes([image.read_bytes()[-1] ^ 1]))  # one byte, same path
+    with pytest.raises(SearchError, match=r"different search configuration \(data: '[0-9a-f]{64}' in the store"):
+        run_search(bundle, out, overrides={**tiny, "datalist": str(datalist)}, **fast)
