@@ -3,7 +3,8 @@ gradient clipping, AMP, early stopping, TensorBoard/MLflow, atomic checkpoints t
 state, and bit-exact resume.
 
 ``train(model, train_data, val_data, task=...)`` fine-tunes and checkpoints, ``evaluate(model, data, task=...)``
-scores (optionally per series), ``load_model(path)`` rebuilds a checkpointed model from its ``model_config``.
+scores (optionally per series), ``load_model(path)`` rebuilds a checkpointed model from its ``model_config`` with
+a registered builder (``register_builder(name, fn)`` adds one; any other name in a file is refused).
 """
 
 from ._builders import available_builders, register_builder
