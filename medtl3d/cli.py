@@ -2,7 +2,9 @@
 
 ``medtl3d backbones`` lists the zoo; ``medtl3d backbones NAME`` prints a backbone's cut points as a table, with the
 parameters a truncation at each cut keeps (a block cut that ends at the same unit as a layer cut shares its row:
-``stage1 = features.1``); NAME may be ``timm/<any timm model>``. ``efficiency`` measures params/MACs/latency per cut point, ``infer``
+``stage1 = features.1``); NAME may be ``timm/<any timm model>``. ``info MODEL.pt`` prints what a model is and
+where it came from (its architecture and provenance), read without building it. ``efficiency`` measures
+params/MACs/latency per cut point, ``infer``
 predicts a folder of cases, ``phantoms`` writes the synthetic datasets, ``analyze`` runs the representation analyses, ``search`` runs the
 hierarchical cutoff search of a bundle, ``lr-find`` the learning-rate range test of a bundle's model. Errors
 from bad input are printed as one line (exit status 2), not as a traceback.
@@ -11,6 +13,7 @@ from bad input are printed as one line (exit status 2), not as a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Sequence
 
@@ -87,6 +90,44 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def checkpoint_info(path: str) -> dict:
+    """Architecture, training result and provenance of a medtl3d model file, read with ``weights_only=True`` and
+    without building the model (no builder is called)."""
+    from .engine import load_checkpoint
+
+    state = load_checkpoint(path)
+    config = dict(state.get("model_config") or {})
+    weights = state.get("model") or {}
+    return {
+        "file": str(path),
+        "architecture": {"builder": config.get("builder"), "backbone": config.get("backbone"),
+                         "strategy": config.get("strategy"), "cut": config.get("cut"),
+                         "params": int(sum(t.numel() for t in weights.values() if torch.is_tensor(t)))},
+        "model_config": config,
+        "training": {k: state.get(k) for k in ("key_metric", "best_metric", "best_epoch", "epochs_run")},
+        "inference": state.get("inference"),
+        "provenance": state.get("provenance"),
+    }
+
+
+def _info_text(info: dict) -> str:
+    """``checkpoint_info`` as indented ``key: value`` lines."""
+    lines: list[str] = []
+
+    def add(value, indent: int) -> None:
+        for key, item in value.items():
+            if isinstance(item, dict) and item:
+                lines.append(" " * indent + f"{key}:")
+                add(item, indent + 2)
+            else:
+                lines.append(" " * indent + f"{key}: {'-' if item is None else item}")
+
+    add(info, 0)
+    if info["provenance"] is None:
+        lines.append("(no provenance: written before medtl3d recorded it)")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="medtl3d", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cost.add_argument("--warmup", type=int, default=5, help="untimed warm-up runs")
     cost.add_argument("--runs", type=int, default=20, help="timed runs (0: count only)")
     cost.add_argument("--output", help="directory for the CSV, JSON, Markdown and PNG reports")
+    info = commands.add_parser("info", help="a model file's architecture and provenance (medtl3d info MODEL.pt)")
+    info.add_argument("model", help="a medtl3d checkpoint or bundle model (.pt)")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
     from .analysis import cli as analyze_cli
     from .data import phantoms
     from .engine import lr_find_cli
@@ -140,6 +184,9 @@ def _run(args: argparse.Namespace, delegated: dict) -> int:
                 args.device, args.dtype, args.amp, args.channels_last, args.warmup, args.runs, output_dir=args.output,
             )
             print(report.to_markdown())
+        elif args.command == "info":
+            details = checkpoint_info(args.model)
+            print(json.dumps(details, indent=2, default=str) if args.json else _info_text(details))
     except Medtl3dError as exc:
         print(f"medtl3d: error: {exc}", file=sys.stderr)
         return 2

@@ -4,30 +4,22 @@ Every report of the package (analyses, cutoff search, efficiency) writes its num
 ``metadata`` block), a Markdown table, and a PNG: curves for per-layer results, a heatmap for layer x layer matrices.
 Every file the package writes (reports, checkpoints, datalists, phantoms, predictions) goes through
 :func:`atomic_write` (a temporary file in the same directory, then ``os.replace``), so an interrupted run never
-leaves a half-written file; a run that writes an output folder holds :func:`exclusive_output` on it, so two runs
-never write one folder.
+leaves a half-written file; a run that writes an output folder holds :func:`medtl3d.locking.output_lock` on it, so
+two runs never write one folder.
 """
 
 from __future__ import annotations
 
 import csv
-import datetime
 import io
 import json
 import math
 import os
-import socket
 import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
-from filelock import FileLock, Timeout
-
-from .errors import OutputError, OutputLockedError
-
-LOCK_NAME = ".medtl3d.lock"  # in the output folder; its holder is described in LOCK_NAME + ".json"
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None], *, durable: bool = False,
@@ -56,47 +48,6 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
     return atomic_write(path, lambda temp: temp.write_bytes(data))
-
-
-@contextmanager
-def exclusive_output(folder: str | Path, what: str) -> Iterator[Path]:
-    """Hold the one-writer lock of output ``folder`` (created if missing) for the ``with`` block; yields the folder.
-
-    The lock is an OS file lock (``filelock``, ``flock`` on Unix) on ``folder/.medtl3d.lock``, so it is released
-    when the holder exits, even killed. ``what`` (e.g. ``"medtl3d infer"``) describes this run; it is written with
-    the pid, host and start time to ``.medtl3d.lock.json`` so that a second run refuses at once with
-    :class:`~medtl3d.errors.OutputLockedError` naming the folder and the holder. A path that is a file, or a folder
-    that cannot be created, raises :class:`~medtl3d.errors.OutputError`.
-    """
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"output folder {folder} is an existing file, not a folder: give a folder path")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"output folder {folder} cannot be created: {err.strerror or err}") from err
-    lock, holder = FileLock(folder / LOCK_NAME), folder / f"{LOCK_NAME}.json"
-    try:
-        lock.acquire(blocking=False)
-    except Timeout:
-        raise OutputLockedError(f"output folder {folder} is in use by {_holder(holder)}: wait for it to finish or "
-                                "choose another output folder") from None
-    try:
-        write_text(holder, json.dumps({"what": what, "pid": os.getpid(), "host": socket.gethostname(),
-                                       "started": datetime.datetime.now().isoformat(timespec="seconds")}))
-        yield folder
-    finally:
-        holder.unlink(missing_ok=True)
-        lock.release()
-
-
-def _holder(description: Path) -> str:
-    """``what`` (pid P on HOST, started T) from a lock's description, or a plain phrase when it cannot be read."""
-    try:
-        held = json.loads(description.read_text(encoding="utf-8"))
-        return f"{held['what']} (pid {held['pid']} on {held['host']}, started {held['started']})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another run (its description is not written yet)"
 
 
 def _plain(value):

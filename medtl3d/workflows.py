@@ -19,7 +19,7 @@ import json
 import os
 import re
 import sys
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -33,7 +33,7 @@ from .reporting import atomic_write, write_text
 
 TASKS = ("binary", "multiclass", "multilabel", "segmentation")
 BUNDLE_CHECKPOINT_KEYS = ("format", "model", "initial_state", "model_config", "key_metric", "best_metric", "best_epoch",
-                          "history", "run_config")
+                          "history", "run_config", "provenance")
 PHANTOMS = ("ctpa", "cxr", "histology")
 explain_config_security()  # MONAI's warning that bundle configs are code: our one line, once per process
 
@@ -367,7 +367,7 @@ def build_classifier(backbone: str, strategy: str = "full", num_classes: int = 1
         model.freeze_units(range(model.backbone.cut_point(freeze_up_to).unit + 1))
         model.snapshot_initial_state()
     model.model_config = {
-        "builder": "medtl3d.workflows.build_classifier", "backbone": backbone, "strategy": strategy,
+        "builder": "classifier", "backbone": backbone, "strategy": strategy,
         "num_classes": num_classes, "cut": cut, "spatial_dims": model.backbone.spatial_dims,
         "in_channels": model.backbone.in_channels, "width_factor": width_factor, "lr_ratio": lr_ratio,
         "dropout": dropout, "freeze_up_to": freeze_up_to,
@@ -393,7 +393,10 @@ def load_network(path: str) -> nn.Module:
 
     if not Path(path).is_file():
         raise ConfigIdError("ckpt_path", f"checkpoint {path} does not exist; train the bundle first")
-    return resolve_model(path, torch.device("cpu"))
+    try:
+        return resolve_model(path, torch.device("cpu"))
+    except Medtl3dError as err:  # e.g. a builder that is not registered: one line, not MONAI's wrapped traceback
+        raise ConfigIdError("ckpt_path", str(err)) from None
 
 
 # --------------------------------------------------------------------------------------------- runs
@@ -403,35 +406,72 @@ def settings_path(ckpt_path: str) -> Path:
 
 
 def inference_settings(ckpt_path: str) -> dict:
-    """The preprocessing a checkpoint was trained with (written by :func:`train`), so inference matches it."""
+    """The preprocessing a checkpoint was trained with (written by :func:`train`), so inference matches it: from
+    inside ``model.pt`` itself (so weights and settings always come from the same run), else from the JSON beside
+    it (a TorchScript export, or a checkpoint written before settings were embedded)."""
+    if Path(ckpt_path).suffix == ".pt" and Path(ckpt_path).is_file():
+        from .engine import load_checkpoint
+
+        embedded = load_checkpoint(ckpt_path).get("inference")
+        if embedded is not None:
+            return dict(embedded)
     path = settings_path(ckpt_path)
     if not path.is_file():
         raise ConfigIdError("ckpt_path", f"{path} is missing: it records how {ckpt_path} was trained; "
                                          "train the bundle first (or restore the file)")
-    return json.loads(path.read_text())
+    return {k: v for k, v in json.loads(path.read_text()).items() if k != "run_id"}
+
+
+@contextmanager
+def _one_writer(ckpt_path: str, output_dir: str):
+    """The locks of the model's folder and the training folder, held by the rank that writes for the whole run;
+    a run that finds either held by another run stops at once, naming the config id, folder and holder."""
+    from .errors import OutputLockedError
+    from .locking import output_lock
+
+    with ExitStack() as stack:
+        if not (torch.distributed.is_initialized() and torch.distributed.get_rank() > 0):
+            for config_id, folder in (("ckpt_path", Path(ckpt_path).parent), ("output_dir", Path(output_dir))):
+                try:
+                    stack.enter_context(output_lock(folder))
+                except OutputLockedError as err:
+                    raise ConfigIdError(config_id, str(err)) from None
+        yield
 
 
 def train(model: nn.Module, train_data, val_data, *, task: str, output_dir: str, ckpt_path: str,
           inference: Mapping | None = None, **engine_options: Any) -> dict:
-    """Fine-tune with :func:`medtl3d.engine.train`; the best checkpoint becomes the bundle's ``models/model.pt``
-    (atomically), ``inference`` (preset, its options, task, windows) is saved beside it for the inference config,
-    and ``<output_dir>/train_summary.json`` records the run."""
+    """Fine-tune with :func:`medtl3d.engine.train`; the best checkpoint becomes the bundle's ``models/model.pt``,
+    ``inference`` (preset, its options, task, windows) is saved beside it for the inference config, and
+    ``<output_dir>/train_summary.json`` records the run.
+
+    One run at a time writes a bundle's model and training folders (a second is refused at once). ``model.pt`` is
+    the run's commit point and self-contained: weights, settings, history, result and provenance in one atomic
+    file, written after ``model.json`` and ``train_summary.json`` (both stamped with the same ``run_id``), so a
+    reader of ``model.pt`` never combines parts of two runs."""
     from . import engine
 
-    result = engine.train(model, train_data, val_data, task=task, output_dir=output_dir,
-                          model_config=getattr(model, "model_config", None), **engine_options)
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:  # rank 0 writes the bundle's files
-        return {"key_metric": result.key_metric, "best_metric": result.best_metric, "best_epoch": result.best_epoch}
-    source = engine.load_checkpoint(result.best_checkpoint or result.last_checkpoint)
-    target = Path(ckpt_path)
-    # the bundle's model: weights, the initial state (for the analyses) and how to rebuild it; no optimizer state
-    atomic_write(target, partial(torch.save, {k: source[k] for k in BUNDLE_CHECKPOINT_KEYS if k in source}), durable=True)
-    write_text(settings_path(target), json.dumps({"task": task, **dict(inference or {})}, indent=2))
-    describe = model.describe() if hasattr(model, "describe") else {}
-    summary = {"key_metric": result.key_metric, "best_metric": result.best_metric, "best_epoch": result.best_epoch,
-               "epochs_run": result.epochs_run, "checkpoint": str(target), "model": describe,
-               "history": result.history}
-    write_text(Path(output_dir) / "train_summary.json", json.dumps(summary, indent=2, default=str))
+    with _one_writer(ckpt_path, output_dir):
+        result = engine.train(model, train_data, val_data, task=task, output_dir=output_dir,
+                              model_config=getattr(model, "model_config", None), **engine_options)
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:  # rank 0 writes the files
+            return {"key_metric": result.key_metric, "best_metric": result.best_metric,
+                    "best_epoch": result.best_epoch}
+        source = engine.load_checkpoint(result.best_checkpoint or result.last_checkpoint)
+        target = Path(ckpt_path)
+        run_id = (source.get("provenance") or {}).get("run_id")  # None: a checkpoint older than provenance
+        settings = {"task": task, **dict(inference or {})}
+        describe = model.describe() if hasattr(model, "describe") else {}
+        summary = {"run_id": run_id, "key_metric": result.key_metric, "best_metric": result.best_metric,
+                   "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "checkpoint": str(target),
+                   "model": describe, "history": result.history}
+        write_text(settings_path(target), json.dumps({"run_id": run_id, **settings}, indent=2))
+        write_text(Path(output_dir) / "train_summary.json", json.dumps(summary, indent=2, default=str))
+        # the bundle's model: weights, the initial state (for the analyses), how to rebuild it, its settings and
+        # provenance; no optimizer state. Written last: it is what readers trust.
+        model_file = {**{k: source[k] for k in BUNDLE_CHECKPOINT_KEYS if k in source}, "inference": settings,
+                      "epochs_run": result.epochs_run}
+        atomic_write(target, partial(torch.save, model_file), durable=True)
     print(f"medtl3d: best {result.key_metric} = {result.best_metric:.4f} at epoch {result.best_epoch}; "
           f"model saved to {target}")
     return summary

@@ -17,7 +17,7 @@ import torch
 from monai.data import Dataset
 from torch import nn
 
-from medtl3d.engine import evaluate, load_checkpoint, load_model, train
+from medtl3d.engine import evaluate, load_checkpoint, load_model, register_builder, train
 from medtl3d.errors import TrainingError
 from medtl3d.strategies import create_model
 
@@ -257,7 +257,7 @@ def test_evaluate_aggregates_windows_per_series_by_max_or_mean():
     assert len(per_window.predictions) == 8 and per_window.predictions[0]["id"] == "A0"
 
 
-def test_segmentation_trains_a_unet_built_from_a_dotted_builder(tmp_path):
+def test_segmentation_trains_a_unet_built_by_a_registered_builder(tmp_path):
     g = torch.Generator().manual_seed(0)
     rows = []
     for i in range(24):
@@ -266,10 +266,11 @@ def test_segmentation_trains_a_unet_built_from_a_dotted_builder(tmp_path):
         mask = torch.zeros(1, 16, 16, dtype=torch.long)
         mask[:, r:r + 8, c:c + 8] = 1
         rows.append({"image": image + mask, "label": mask, "id": i})
-    config = {"builder": "monai.networks.nets.UNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2,
+    config = {"builder": "test_monai_unet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2,
               "channels": (8, 16), "strides": (2,), "num_res_units": 0}
     from monai.networks.nets import UNet
 
+    register_builder("test_monai_unet", UNet)
     torch.manual_seed(0)
     model = UNet(**{k: v for k, v in config.items() if k != "builder"})
     result = train(model, rows[:16], rows[16:], task="segmentation", output_dir=tmp_path, epochs=4, lr=1e-2,

@@ -32,7 +32,7 @@ from medtl3d.engine._checkpoint import save_checkpoint
 from medtl3d.errors import DataError, OutputError, OutputLockedError, WeightsError
 from medtl3d.inference import infer_folder
 from medtl3d.inference.cli import add_parser, run
-from medtl3d.reporting import exclusive_output
+from medtl3d.locking import output_lock
 from medtl3d.strategies import create_model
 from medtl3d.weights import read_checkpoint
 
@@ -163,7 +163,7 @@ def cxr_args(checkpoints):
 
 
 def _hold(folder: Path, held, stop) -> None:
-    with exclusive_output(folder, "medtl3d infer"):
+    with output_lock(folder):
         held.set()
         stop.wait(60)
 
@@ -181,7 +181,7 @@ def test_a_second_run_on_the_same_output_is_refused_at_once(tmp_path, cxr_args, 
         started = time.monotonic()
         assert _cli([*cxr_args, "--input", str(tmp_path / "in"), "--output", str(out)]) == 2
         assert time.monotonic() - started < 10  # at once, not after a wait
-        _one_line_error(capsys, f"output folder {out} is in use by medtl3d infer (pid {holder.pid} on ")
+        _one_line_error(capsys, f"output folder {out} is being written by another run (pid {holder.pid} on ")
         with pytest.raises(OutputLockedError, match=f"pid {holder.pid} on "):  # the Python API, the same
             infer_folder(_model_2d(), "cxr", tmp_path / "in", out, preset_options={"size": 16}, progress=False)
         assert not (out / "predictions.csv").exists()
@@ -190,7 +190,7 @@ def test_a_second_run_on_the_same_output_is_refused_at_once(tmp_path, cxr_args, 
         holder.join()
     assert _cli([*cxr_args, "--input", str(tmp_path / "in"), "--output", str(out)]) == 0
     assert _rows(out / "predictions.csv")["a"]["status"] == "ok"
-    with exclusive_output(out, "medtl3d infer"):  # the folder is free again after a run
+    with output_lock(out):  # the folder is free again after a run
         pass
 
 

@@ -24,7 +24,7 @@ from medtl3d.engine._checkpoint import save_checkpoint
 from medtl3d.errors import DataError, TrainingError
 from medtl3d.inference import infer_folder
 from medtl3d.inference.cli import add_parser, parse_preset_options, run
-from medtl3d.reporting import LOCK_NAME
+from medtl3d.locking import LOCK_NAME
 from medtl3d.strategies import create_model
 
 EXAMPLE_4D = Path(nib.__file__).parent / "tests" / "data" / "example4d.nii.gz"

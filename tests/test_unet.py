@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from medtl3d.backbones import build_backbone
+from medtl3d.engine._builders import get_builder
 from medtl3d.errors import DataError, StrategyNotApplicableError, UnknownCutPointError
 from medtl3d.models import TruncatedUNet, create_unet
 
@@ -149,9 +149,8 @@ def test_model_config_rebuilds_the_same_network():
     model = create_unet("mobilenet_v2", 2, cut="stage5", in_channels=1, upsample="nontrainable",
                         freeze_encoder_units="stage1", decoder_channels=(256, 128, 64, 32, 16)).eval()
     config = json.loads(json.dumps(model.model_config))
-    assert config["builder"] == "medtl3d.models.create_unet" and "weights" not in config
-    module, _, fn = config.pop("builder").rpartition(".")
-    rebuilt = getattr(importlib.import_module(module), fn)(**config).eval()
+    assert config["builder"] == "unet" and "weights" not in config
+    rebuilt = get_builder(config.pop("builder"), "test")(**config).eval()
     rebuilt.load_state_dict(model.state_dict(), strict=True)
     x = torch.randn(1, 1, 32, 32)
     with torch.no_grad():

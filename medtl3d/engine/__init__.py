@@ -3,9 +3,11 @@ gradient clipping, AMP, early stopping, TensorBoard/MLflow, atomic checkpoints t
 state, and bit-exact resume.
 
 ``train(model, train_data, val_data, task=...)`` fine-tunes and checkpoints, ``evaluate(model, data, task=...)``
-scores (optionally per series), ``load_model(path)`` rebuilds a checkpointed model from its ``model_config``.
+scores (optionally per series), ``load_model(path)`` rebuilds a checkpointed model from its ``model_config`` with
+a registered builder (``register_builder(name, fn)`` adds one; any other name in a file is refused).
 """
 
+from ._builders import available_builders, register_builder
 from ._checkpoint import load_checkpoint, load_model
 from ._tasks import TASKS, default_key_metric
 from ._trainer import OPTIMIZERS, EvalResult, TrainResult, evaluate, train
@@ -17,11 +19,13 @@ __all__ = [
     "EvalResult",
     "TrainResult",
     "aggregate_series",
+    "available_builders",
     "classification_metrics",
     "default_key_metric",
     "evaluate",
     "load_checkpoint",
     "load_model",
+    "register_builder",
     "segmentation_metrics",
     "train",
 ]

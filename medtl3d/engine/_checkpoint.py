@@ -9,7 +9,6 @@ arbitrary objects.
 
 from __future__ import annotations
 
-import importlib
 import pickle
 import random
 from functools import partial
@@ -21,6 +20,7 @@ from torch import nn
 
 from ..errors import TrainingError
 from ..reporting import atomic_write
+from ._builders import get_builder, plain_config
 
 FORMAT = "medtl3d-checkpoint-1"
 
@@ -69,36 +69,29 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def _builder(config: dict):
-    config = dict(config)
-    dotted = config.pop("builder", None)
-    if dotted is None:
-        from ..strategies import create_model
-
-        return create_model, {**config, "weights": None}
-    module_name, _, attr = str(dotted).rpartition(".")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise TrainingError(f"model_config builder {dotted!r} cannot be imported: {err}") from err
-    if "weights" in config:
-        config["weights"] = None
-    return fn, config
+def _builder(config: dict, where: str):
+    """The registered builder the config names and its keyword arguments (plain data; ``weights`` None: the
+    checkpoint holds the tensors). Unknown names are refused before anything is imported."""
+    kwargs = plain_config(dict(config), f"{where}: model_config")
+    fn = get_builder(kwargs.pop("builder", None), where)
+    if "weights" in kwargs:
+        kwargs["weights"] = None
+    return fn, kwargs
 
 
 def load_model(checkpoint_path, map_location="cpu") -> nn.Module:
     """Rebuild the model of a checkpoint from its ``model_config`` and load its weights (and ``initial_state``).
 
     ``model_config`` is passed to :func:`medtl3d.strategies.create_model` with ``weights=None`` (the checkpoint
-    holds the weights), or, when it has a ``builder`` key (dotted path of a callable), to that callable instead.
-    The model is returned in eval mode.
+    holds the weights), or, when it has a ``builder`` key, to that registered builder (see ``_builders``: a name,
+    never an import path). The model is returned in eval mode.
     """
     state = load_checkpoint(checkpoint_path, map_location)
     config = state.get("model_config")
     if not isinstance(config, dict):
         raise TrainingError(f"checkpoint {checkpoint_path} has no model_config; rebuild the model yourself and "
                             "load checkpoint['model'] into it (pass model_config=... to train() next time)")
-    fn, kwargs = _builder(config)
+    fn, kwargs = _builder(config, str(checkpoint_path))
     try:
         model = fn(**kwargs)
     except TrainingError:

@@ -16,12 +16,14 @@ handlers do the work; this module wires them for a task and adds what they lack 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
 import math
 import time
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -42,7 +44,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
 from ..errors import TrainingError, interface
+from ..locking import output_lock
+from ..provenance import build_provenance, data_hash, dataset_items
 from ..reporting import write_text
+from ._builders import plain_config
 from ._checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ._tasks import (
     IMAGE,
@@ -133,19 +138,6 @@ def _probe_outputs(model: nn.Module, sample: Mapping, task: str, device: torch.d
                                else "expected one logit vector per image"))
     check_outputs(task, out.shape[1])
     return out.shape[1]
-
-
-def _plain(value, name: str):
-    """``model_config`` must survive ``torch.load(weights_only=True)``: plain python values only."""
-    if isinstance(value, (Path, torch.device)):
-        return str(value)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return type(value)(_plain(v, f"{name}[{i}]") for i, v in enumerate(value))
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v, f"{name}.{k}") for k, v in value.items()}
-    raise TrainingError(f"{name} is a {type(value).__name__}; model_config may hold only plain python values")
 
 
 def _check_options(task, epochs, lr, weight_decay, optimizer, batch_size, num_workers, grad_clip, key_metric,
@@ -322,6 +314,7 @@ class _Run:
     initial_state: dict
     model_config: dict | None
     run_config: dict
+    provenance: dict | None = None  # built by the writing rank only
     early_stopping: EarlyStopping | None = None
     scheduler: object = None  # a torch learning-rate scheduler (its state goes into every checkpoint)
     selection: ModelSelection = field(default_factory=ModelSelection)
@@ -349,6 +342,7 @@ class _Run:
             "initial_state": self.initial_state,
             "model_config": self.model_config,
             "run_config": self.run_config,
+            "provenance": self.provenance,
         }
 
     def epoch_completed(self, trainer) -> None:
@@ -456,6 +450,20 @@ def _resume_check(saved: dict, current: dict, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- public API
+def _one_writer(train_fn):
+    """Hold ``output_dir``'s lock for the whole run on the rank that writes (rank 0; the other ranks of a
+    distributed run write nothing and take no lock, so they cannot deadlock on it)."""
+
+    @functools.wraps(train_fn)
+    def locked(model, train_data, val_data, *, output_dir, **options):
+        writes = _rank_and_world()[0] == 0
+        with output_lock(output_dir) if writes else nullcontext():
+            return train_fn(model, train_data, val_data, output_dir=output_dir, **options)
+
+    return locked
+
+
+@_one_writer
 def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epochs: int = 10, lr: float = 1e-3,
           weight_decay: float = 0.0, optimizer: str = "adamw", batch_size: int = 8, num_workers: int = 0,
           amp: bool = False, grad_clip: float | None = None, key_metric: str | None = None,
@@ -476,6 +484,9 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
     tables (:func:`~medtl3d.engine.optim.param_groups`). ``select`` is the best-checkpoint rule (key_metric, loss,
     last, ema; ties broken by the validation loss, see :mod:`medtl3d.engine.selection`). ``num_threads`` sets
     torch's CPU thread count for the run (restored afterwards). A progress bar is shown only on a terminal.
+    One run writes to ``output_dir`` at a time (:func:`medtl3d.locking.output_lock`: another one is refused at
+    once), and every checkpoint carries a ``provenance`` record (:func:`medtl3d.provenance.build_provenance`:
+    versions, pretrained weights, content hashes of the train/val data, the run's configuration).
     The model is trained in place (it ends with the last epoch's weights; :func:`load_model` reads ``best.pt``).
 
     When ``torch.distributed`` is initialised with more than one process, every rank calls ``train`` with the same
@@ -490,7 +501,7 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
     check_select(select)
     check_num_threads(num_threads)
     device, use_amp = _device_and_amp(device, amp)
-    model_config = None if model_config is None else _plain(dict(model_config), "model_config")
+    model_config = None if model_config is None else plain_config(dict(model_config), "model_config")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     set_determinism(seed=seed)
@@ -545,9 +556,12 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
     }
     if world > 1:  # a different world size changes the batches: such a checkpoint does not resume
         run_config["world_size"] = world
+    provenance = None if rank else build_provenance(
+        weights=getattr(getattr(model, "backbone", None), "weights_source", None), config=run_config,
+        data={"train": data_hash(dataset_items(train_data)), "val": data_hash(dataset_items(val_data))})
     run = _Run(model, opt, evaluator, output_dir, key_metric, task_metrics(task), val_every, initial_state,
-               model_config, run_config, scheduler=lr_scheduler, selection=ModelSelection(select, key_metric),
-               writes=rank == 0)
+               model_config, run_config, provenance=provenance, scheduler=lr_scheduler,
+               selection=ModelSelection(select, key_metric), writes=rank == 0)
     if early_stop_patience is not None:
         score = lambda e: _score(e.state.metrics[key_metric])  # noqa: E731
         run.early_stopping = EarlyStopping(patience=early_stop_patience, score_function=score, trainer=trainer)
@@ -621,7 +635,7 @@ def _finish(run: _Run, epochs_run: int, world: int = 1) -> TrainResult:
         dist.barrier()  # rank 0 has written its checkpoints: every rank sees them from here on
     result = run.result(epochs_run)
     if run.writes:
-        summary = {**asdict(result), "stopped_early": run.stopped_early}
+        summary = {**asdict(result), "stopped_early": run.stopped_early, "run_id": run.provenance["run_id"]}
         write_text(run.output_dir / "result.json", json.dumps(_json_safe(summary), indent=2))
     return result
 

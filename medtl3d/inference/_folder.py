@@ -6,7 +6,7 @@ file, DICOM without pixels) with status ``skipped``; the run goes on. A case the
 model, or the other way round; the wrong number of channels after preprocessing) fails with the expected and the
 given dimensionality and channels.
 
-One run writes an output folder at a time (:func:`~medtl3d.reporting.exclusive_output`). Each finished case's row
+One run writes an output folder at a time (:func:`~medtl3d.locking.output_lock`). Each finished case's row
 is written at once to a hidden journal (``.medtl3d-run/`` in the output folder); ``predictions.csv`` and
 ``predictions.json`` are published atomically at the end, and the journal is removed. An interrupted run (Ctrl-C, a
 crash) leaves the journal and no partial file; the same command run again predicts only the cases the journal lacks
@@ -51,7 +51,8 @@ from ..engine._trainer import resolve_device
 from ..engine._tasks import check_outputs
 from ..engine.metrics import AGGREGATIONS
 from ..errors import DataError, OutputError, TrainingError, one_line
-from ..reporting import atomic_write, exclusive_output, write_csv, write_json, write_text
+from ..locking import output_lock
+from ..reporting import atomic_write, write_csv, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +293,7 @@ def infer_folder(model: nn.Module | str | os.PathLike, preprocess: Compose | str
     columns += ["mask", "labels", "foreground_voxels"] if task == "segmentation" else predictor.columns()
 
     cases, skipped = find_cases(input_dir)
-    with exclusive_output(output_dir, "medtl3d infer"):
+    with output_lock(output_dir):
         journal = _Journal(output_dir, {"model": _model_digest(model), **settings})
         if task == "segmentation":
             (output_dir / MASK_DIR).mkdir(exist_ok=True)

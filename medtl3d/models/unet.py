@@ -37,7 +37,7 @@ from ..backbones import Backbone, CutPoint, create_backbone
 from ..errors import DataError, StrategyNotApplicableError
 from ..strategies._model import FrozenUnits
 
-BUILDER = "medtl3d.models.create_unet"
+BUILDER = "unet"  # the registry name of create_unet (medtl3d.engine._builders)
 
 
 def select_skip_cuts(backbone: Backbone, cut: str | CutPoint) -> list[CutPoint]:

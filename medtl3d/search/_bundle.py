@@ -114,6 +114,15 @@ class BundleTask:
             raise SearchError(f"{err.config_id}={parser[err.config_id] if err.config_id in parser.config else ''}: "
                               f"{err.problem}") from None
 
+    def data_hash(self) -> str:
+        """Content hash (:func:`medtl3d.provenance.data_hash`) of every case the trials may use: the datalist's
+        training and test items, files by their bytes, so a changed datalist at the same path differs and the same
+        data moved elsewhere does not."""
+        from ..provenance import data_hash
+
+        parser = self._parser(["train.yaml"], output_dir=str(self.work_dir), datalist=str(self.datalist))
+        return data_hash([*parser.get_parsed_content("items"), *parser.get_parsed_content("test_items")])["sha256"]
+
     def probe_inputs(self, items: list[dict]):
         """(pretrained model, dataset of ``items`` with the bundle's validation preprocessing)."""
         if self.task == "segmentation":

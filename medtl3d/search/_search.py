@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import statistics
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import SearchError
+from ..errors import OutputLockedError, SearchError
+from ..locking import output_lock
+from ..provenance import sha256_file
 from ._bundle import BundleTask
 from ._executors import make_executor
 from ._plan import (REFERENCES, SEARCH_STRATEGIES, SHORT_NAMES, Candidate, candidates_for, stage1_cuts,
@@ -121,6 +125,35 @@ def _configs_hash(task: BundleTask) -> str:
     return digest.hexdigest()[:16]
 
 
+# ids that name the data: the search's fingerprint holds the data's content hash instead of these paths
+_DATA_IDS = ("datalist", "dataset_dir")
+
+
+def _fingerprinted_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The overrides as the results store compares them: files by content (weights moved elsewhere are the same
+    weights), the data ids left out (the data's content hash stands for them)."""
+    return {key: f"sha256:{sha256_file(value)}" if isinstance(value, str) and Path(value).is_file() else value
+            for key, value in overrides.items() if key not in _DATA_IDS}
+
+
+def _one_search_per_output(search_fn):
+    """Hold the output folder's lock for the whole search: a second search on it is refused at once (it would
+    train the same trials again)."""
+
+    @functools.wraps(search_fn)
+    def locked(bundle_dir, output_dir, **options):
+        out = Path(output_dir).resolve()
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(output_lock(out))
+            except OutputLockedError as err:
+                raise SearchError(str(err)) from None
+            return search_fn(bundle_dir, out, **options)
+
+    return locked
+
+
+@_one_search_per_output
 def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dict[str, Any] | None = None,
                strategies: Sequence[str] = ("truncate",), references: Sequence[str] = ("full",),
                cuts: str | Sequence[str] = "block", stage2: bool = True, neighbourhood: int = 1,
@@ -135,9 +168,11 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
     runs ``n_folds`` (default: the bundle's) x ``seeds`` trials; the best Stage 1 cut per strategy is picked on
     the mean validation key metric and its ``neighbourhood`` is searched in Stage 2. ``probe`` adds the
     kNN/linear probe ranking; ``probe_top_m`` trains Stage 1 only on the top-m block cuts by ``probe_rank_by``.
-    Trials already in ``<output_dir>/trials.jsonl`` are not run again. ``cpus_per_trial`` pins torch's threads
-    in each trial (and is each Ray task's CPU request; None: all threads locally, 1 CPU per Ray task): give the
-    same value to both executors for bit-identical numbers. ``processes_per_trial`` > 1 trains each trial
+    Trials already in ``<output_dir>/trials.jsonl`` are not run again when the search's configuration and the
+    data's *content* are unchanged (a different one is refused); one search at a time holds ``output_dir``.
+    ``cpus_per_trial`` pins torch's threads in each trial (and is each Ray task's CPU request; None: all threads
+    locally, 1 CPU per Ray task): give the same value to both executors for bit-identical numbers.
+    ``processes_per_trial`` > 1 trains each trial
     data-parallel under torchrun with the bundle's ``multi_gpu_train.yaml`` (one GPU per process: give as many
     ``gpus_per_trial``; ``cpus_per_trial`` threads are shared among the processes).
     """
@@ -182,8 +217,9 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
         task.check_strategy(strategy, points[0].name)
     task.split(0)  # a k the data cannot support stops here (data resolved now), before anything trains
     probing = probe or probe_top_m is not None
-    config = {"bundle": task.name, "bundle_configs": _configs_hash(task), "overrides": task.overrides,
-              "datalist": str(task.datalist), "backbone": task.backbone_name, "strategies": strategies,
+    config = {"bundle": task.name, "bundle_configs": _configs_hash(task),
+              "overrides": _fingerprinted_overrides(task.overrides), "data": task.data_hash(),
+              "backbone": task.backbone_name, "strategies": strategies,
               "references": references, "cuts": cuts if isinstance(cuts, str) else list(cuts), "stage2": stage2,
               "neighbourhood": neighbourhood, "folds": folds, "seeds": seeds, "probe": probing,
               "probe_top_m": probe_top_m, "probe_rank_by": probe_rank_by, "evaluate_test": evaluate_test,
