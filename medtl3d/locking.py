@@ -3,7 +3,8 @@
 :func:`output_lock` locks ``<folder>/.medtl3d.lock`` without waiting and records its holder (pid, host, start
 time, command) in ``<folder>/.medtl3d.lock.json``, so a second run stops with one line naming the folder and the
 run that holds it. The operating system releases the lock when its process dies, so a killed run never leaves the
-folder locked (a stale holder file is simply overwritten). Within one thread the lock is re-entrant: a bundle run
+folder locked (a stale holder file is simply overwritten). A run that fails in a folder it created, before writing
+anything there, removes the folder again. Within one thread the lock is re-entrant: a bundle run
 that locks a folder may call the engine, which locks it again. The lock is advisory and relies on ``flock``: it
 holds on local disks, not necessarily across machines on a network file system.
 """
@@ -45,6 +46,7 @@ def output_lock(folder: str | os.PathLike) -> Iterator[Path]:
     :class:`OutputLockedError` at once, naming the folder and the holder, when another run holds it, and
     :class:`OutputError` when a file stands at the folder's path or the folder cannot be created."""
     folder = Path(folder)
+    created = not folder.exists()
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"output folder {folder} is an existing file, not a folder: give a folder path")
     try:
@@ -64,7 +66,20 @@ def output_lock(folder: str | os.PathLike) -> Iterator[Path]:
                       "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
             write_text(_holder_path(folder), json.dumps(holder))
         yield folder
-    finally:
-        if outermost:
+    except BaseException:
+        if outermost and created:  # a refused run leaves no empty output folder behind
             _holder_path(folder).unlink(missing_ok=True)
-        lock.release()
+            lock.release()
+            _remove_if_only_the_lock(folder)
+        raise
+    finally:
+        if lock.is_locked:
+            if outermost:
+                _holder_path(folder).unlink(missing_ok=True)
+            lock.release()
+
+
+def _remove_if_only_the_lock(folder: Path) -> None:
+    if [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+        (folder / LOCK_NAME).unlink(missing_ok=True)
+        folder.rmdir()

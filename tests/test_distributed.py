@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from medtl3d.engine import load_checkpoint, train
+from medtl3d.locking import LOCK_NAME
 
 pytestmark = pytest.mark.slow  # torchrun subprocesses
 
@@ -134,7 +135,7 @@ def test_two_ranks_of_batch_4_train_like_one_process_of_batch_8_and_only_rank_0_
     assert len(first["history"]) == 2 and len(resumed["history"]) == 3 and resumed["epochs_run"] == 3
     assert resumed["history"][:2] == first["history"]
     out = tmp_path / "ddp"
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "history.csv", "last.pt", "result.json"]
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "best.pt", "history.csv", "last.pt", "result.json"]
     assert len((out / "history.csv").read_text().splitlines()) == 4
 
     # the ranks end identical, and rank 0's checkpoint holds the unwrapped module (no "module." prefix)
