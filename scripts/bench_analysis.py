@@ -3,9 +3,9 @@
 Two models (a random backbone and a copy with perturbed weights) see the same random images; every method builds
 the layer x layer CKA matrix over the block cut points with flattened activations. Each method runs in its own
 subprocess so that its peak resident memory (sampled every 2 ms, minus the RSS before the method started) is its
-own. Reported per method: wall and CPU time (forward passes included; the ``forward only`` row is that share and
-``cka_s`` the rest; CPU time, summed over threads, is the steadier number on a shared machine), peak memory,
-the largest deviation from the full-batch float64 value of the same CKA variant, and the NaN count.
+own. Reported per method: wall and CPU time (forward passes included; the ``forward only`` row is that share,
+``cka_cpu_s`` the CPU time beyond it; CPU time, summed over threads, is the steadier number on a shared machine),
+peak memory, the largest deviation from the full-batch float64 value of the same CKA variant, and the NaN count.
 
 - ``full batch``: all flattened activations kept, float64 Gram matrices (n x n), biased and unbiased HSIC;
 - ``exact stream (auto)``: :class:`medtl3d.analysis.similarity.MinibatchCKA` (any batch split gives the
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
         results[method] = json.loads(lines[-1]) if lines else {"error": (done.stderr.strip().splitlines() or
                                                                          ["no output"])[-1][:200]}
     reference = results["full batch"]
-    forward_s = results["forward only"].get("time_s")
+    forward_cpu_s = results["forward only"].get("cpu_s")
     rows = []
     for method in METHODS:
         result = results[method]
@@ -183,8 +183,8 @@ def main(argv=None) -> int:
             row = {"method": method, "cka": variant or "-",
                    "time_s": result.get(f"{variant}_time_s", result["time_s"]),
                    "cpu_s": result.get(f"{variant}_cpu_s", result["cpu_s"]), "peak_MiB": result["peak_mib"]}
-            if forward_s and method != "forward only":
-                row["cka_s"] = row["time_s"] - forward_s  # the similarity's own share, beyond the forward passes
+            if forward_cpu_s and method != "forward only":
+                row["cka_cpu_s"] = row["cpu_s"] - forward_cpu_s  # the similarity's own share beyond the forward passes
             if variant is not None:
                 matrix = np.asarray(result[variant], dtype=float)
                 row["nan"] = int(np.isnan(matrix).sum())
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
 
     from medtl3d.reporting import markdown_table, write_table
 
-    columns = ["method", "cka", "time_s", "cka_s", "cpu_s", "peak_MiB", "max_abs_diff_vs_full", "nan", "note"]
+    columns = ["method", "cka", "time_s", "cpu_s", "cka_cpu_s", "peak_MiB", "max_abs_diff_vs_full", "nan", "note"]
     title = (f"CKA of {args.backbone} vs perturbed copy, {len(build(args)[3])} block cuts, flattened, n={args.n}, "
              f"{args.size}px, batch {args.batch}, {args.threads} threads")
     print(markdown_table(rows, columns, title))

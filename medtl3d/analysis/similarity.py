@@ -284,13 +284,13 @@ class MinibatchCKA:
         flat = {key: torch.cat([part[key] for part in self._buffer]) for key in self._buffer[0]}
         self._buffer, self._buffered = [], 0
         self._rows += next(iter(flat.values())).shape[0]
-        z, k = {}, {}
+        z, k = flat, {}  # the concatenated rows are ours: shifted in place
         for key, a in flat.items():
             state = self._layers.get(key)
             if state is None:  # shift by the first batch's mean: HSIC is unchanged, cancellation is smaller
                 state = self._layers[key] = {"shift": a.mean(0), "s": 0.0, "k": 0.0, "rows": []}
-            z[key] = a - state["shift"]
-            k[key] = (z[key] * z[key]).sum(1)
+            a.sub_(state["shift"])
+            k[key] = (a * a).sum(1)
             state["s"] = state["s"] + z[key].sum(0)
             state["k"] = state["k"] + float(k[key].sum())
             if state["rows"] is not None:

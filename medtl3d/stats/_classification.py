@@ -113,9 +113,9 @@ class ReliabilityBins:
 
 
 def reliability_bins(y_true, y_prob, n_bins: int = 10) -> ReliabilityBins:
-    """Bin the predicted probabilities of the positive class into ``n_bins`` equal-width bins of [0, 1] (bin ``i``
-    is ``[i/B, (i+1)/B)``, the last one closed), as ``sklearn.calibration.calibration_curve(strategy="uniform")``
-    does."""
+    """Bin the predicted probabilities of the positive class into ``n_bins`` equal-width bins of [0, 1]: bin ``i``
+    is ``(i/B, (i+1)/B]``, the first one closed, as in Guo et al. (2017) and
+    ``sklearn.calibration.calibration_curve(strategy="uniform")``."""
     positives = binary_labels(y_true)
     probabilities = case_scores(y_prob, positives.size, "y_prob")
     if n_bins < 1:
@@ -123,7 +123,7 @@ def reliability_bins(y_true, y_prob, n_bins: int = 10) -> ReliabilityBins:
     if probabilities.min(initial=0.0) < 0 or probabilities.max(initial=1.0) > 1:
         raise StatisticsError("y_prob must be probabilities in [0, 1]")
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    index = np.searchsorted(edges[1:-1], probabilities, side="right")
+    index = np.searchsorted(edges[1:-1], probabilities, side="left")
     counts = np.bincount(index, minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_predicted = np.bincount(index, probabilities, n_bins) / counts
