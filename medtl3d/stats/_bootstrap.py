@@ -56,9 +56,13 @@ def _bootstrap(statistic: Callable[[np.ndarray], float], strata: tuple[np.ndarra
         raise StatisticsError(f"unknown bootstrap method {method!r}; choose one of {', '.join(METHODS)}")
     if any(len(s) < 2 for s in strata):
         raise StatisticsError(f"every stratum needs at least 2 cases to resample, got sizes {[len(s) for s in strata]}")
-    options = dict(paired=False, vectorized=False, confidence_level=level, method=method)
-    def of_strata(*parts: np.ndarray) -> float:
-        return statistic(np.concatenate(parts))
+    options = dict(paired=False, vectorized=True, confidence_level=level, method=method)
+
+    def of_strata(*parts: np.ndarray, axis: int = -1) -> np.ndarray:
+        """The statistic of each resample; scipy passes them stacked, one resample per row of each stratum."""
+        index = np.concatenate(parts, axis=axis)
+        rows = index.reshape(-1, index.shape[-1])
+        return np.array([statistic(row) for row in rows]).reshape(index.shape[:-1])
 
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):  # checked below
         warnings.simplefilter("ignore", stats.DegenerateDataWarning)

@@ -7,18 +7,21 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import stats
 
 from ._checks import StatisticsError, binary_labels, case_scores, class_counts
 
 
 def auroc(y_true, y_score) -> float:
-    """AUROC as the Mann-Whitney statistic ``P(score+ > score-) + P(=) / 2`` from midranks (Hanley & McNeil 1982,
-    Radiology 143:29-36): ``(sum of the positives' ranks - m(m+1)/2) / (m n)``."""
+    """AUROC as the Mann-Whitney statistic ``P(score+ > score-) + P(=) / 2`` (Hanley & McNeil 1982, Radiology
+    143:29-36): for each positive, the negatives below it plus half those equal, counted by binary search in the
+    sorted negatives (``O(N log N)``, fast enough to be the bootstrap's statistic)."""
     positives = binary_labels(y_true)
     m, n = class_counts(positives, 1, "AUROC")
-    ranks = stats.rankdata(case_scores(y_score, positives.size))
-    return float((ranks[positives].sum() - m * (m + 1) / 2) / (m * n))
+    scores = case_scores(y_score, positives.size)
+    negatives = np.sort(scores[~positives])
+    below = np.searchsorted(negatives, scores[positives], side="left")
+    not_above = np.searchsorted(negatives, scores[positives], side="right")
+    return float((below.sum() + not_above.sum()) / (2.0 * m * n))
 
 
 def roc_curve(y_true, y_score) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
