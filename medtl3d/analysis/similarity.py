@@ -281,8 +281,9 @@ class MinibatchCKA:
         move the pairs whose feature-space statistics have become the smaller ones there."""
         if not self._buffer:
             return
-        flat = {key: torch.cat([part[key] for part in self._buffer]) for key in self._buffer[0]}
-        self._buffer, self._buffered = [], 0
+        buffer, self._buffer, self._buffered = self._buffer, [], 0
+        # one layer at a time, each batch's part dropped as it is copied: at most one layer's rows held twice
+        flat = {key: torch.cat([part.pop(key) for part in buffer]) for key in list(buffer[0])}
         self._rows += next(iter(flat.values())).shape[0]
         z, k = flat, {}  # the concatenated rows are ours: shifted in place
         for key, a in flat.items():

@@ -184,8 +184,8 @@ def efficiency_report(
     counted per sample in float32; latency uses ``dtype``/``amp``/``channels_last`` on ``device``.
     ``model_builder(backbone, strategy, num_classes, cut=..., **strategy_kwargs)`` replaces
     :func:`~medtl3d.strategies.apply_strategy` to measure other models built on the cut backbone (e.g. a U-Net).
-    All models are held at once, since they are timed interleaved: ``runs`` rounds of one run each, after
-    ``warmup`` untimed runs each and one untimed run that measures its peak memory.
+    The models are timed interleaved: ``runs`` rounds of one run each, after one untimed run each that measures
+    its peak memory and ``warmup`` untimed runs each.
     """
     target = resolve_device(device)
     if dtype not in DTYPES:
