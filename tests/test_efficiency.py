@@ -12,9 +12,15 @@ from torch import nn
 
 from medtl3d.backbones import build_backbone, get_entry, list_backbones
 from medtl3d.cli import main
-from medtl3d.efficiency import count_macs, efficiency_report, measure_latency
+from medtl3d.efficiency import EfficiencyReport, EfficiencyRow, count_macs, efficiency_report, measure_latency
 from medtl3d.efficiency._counting import AGREEMENT_TOLERANCE
-from medtl3d.efficiency._timing import CudaEventStopwatch, PerfCounterStopwatch, percentile
+from medtl3d.efficiency._timing import (
+    CudaEventStopwatch,
+    PerfCounterStopwatch,
+    measure_interleaved,
+    paired_ratio,
+    percentile,
+)
 from medtl3d.errors import EfficiencyError, UnknownCutPointError
 
 
@@ -104,6 +110,73 @@ def test_warmups_are_excluded_and_spread_reported():
     assert stats.median_ms == pytest.approx(5.5) and stats.p90_ms == pytest.approx(9.1)
     assert (stats.min_ms, stats.max_ms) == pytest.approx((1, 10)) and stats.spread_ms == pytest.approx(3.6)
     assert clock.reads == 20 and not clock.durations
+
+
+class LoadedMachine:
+    """A clock and models on a machine whose load triples once ``switch_s`` seconds have passed: every run takes
+    its model's base time, times 3 after the switch."""
+
+    def __init__(self, base_ms, switch_s):
+        self.now, self.switch_s, self.calls = 0.0, switch_s, []
+        self.models = [self._model(i, ms) for i, ms in enumerate(base_ms)]
+
+    def _model(self, index, ms):
+        def run():
+            self.calls.append(index)
+            self.now += ms / 1000.0 * (3.0 if self.now >= self.switch_s else 1.0)
+        return run
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_interleaved_timing_lets_a_load_change_hit_every_model_alike():
+    # base 1, 2 and 4 ms; warm-ups take 14 ms, the load triples 40 ms in: halfway through 8 rounds of 7 ms
+    machine = LoadedMachine([1.0, 2.0, 4.0], switch_s=0.040)
+    stats = measure_interleaved(machine.models, PerfCounterStopwatch(machine), warmup=2, rounds=8)
+    assert machine.calls[:6] == [0, 0, 1, 1, 2, 2]  # warm-ups first
+    assert machine.calls[6:12] == [0, 1, 2, 1, 2, 0]  # then one run each per round, the first model rotating
+    for stat, base in zip(stats, (1.0, 2.0, 4.0)):
+        assert stat.samples_ms == pytest.approx((base,) * 4 + (3 * base,) * 4)  # the same rounds slowed down
+        assert stat.warmup == 2 and stat.runs == 8
+        # a threefold step: IQR = p75 - p25 = 3b - b = 2b, as large as the median 2b: flagged unreliable
+        assert stat.iqr_ms == pytest.approx(2 * base) and stat.relative_iqr == pytest.approx(1.0)
+        assert not stat.reliable and not stat.as_dict()["reliable"]
+    # round by round, the load cancels: the ratios are exact
+    assert paired_ratio(stats[2].samples_ms, stats[0].samples_ms) == pytest.approx(4.0)
+    assert paired_ratio(stats[1].samples_ms, stats[0].samples_ms) == pytest.approx(2.0)
+
+    # timed one model after the other, the last model takes the whole load change: its ratio is off by 3
+    machine = LoadedMachine([1.0, 2.0, 4.0], switch_s=0.030)
+    sequential = [measure_latency(run, PerfCounterStopwatch(machine), 0, 8) for run in machine.models]
+    assert sequential[2].median_ms / sequential[0].median_ms == pytest.approx(12.0)
+
+
+def test_steady_timings_are_reliable():
+    machine = LoadedMachine([1.0, 2.0], switch_s=float("inf"))
+    stats = measure_interleaved(machine.models, PerfCounterStopwatch(machine), warmup=0, rounds=5)
+    assert all(s.reliable and s.iqr_ms == pytest.approx(0.0) for s in stats)
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        measure_interleaved(machine.models, PerfCounterStopwatch(machine), warmup=0, rounds=0)
+
+
+def test_report_shows_the_spread_and_flags_unreliable_latency(tmp_path):
+    report = efficiency_report("resnet18", "truncate", ["stem", "layer1"], "3x32x32", runs=4, warmup=1)
+    for row in report.rows:
+        assert row.latency_iqr_ms >= 0 and row.latency_reliable == (row.latency_relative_iqr <= 0.25)
+    assert report.rows[0].latency_ratio == 1.0 and "interleaved" in report.metadata["schedule"]
+    assert "| IQR (ms) | reliable |" in report.to_markdown()
+    base = dict(backbone="b", strategy="truncate", level="block", is_full=False, batch=1, params=1, params_m=1e-6,
+                macs_g=1.0, flop_counter_macs_g=1.0, mac_difference_pct=0.0, mac_difference_ops="",
+                unsupported_ops="", latency_median_ms=150.0, latency_iqr_ms=60.0, latency_relative_iqr=0.4)
+    rows = [EfficiencyRow(cut="full", **{**base, "is_full": True}, latency_reliable=True),
+            EfficiencyRow(cut="layer2", **base, latency_reliable=False)]
+    markdown = EfficiencyReport(rows, {**report.metadata, "backbone": "b"}).to_markdown()
+    assert "| 150 | - | 60 | no |" in markdown and "latency unreliable" in markdown and "layer2 (truncate, batch 1)" in markdown
+    assert "full (truncate" not in markdown.split("latency unreliable")[1]
+    EfficiencyReport(rows, {**report.metadata, "backbone": "b"}).write_csv(tmp_path / "rows.csv")
+    written = list(csv.DictReader(open(tmp_path / "rows.csv")))
+    assert [r["latency_reliable"] for r in written] == ["True", "False"] and written[1]["latency_iqr_ms"] == "60.0"
 
 
 def test_percentile_matches_numpy_linear():

@@ -145,6 +145,40 @@ def test_streaming_layer_matrix_equals_pairwise_full_batch():
     np.testing.assert_allclose(self_similarity, layer_similarity_matrix(a, a, "debiased_cka")[2], atol=1e-6)
 
 
+@pytest.mark.parametrize("debiased", [True, False])
+def test_gram_and_feature_space_accumulation_equal_full_batch(debiased):
+    """Forced Gram space, forced feature space and the automatic choice all give the full-batch matrix. With
+    8-row chunks and n=40 in the end, the automatic choice moves pairs over mid-stream (30 x 5 at n=8, 30 x 30 at
+    n=32, 30 x 40 only in compute() at n=40) and keeps in Gram space the two with p_a p_b > n^2 = 1600."""
+    rng = np.random.default_rng(7)
+    n = 40
+    a = {"wide": rng.normal(size=(n, 50)) + 5.0, "mid": rng.normal(size=(n, 30)), "thin": rng.normal(size=(n, 5))}
+    b = {"mid": np.tanh(a["mid"] @ rng.normal(size=(30, 40))) + 0.3 * rng.normal(size=(n, 40)),
+         "thin": rng.normal(size=(n, 3))}
+    expected = layer_similarity_matrix(a, b, "debiased_cka" if debiased else "linear_cka")[2]
+    for accumulation in ("gram", "features", "auto"):
+        accumulator = MinibatchCKA(debiased=debiased, accumulation=accumulation, chunk_rows=8)
+        for start in range(0, n, 5):
+            accumulator.update({k: v[start:start + 5] for k, v in a.items()}, {k: v[start:start + 5] for k, v in b.items()})
+        np.testing.assert_allclose(accumulator.compute(), expected, atol=1e-10, err_msg=accumulation)
+        expected_gram = {"gram": set(accumulator._pair_keys()), "features": set(),
+                         "auto": {(("x", "wide"), ("x", "wide")), (("x", "wide"), ("y", "mid"))}}[accumulation]
+        assert accumulator._gram_pairs == expected_gram, accumulation
+        if accumulation == "auto":  # rows are kept only for the layers of Gram-space pairs
+            kept = {key for key, state in accumulator._layers.items() if state["rows"] is not None}
+            assert kept == {("x", "wide"), ("y", "mid")}
+
+
+def test_gram_space_keeps_wide_layers_within_memory_that_feature_space_exceeds():
+    x = torch.randn(16, 3000, dtype=torch.float64)
+    y = x[:, :2000] + 0.1 * torch.randn(16, 2000, dtype=torch.float64)
+    budget = 2**20  # 1 MiB: 16 rows of both layers fit, 3000 x 2000 statistics (46 MiB) do not
+    value = MinibatchCKA(max_bytes=budget).update(x, y).compute()[0, 0]
+    assert value == pytest.approx(naive_cka(x.numpy(), y.numpy(), True), abs=1e-10)
+    with pytest.raises(AnalysisError, match=r"0\.1 GiB.*3 feature-space pairs.*estimator='minibatch'"):
+        MinibatchCKA(max_bytes=budget, accumulation="features").update(x, y)
+
+
 def test_minibatch_estimator_averages_per_batch_unbiased_hsic():
     rng = np.random.default_rng(6)
     x, y = rng.normal(size=(20, 4)), rng.normal(size=(20, 3))
@@ -254,6 +288,8 @@ def test_bad_options_and_memory_guard():
         MinibatchCKA(max_bytes=1000).update(torch.randn(8, 64), torch.randn(8, 64))
     with pytest.raises(AnalysisError, match="unknown CKA estimator"):
         MinibatchCKA(estimator="average")
+    with pytest.raises(AnalysisError, match="unknown CKA accumulation"):
+        MinibatchCKA(accumulation="sketch")
 
 
 # ---------------------------------------------------------------------------------------------------- outputs

@@ -9,12 +9,13 @@ is computed in float64.
 Why our own code: no maintained library fits. google/svcca is not a package (its ``cca_core`` / ``pwcca`` are the
 reference the CCA family here reproduces, validated against ``shared/fixtures/svcca_reference.npz``), and torch-cka
 averages per-minibatch HSICs in float32. The debiased CKA uses the unbiased HSIC estimator of Song et al. (2012),
-as in Nguyen, Raghu & Kornblith (2021). :class:`MinibatchCKA` accumulates it over minibatches *exactly*: for linear
-kernels every term of the full-batch estimator is a sum over datapoints of feature-space statistics
-(``X^T Y``, column sums, squared row norms and their products), so the streamed value equals the full-batch one
-for any batch split, in ``O(features^2)`` memory per layer pair. ``estimator="minibatch"`` gives instead the
-average of per-minibatch unbiased HSICs of Nguyen et al. (2021) in ``O(batch^2)`` memory, for layers too wide
-for feature-space statistics.
+as in Nguyen, Raghu & Kornblith (2021). :class:`MinibatchCKA` accumulates it over minibatches *exactly*, per layer
+pair in whichever space is smaller: for linear kernels every term of the full-batch estimator is a sum over
+datapoints of feature-space statistics (``X^T Y``, column sums, squared row norms and their products), which take
+``O(p_x p_y)`` memory whatever the number of datapoints ``n``; a pair of wide layers keeps its rows instead and
+computes the ``n x n`` Gram matrices at the end, as the full-batch computation does. Either way the streamed value
+equals the full-batch one for any batch split. ``estimator="minibatch"`` gives instead the average of
+per-minibatch unbiased HSICs of Nguyen et al. (2021) in ``O(batch^2)`` memory, for layers too wide for both.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 CKA_POLICY = "flatten"
 CCA_POLICY = "spatial"
 ESTIMATORS = ("exact", "minibatch")
+ACCUMULATIONS = ("auto", "gram", "features")
 
 
 class UndefinedSimilarityError(AnalysisError):
@@ -143,6 +145,11 @@ def _hsic_stats(c: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor, kx: float, 
     return float((t1 + t2 - 2.0 * t3 / (n - 2)) / (n * (n - 3)))
 
 
+def _feature_stats(za: torch.Tensor, zb: torch.Tensor, ka: torch.Tensor, kb: torch.Tensor) -> dict:
+    """The additive statistics of :func:`_hsic_stats` for one pair, from (shifted) rows and their squared norms."""
+    return {"c": za.T @ zb, "kl": float(ka @ kb), "xl": za.T @ kb, "yk": zb.T @ ka}
+
+
 class MinibatchCKA:
     """Linear CKA (biased or debiased) of one or many layer pairs, accumulated over minibatches.
 
@@ -150,19 +157,28 @@ class MinibatchCKA:
     ``{layer: activation}`` (every layer of ``x`` against every layer of ``y``); ``y=None`` compares the layers of
     ``x`` among themselves. ``compute()`` returns the ``(layers_x, layers_y)`` matrix (NaN where undefined).
 
-    ``estimator="exact"`` (default) streams the sufficient statistics of the full-batch estimator: the result equals
-    full-batch CKA for any batch split. Memory is ``8 * (p_x + p_y)^2`` bytes per pair, checked against
-    ``max_bytes``; batches are buffered up to ``chunk_rows`` rows so that each statistics update is one large
-    matrix product rather than many thin ones. ``estimator="minibatch"`` averages per-batch HSICs (Nguyen et al.
-    2021; every batch needs at least 4 rows when debiased).
+    ``estimator="exact"`` (default) gives the full-batch estimator's value for any batch split. Each layer pair
+    ``(a, b)`` is accumulated in the smaller of two spaces (``accumulation="auto"``): feature space (the
+    ``p_a x p_b`` statistics of :func:`_hsic_stats`, updated per chunk) once ``n^2 >= p_a p_b``, Gram space (the
+    layers' rows kept, ``n x n`` Gram matrices built in :meth:`compute`, as the full-batch computation does) while
+    ``n^2 < p_a p_b``. Pairs start in Gram space and move to feature space, initialised from the kept rows, when the
+    growing ``n`` crosses over; a layer's rows are dropped once none of its pairs needs them. Memory is thus at most
+    the full-batch computation's, and time is ``n^2 p`` per wide layer plus ``n p_a p_b`` per narrow pair instead
+    of ``n p_a p_b`` for every pair. ``accumulation="features"`` / ``"gram"`` force one space for every pair. The
+    memory held is checked against ``max_bytes`` at every batch; batches are buffered up to ``chunk_rows`` rows so
+    that each statistics update is one large matrix product rather than many thin ones. ``estimator="minibatch"``
+    averages per-batch HSICs (Nguyen et al. 2021; every batch needs at least 4 rows when debiased).
     """
 
     def __init__(self, *, debiased: bool = True, estimator: str = "exact", policy: str = CKA_POLICY,
                  spatial_size=None, channels: int | None = None, seed: int = 0, max_bytes: float = 4 * 2**30,
-                 chunk_rows: int = 512) -> None:
+                 chunk_rows: int = 512, accumulation: str = "auto") -> None:
         if estimator not in ESTIMATORS:
             raise AnalysisError(f"unknown CKA estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        if accumulation not in ACCUMULATIONS:
+            raise AnalysisError(f"unknown CKA accumulation {accumulation!r}; choose one of {', '.join(ACCUMULATIONS)}")
         self.debiased, self.estimator, self.policy = debiased, estimator, policy
+        self.accumulation = accumulation
         self.flatten = dict(policy=policy, spatial_size=spatial_size, channels=channels, seed=seed)
         self.max_bytes = max_bytes
         self.names_x: list[str] | None = None
@@ -171,7 +187,11 @@ class MinibatchCKA:
         self.n = 0
         self.batches = 0
         self._layers: dict[tuple[str, str], dict] = {}
+        self._widths: dict[tuple[str, str], int] = {}
         self._pairs: dict[tuple, dict] = {}
+        self._gram_pairs: set[tuple] = set()
+        self._rows = 0
+        self._hsic_cache: dict[tuple, float] = {}
         self.chunk_rows = chunk_rows
         self._buffer: list[dict] = []
         self._buffered = 0
@@ -191,16 +211,32 @@ class MinibatchCKA:
     def _start(self, x: dict, y: dict | None, flat: dict) -> None:
         self.names_x, self.same = list(x), y is None
         self.names_y = list(x) if y is None else list(y)
-        if self.estimator == "exact":
-            size = sum(flat[a].shape[1] * flat[b].shape[1] for a, b in self._pair_keys()) * 8
-            if size > self.max_bytes:
-                widest = max(flat.items(), key=lambda item: item[1].shape[1])
-                raise AnalysisError(
-                    f"exact streaming CKA would hold {size / 2**30:.1f} GiB of feature statistics (widest layer "
-                    f"{widest[0][1]!r}: {widest[1].shape[1]} features under policy {self.policy!r}), over max_bytes="
-                    f"{self.max_bytes / 2**30:.1f} GiB; use estimator='minibatch', policy='pooled', or a smaller "
-                    "spatial_size / channels"
-                )
+        self._widths = {key: a.shape[1] for key, a in flat.items()}
+        if self.estimator == "exact" and self.accumulation != "features":
+            self._gram_pairs = set(self._pair_keys())
+
+    def _in_gram_space(self, pair: tuple, n: int) -> bool:
+        """Whether ``pair`` is (still) accumulated in Gram space once ``n`` rows have been seen."""
+        if pair not in self._gram_pairs:
+            return False
+        return self.accumulation == "gram" or n * n < self._widths[pair[0]] * self._widths[pair[1]]
+
+    def _check_memory(self, n: int) -> None:
+        """Refuse a stream whose statistics (feature-space pairs; rows and Gram matrices of Gram-space layers)
+        would exceed ``max_bytes`` with ``n`` rows."""
+        gram = [pair for pair in self._pair_keys() if self._in_gram_space(pair, n)]
+        gram_layers = {key for pair in gram for key in pair}
+        features = sum(self._widths[a] * self._widths[b] for a, b in self._pair_keys() if (a, b) not in gram)
+        size = 8 * (features + sum(n * self._widths[key] + n * n for key in gram_layers))
+        if size > self.max_bytes:
+            widest = max(self._widths.items(), key=lambda item: item[1])
+            raise AnalysisError(
+                f"exact streaming CKA would hold {size / 2**30:.1f} GiB of statistics after {n} datapoints "
+                f"({len(gram_layers)} layers' rows and Gram matrices, {len(self._pair_keys()) - len(gram)} "
+                f"feature-space pairs; widest layer {widest[0][1]!r}: {widest[1]} features under policy "
+                f"{self.policy!r}), over max_bytes={self.max_bytes / 2**30:.1f} GiB; use estimator='minibatch', "
+                "policy='pooled', or a smaller spatial_size / channels"
+            )
 
     def _flatten(self, acts, side: str) -> dict[tuple[str, str], torch.Tensor]:
         return {(side, name): as_features(a, name=f"{side} layer {name!r}", **self.flatten) for name, a in acts.items()}
@@ -228,6 +264,7 @@ class MinibatchCKA:
             raise AnalysisError(f"this batch has layers {list(x)} / {None if y is None else list(y)}, earlier "
                                 f"batches had {self.names_x} / {None if self.same else self.names_y}")
         if self.estimator == "exact":
+            self._check_memory(self.n + m)
             self._buffer.append(flat)
             self._buffered += m
             if self._buffered >= self.chunk_rows:
@@ -236,33 +273,46 @@ class MinibatchCKA:
             self._update_minibatch(flat, m)
         self.n += m
         self.batches += 1
+        self._hsic_cache.clear()
         return self
 
     def _flush(self) -> None:
-        """Add the buffered rows to the feature-space statistics (in-place products)."""
+        """Add the buffered rows: in-place products for feature-space pairs, kept rows for Gram-space layers; then
+        move the pairs whose feature-space statistics have become the smaller ones there."""
         if not self._buffer:
             return
-        flat = {key: torch.cat([part[key] for part in self._buffer]) for key in self._buffer[0]}
-        self._buffer, self._buffered = [], 0
-        z, k = {}, {}
+        buffer, self._buffer, self._buffered = self._buffer, [], 0
+        # one layer at a time, each batch's part dropped as it is copied: at most one layer's rows held twice
+        flat = {key: torch.cat([part.pop(key) for part in buffer]) for key in list(buffer[0])}
+        self._rows += next(iter(flat.values())).shape[0]
+        z, k = flat, {}  # the concatenated rows are ours: shifted in place
         for key, a in flat.items():
             state = self._layers.get(key)
             if state is None:  # shift by the first batch's mean: HSIC is unchanged, cancellation is smaller
-                state = self._layers[key] = {"shift": a.mean(0), "s": 0.0, "k": 0.0}
-            z[key] = a - state["shift"]
-            k[key] = (z[key] * z[key]).sum(1)
+                state = self._layers[key] = {"shift": a.mean(0), "s": 0.0, "k": 0.0, "rows": []}
+            a.sub_(state["shift"])
+            k[key] = (a * a).sum(1)
             state["s"] = state["s"] + z[key].sum(0)
             state["k"] = state["k"] + float(k[key].sum())
-        for a, b in self._pair_keys():
-            stats = self._pairs.get((a, b))
-            if stats is None:
-                stats = self._pairs[(a, b)] = {"c": z[a].T @ z[b], "kl": float(k[a] @ k[b]), "xl": z[a].T @ k[b],
-                                               "yk": z[b].T @ k[a]}
-                continue
+            if state["rows"] is not None:
+                state["rows"].append(z[key])
+        for (a, b), stats in self._pairs.items():
             stats["c"].addmm_(z[a].T, z[b])
             stats["kl"] += float(k[a] @ k[b])
             stats["xl"].addmv_(z[a].T, k[b])
             stats["yk"].addmv_(z[b].T, k[a])
+        kept: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        for pair in [p for p in self._pair_keys() if p not in self._pairs and not self._in_gram_space(p, self._rows)]:
+            for key in pair:
+                if key not in kept:
+                    rows = self._layers[key]["rows"] = [torch.cat(self._layers[key]["rows"])]
+                    kept[key] = (rows[0], (rows[0] * rows[0]).sum(1))
+            self._pairs[pair] = _feature_stats(kept[pair[0]][0], kept[pair[1]][0], kept[pair[0]][1], kept[pair[1]][1])
+            self._gram_pairs.discard(pair)
+        needed = {key for pair in self._gram_pairs for key in pair}
+        for key, state in self._layers.items():
+            if key not in needed:
+                state["rows"] = None
 
     def _update_minibatch(self, flat: dict, m: int) -> None:
         if self.debiased and m < 4:
@@ -272,15 +322,30 @@ class MinibatchCKA:
             self._pairs[(a, b)] = self._pairs.get((a, b), 0.0) + hsic_gram(grams[a], grams[b], self.debiased)
 
     # ------------------------------------------------------------------ result
-    def _hsic(self, a, b) -> float:
+    def _gram(self, key: tuple, grams: dict) -> torch.Tensor:
+        """The ``n x n`` Gram matrix of a Gram-space layer's kept rows (built once per :meth:`compute`)."""
+        if key not in grams:
+            rows = self._layers[key]["rows"] = [torch.cat(self._layers[key]["rows"])]
+            grams[key] = rows[0] @ rows[0].T
+        return grams[key]
+
+    def _hsic(self, a, b, grams: dict | None = None) -> float:
         self._flush()
-        if (a, b) not in self._pairs:
+        if (a, b) not in self._pairs and (a, b) not in self._gram_pairs:
             a, b = b, a
+        if (a, b) in self._hsic_cache:
+            return self._hsic_cache[(a, b)]
         if self.estimator == "minibatch":
-            return self._pairs[(a, b)] / self.batches
-        p, la, lb = self._pairs[(a, b)], self._layers[a], self._layers[b]
-        return _hsic_stats(p["c"], la["s"], lb["s"], la["k"], lb["k"], p["kl"], p["xl"], p["yk"], self.n,
-                           self.debiased)
+            value = self._pairs[(a, b)] / self.batches
+        elif (a, b) in self._gram_pairs:
+            grams = {} if grams is None else grams
+            value = hsic_gram(self._gram(a, grams), self._gram(b, grams), self.debiased)
+        else:
+            p, la, lb = self._pairs[(a, b)], self._layers[a], self._layers[b]
+            value = _hsic_stats(p["c"], la["s"], lb["s"], la["k"], lb["k"], p["kl"], p["xl"], p["yk"], self.n,
+                                self.debiased)
+        self._hsic_cache[(a, b)] = value
+        return value
 
     def compute(self) -> np.ndarray:
         """The ``(layers_x, layers_y)`` CKA matrix; an undefined entry is NaN (and logged)."""
@@ -288,10 +353,11 @@ class MinibatchCKA:
             raise AnalysisError("MinibatchCKA.compute() before any update(): no datapoints")
         kx, ky = self._keys()
         matrix = np.full((len(kx), len(ky)), np.nan)
+        grams: dict = {}  # Gram matrices of this call only: freed when it returns
         for i, a in enumerate(kx):
             for j, b in enumerate(ky):
                 try:
-                    matrix[i, j] = _cka(self._hsic(a, b), self._hsic(a, a), self._hsic(b, b),
+                    matrix[i, j] = _cka(self._hsic(a, b, grams), self._hsic(a, a, grams), self._hsic(b, b, grams),
                                         f"CKA of x layer {a[1]!r} and y layer {b[1]!r}")
                 except UndefinedSimilarityError as error:
                     logger.warning("%s", error)
@@ -307,7 +373,8 @@ def linear_cka(x, y, *, debiased: bool = False, policy: str = CKA_POLICY, spatia
     n, p, q = fx.shape[0], fx.shape[1], fy.shape[1]
     what = "debiased linear CKA" if debiased else "linear CKA"
     if (p + q) ** 2 <= 2 * n * n:  # feature-space statistics are the smaller computation
-        return _cka_from(MinibatchCKA(debiased=debiased, max_bytes=math.inf).update(fx, fy), what)
+        accumulator = MinibatchCKA(debiased=debiased, max_bytes=math.inf, accumulation="features")
+        return _cka_from(accumulator.update(fx, fy), what)
     k, l = fx @ fx.T, fy @ fy.T
     return _cka(hsic_gram(k, l, debiased), hsic_gram(k, k, debiased), hsic_gram(l, l, debiased), what)
 

@@ -1,7 +1,8 @@
 """Efficiency reports per cut point: parameters, MACs (fvcore, cross-checked) and wall-clock latency.
 
 ``efficiency_report(backbone, strategy, cuts, input_shape, ...)`` builds the full model and the strategy's model at
-every requested cut point, counts each once, times each at every batch size, and returns an
+every requested cut point, counts each once, times them all at every batch size, interleaved (round-robin, so that
+a change of machine load hits every cut alike; each row says whether its timings are reliable), and returns an
 :class:`EfficiencyReport` (rows + context) that writes CSV, JSON, Markdown and a PNG plot.
 """
 
@@ -20,7 +21,16 @@ from ..errors import EfficiencyError, StrategyNotApplicableError, UnknownBackbon
 from ..strategies import CUT_STRATEGIES, apply_strategy
 from ._counting import EXCLUDED_OPS, MAC_CONVENTION, MacCount, count_macs, count_params, pooling_rules
 from ._report import EfficiencyReport, EfficiencyRow
-from ._timing import LatencyStats, PeakMemory, measure_latency, stopwatch_for, synchronizer_for
+from ._timing import (
+    RELIABLE_RELATIVE_IQR,
+    LatencyStats,
+    PeakMemory,
+    measure_interleaved,
+    measure_latency,
+    paired_ratio,
+    stopwatch_for,
+    synchronizer_for,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -82,8 +92,7 @@ def _check_input(backbone: Backbone, shape: tuple[int, ...]) -> None:
         )
 
 
-def _time(model: nn.Module, example: torch.Tensor, device: torch.device, amp: bool, warmup: int,
-          runs: int) -> tuple[LatencyStats, float]:
+def _runner(model: nn.Module, example: torch.Tensor, device: torch.device, amp: bool) -> Callable[[], None]:
     autocast = (torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
                 if amp else contextlib.nullcontext())
 
@@ -91,9 +100,29 @@ def _time(model: nn.Module, example: torch.Tensor, device: torch.device, amp: bo
         with torch.inference_mode(), autocast:
             model(example)
 
-    with PeakMemory(device) as memory:
-        stats = measure_latency(run, stopwatch_for(device), warmup, runs, synchronizer_for(device))
-    return stats, memory.peak_mib
+    return run
+
+
+def _time_interleaved(models: Sequence[nn.Module], rows: Sequence[EfficiencyRow], example: torch.Tensor,
+                      device: torch.device, amp: bool, warmup: int, runs: int) -> None:
+    """Fill the latency, memory and ratio columns of ``rows`` (one per model, the full model first, one batch size).
+
+    Peak memory comes from one untimed run per model on its own; then the models are timed interleaved
+    (:func:`measure_interleaved`) and ``latency_ratio`` is the median of the per-round ratios to the full model.
+    """
+    runners = [_runner(model, example, device, amp) for model in models]
+    for row, run in zip(rows, runners):
+        with PeakMemory(device) as memory:
+            run()
+        row.peak_memory_mib = memory.peak_mib
+    timed = measure_interleaved(runners, stopwatch_for(device), warmup, runs, synchronizer_for(device))
+    for row, stats in zip(rows, timed):
+        row.latency_median_ms, row.latency_p90_ms = stats.median_ms, stats.p90_ms
+        row.latency_min_ms, row.latency_max_ms = stats.min_ms, stats.max_ms
+        row.latency_iqr_ms, row.latency_relative_iqr = stats.iqr_ms, stats.relative_iqr
+        row.latency_reliable = stats.reliable
+        row.throughput_per_s = 1000.0 * row.batch / stats.median_ms if stats.median_ms > 0 else None
+        row.latency_ratio = paired_ratio(stats.samples_ms, timed[0].samples_ms)
 
 
 def _metadata(backbone: Backbone, strategy: str, shape, batch_sizes, device: torch.device, dtype: str, amp: bool,
@@ -121,6 +150,9 @@ def _metadata(backbone: Backbone, strategy: str, shape, batch_sizes, device: tor
         "warmup": warmup,
         "runs": runs,
         "timer": "CUDA events + synchronize" if cuda else "time.perf_counter",
+        "schedule": (f"interleaved: {warmup} warm-up runs per model, then {runs} rounds of one timed run per model "
+                     f"(rotating order); reliable when IQR <= {RELIABLE_RELATIVE_IQR:g} x median; latency / full "
+                     "is the median of per-round ratios"),
         "peak_memory": "CUDA max_memory_allocated" if cuda else "resident-set growth above the start (sampled from /proc/self/statm)",
         "mac_convention": MAC_CONVENTION,
         "pooling_rules": pooling_rules(),
@@ -152,6 +184,8 @@ def efficiency_report(
     counted per sample in float32; latency uses ``dtype``/``amp``/``channels_last`` on ``device``.
     ``model_builder(backbone, strategy, num_classes, cut=..., **strategy_kwargs)`` replaces
     :func:`~medtl3d.strategies.apply_strategy` to measure other models built on the cut backbone (e.g. a U-Net).
+    The models are timed interleaved: ``runs`` rounds of one run each, after one untimed run each that measures
+    its peak memory and ``warmup`` untimed runs each.
     """
     target = resolve_device(device)
     if dtype not in DTYPES:
@@ -190,6 +224,7 @@ def efficiency_report(
 
     memory_format = {2: torch.channels_last, 3: torch.channels_last_3d}[backbone.spatial_dims]
     rows: list[EfficiencyRow] = []
+    timed_models: list[nn.Module] = []
     for model, name, cut, is_full in models:
         label = f"{backbone.name} ({'full model' if is_full else f'{name} at {cut.name}'})"
         example = torch.randn(1, *shape)
@@ -199,6 +234,7 @@ def efficiency_report(
             model = model.to(target, DTYPES[dtype])
             if channels_last:
                 model = model.to(memory_format=memory_format)
+            timed_models.append(model)
         for batch in batch_sizes:
             row = EfficiencyRow(
                 backbone=backbone.name, strategy=name, cut=cut.name, level=cut.level, is_full=is_full,
@@ -207,17 +243,14 @@ def efficiency_report(
                 mac_difference_ops=macs.difference_note(),
                 unsupported_ops=", ".join(f"{op} x{n}" for op, n in sorted(macs.unsupported_ops.items())),
             )
-            if runs > 0:
-                batch_input = torch.randn(int(batch), *shape, device=target, dtype=DTYPES[dtype])
-                if channels_last:
-                    batch_input = batch_input.contiguous(memory_format=memory_format)
-                stats, peak = _time(model, batch_input, target, amp, warmup, runs)
-                row.latency_median_ms, row.latency_p90_ms = stats.median_ms, stats.p90_ms
-                row.latency_min_ms, row.latency_max_ms = stats.min_ms, stats.max_ms
-                row.throughput_per_s = 1000.0 * batch / stats.median_ms if stats.median_ms > 0 else None
-                row.peak_memory_mib = peak
             rows.append(row)
-        del model
+    if runs > 0:
+        for batch in batch_sizes:
+            batch_input = torch.randn(int(batch), *shape, device=target, dtype=DTYPES[dtype])
+            if channels_last:
+                batch_input = batch_input.contiguous(memory_format=memory_format)
+            _time_interleaved(timed_models, [r for r in rows if r.batch == batch], batch_input, target, amp,
+                              warmup, runs)
     _add_ratios(rows)
     report = EfficiencyReport(rows, _metadata(backbone, strategy, shape, batch_sizes, target, dtype, amp, channels_last,
                                               warmup, runs, num_classes), notes)
@@ -227,17 +260,15 @@ def efficiency_report(
 
 
 def _add_ratios(rows: list[EfficiencyRow]) -> None:
-    """Divide params, MACs and latency by the full model's, at the same batch size."""
+    """Divide params and MACs by the full model's, at the same batch size (latency: see :func:`_time_interleaved`)."""
     full = {r.batch: r for r in rows if r.is_full}
     for row in rows:
         base = full[row.batch]
         row.params_ratio = row.params / base.params
         row.macs_ratio = row.macs_g / base.macs_g if base.macs_g else None
-        if row.latency_median_ms is not None and base.latency_median_ms:
-            row.latency_ratio = row.latency_median_ms / base.latency_median_ms
 
 
 __all__ = [
     "EfficiencyReport", "EfficiencyRow", "LatencyStats", "MacCount", "MAC_CONVENTION", "count_macs", "count_params",
-    "efficiency_report", "measure_latency", "parse_shape", "resolve_device",
+    "efficiency_report", "measure_interleaved", "measure_latency", "parse_shape", "resolve_device",
 ]

@@ -13,7 +13,9 @@ class EfficiencyRow:
     """Cost of one model (the full model, or a strategy at a cut point) at one batch size.
 
     MACs are per sample; latency, throughput and memory are for the whole batch. Latency fields are None when timing
-    was not asked for (``runs=0``). Ratios divide by the full model's value at the same batch size.
+    was not asked for (``runs=0``). Ratios divide by the full model's value at the same batch size (latency: the
+    median of the per-round ratios of the interleaved timing). ``latency_reliable`` is False when the timed runs
+    spread too much (IQR above a quarter of the median) for their median to be read as the model's latency.
     """
 
     backbone: str
@@ -38,13 +40,17 @@ class EfficiencyRow:
     params_ratio: float | None = None
     macs_ratio: float | None = None
     latency_ratio: float | None = None
+    latency_iqr_ms: float | None = None
+    latency_relative_iqr: float | None = None
+    latency_reliable: bool | None = None
 
 
 COLUMNS = [f.name for f in fields(EfficiencyRow)]
 MARKDOWN_COLUMNS = {
     "strategy": "strategy", "cut": "cut", "batch": "batch", "params_m": "params (M)", "macs_g": "GMACs",
     "mac_difference_pct": "fvcore vs flop_counter (%)", "latency_median_ms": "median (ms)",
-    "latency_p90_ms": "p90 (ms)", "throughput_per_s": "samples/s", "peak_memory_mib": "peak mem (MiB)",
+    "latency_p90_ms": "p90 (ms)", "latency_iqr_ms": "IQR (ms)", "latency_reliable": "reliable",
+    "throughput_per_s": "samples/s", "peak_memory_mib": "peak mem (MiB)",
     "params_ratio": "params / full", "macs_ratio": "MACs / full", "latency_ratio": "latency / full",
 }
 
@@ -53,7 +59,7 @@ def _cell(value) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
-        return "yes" if value else ""
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value)
@@ -93,6 +99,12 @@ class EfficiencyReport:
         lines += [f"- unsupported by fvcore at {row.cut} ({row.strategy}): {row.unsupported_ops}"
                   for row in self.rows if row.unsupported_ops and row.batch == self.rows[0].batch]
         lines += [f"- {note}" for note in self.notes]
+        unreliable = [f"{row.cut} ({row.strategy}, batch {row.batch})" for row in self.rows
+                      if row.latency_reliable is False]
+        if unreliable:
+            lines.append(f"- latency unreliable (IQR above a quarter of the median: the machine's load changed while "
+                         f"timing?) at {', '.join(unreliable)}: read their latency columns as rough, and compare cuts "
+                         "by latency / full, which is measured round by round")
         return "\n".join(lines) + "\n"
 
     def write_csv(self, path: str | Path) -> Path:

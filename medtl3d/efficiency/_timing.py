@@ -1,5 +1,11 @@
 """Wall-clock latency: W warm-up runs (not measured), then N timed runs summarised by median, p90 and spread.
 
+Several models (the cuts of an efficiency report) are timed *interleaved* (:func:`measure_interleaved`): round-robin,
+one run of each per round, so that a change of machine load during the measurement (another job starting on the
+CPU) hits all of them alike and their ratios stay right. Each summary carries its interquartile range and a
+``reliable`` flag: an IQR above :data:`RELIABLE_RELATIVE_IQR` of the median says the timings varied too much to be
+read as one number.
+
 A stopwatch times one run. :class:`PerfCounterStopwatch` reads ``time.perf_counter`` (CPU); :class:`CudaEventStopwatch`
 records CUDA events and synchronises before reading them (GPU work is asynchronous, so a host clock alone would time
 the kernel launches). Both take their clock / events / synchroniser as arguments, so tests can drive them with fakes.
@@ -9,14 +15,17 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import os
 import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
+
+RELIABLE_RELATIVE_IQR = 0.25
 
 
 class PerfCounterStopwatch:
@@ -73,8 +82,30 @@ class LatencyStats:
         """p90 - median: how far the slow tail sits from the typical run."""
         return self.p90_ms - self.median_ms
 
+    @property
+    def iqr_ms(self) -> float:
+        """Interquartile range p75 - p25 of the timed runs."""
+        return percentile(list(self.samples_ms), 75) - percentile(list(self.samples_ms), 25)
+
+    @property
+    def relative_iqr(self) -> float:
+        """IQR / median: the spread as a share of the typical run."""
+        return self.iqr_ms / self.median_ms if self.median_ms > 0 else math.inf
+
+    @property
+    def reliable(self) -> bool:
+        """Whether the runs agree well enough (IQR at most :data:`RELIABLE_RELATIVE_IQR` of the median) for the
+        median to stand for them."""
+        return self.relative_iqr <= RELIABLE_RELATIVE_IQR
+
     def as_dict(self) -> dict:
-        return {**asdict(self), "spread_ms": self.spread_ms}
+        return {**asdict(self), "spread_ms": self.spread_ms, "iqr_ms": self.iqr_ms,
+                "relative_iqr": self.relative_iqr, "reliable": self.reliable}
+
+    @classmethod
+    def of(cls, samples: Sequence[float], warmup: int) -> "LatencyStats":
+        return cls(statistics.median(samples), percentile(list(samples), 90), min(samples), max(samples),
+                   len(samples), warmup, tuple(samples))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -99,8 +130,36 @@ def measure_latency(run: Callable[[], object], stopwatch, warmup: int, runs: int
         stopwatch.start()
         run()
         samples.append(stopwatch.stop())
-    return LatencyStats(statistics.median(samples), percentile(samples, 90), min(samples), max(samples), runs,
-                        warmup, tuple(samples))
+    return LatencyStats.of(samples, warmup)
+
+
+def measure_interleaved(runs: Sequence[Callable[[], object]], stopwatch, warmup: int, rounds: int,
+                        synchronize: Callable[[], None] = lambda: None) -> list[LatencyStats]:
+    """Time several models round-robin: ``warmup`` untimed runs of each, then ``rounds`` rounds, each timing every
+    model once, the starting model rotated from round to round. A load change during the measurement then reaches
+    every model in the same rounds, so sample ``r`` of two models can be compared (their ratio) and each model's
+    spread shows the change. Returns one summary per model, sample ``r`` from round ``r``."""
+    if rounds < 1 or warmup < 0 or not runs:
+        raise ValueError(f"need rounds >= 1, warmup >= 0 and at least one model, got rounds={rounds}, "
+                         f"warmup={warmup}, {len(runs)} models")
+    for run in runs:
+        for _ in range(warmup):
+            run()
+    synchronize()
+    samples: list[list[float]] = [[] for _ in runs]
+    for round_index in range(rounds):
+        for offset in range(len(runs)):
+            model = (round_index + offset) % len(runs)
+            stopwatch.start()
+            runs[model]()
+            samples[model].append(stopwatch.stop())
+    return [LatencyStats.of(s, warmup) for s in samples]
+
+
+def paired_ratio(samples: Sequence[float], reference: Sequence[float]) -> float:
+    """Median over rounds of ``samples[r] / reference[r]``: the latency ratio of two interleaved models, each
+    round's load cancelling out."""
+    return statistics.median(s / r for s, r in zip(samples, reference, strict=True))
 
 
 def stopwatch_for(device: torch.device):
