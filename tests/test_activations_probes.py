@@ -130,6 +130,7 @@ def _blobs(n: int, classes: int, dims: int, seed: int, spread: float = 0.3):
 @pytest.mark.parametrize("probe", ["knn", "linear"])
 @pytest.mark.parametrize("classes", [2, 4])
 def test_probes_on_separable_toy_sets(probe, classes):
+    """Measured for data seeds classes + 0/10/20 (1 thread; +0 also with 2): accuracy and AUROC 1.00 in every run."""
     x, y = _blobs(240, classes, 16, seed=classes)
     result = get_analysis("probe", probe)(x[:160], y[:160], x[160:], y[160:])
     assert result["accuracy"] >= 0.99 and result["auroc"] >= 0.99
@@ -137,13 +138,16 @@ def test_probes_on_separable_toy_sets(probe, classes):
 
 
 def test_linear_probe_learns_what_knn_cannot_see():
-    # the label is the sign of one feature among 20 noisy ones: a linear probe finds it, a cosine kNN struggles
+    """The label is the sign of one feature among 20 noisy ones: a linear probe finds it, a cosine kNN struggles.
+    Measured for data seeds 3, 13, 23 (1 thread; seed 3 also with 2, identical): linear accuracy 0.91-0.97, kNN
+    0.78-0.85, linear training loss 0.023-0.030. The accuracy bound was 0.9, 0.01 below the worst, so it is 0.8 now
+    (0.11 below; chance is 0.5); linear > kNN by 0.08-0.13."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(400, 20, generator=g)
     y = (x[:, 0] > 0).long()
     linear = linear_probe(x[:300], y[:300], x[300:], y[300:])
     knn = knn_probe(x[:300], y[:300], x[300:], y[300:])
-    assert linear["accuracy"] >= 0.9 and linear["accuracy"] > knn["accuracy"]
+    assert linear["accuracy"] >= 0.8 and linear["accuracy"] > knn["accuracy"]
     assert linear["train_loss"] < 0.3
 
 
@@ -170,7 +174,8 @@ def test_probe_cut_points_writes_reports(tmp_path):
     assert [(r["cut"], r["probe"]) for r in rows] == [("cbr1", "knn"), ("cbr1", "linear"), ("cbr3", "knn"),
                                                       ("cbr3", "linear")]
     assert rows[0]["k"] == 5 and rows[0]["features"] == 64 and rows[2]["features"] == 256
-    assert rows[1]["accuracy"] >= 0.9  # blobs in pixel space stay separable after one random conv block
+    # blobs in pixel space stay separable after one random conv block: 1.00 measured for seeds 4/5 + 0, 10, 20
+    assert rows[1]["accuracy"] >= 0.9
     document = json.loads((tmp_path / "probes.json").read_text())
     assert len(document["rows"]) == 4 and document["metadata"]["policy"] == "pooled"
     assert (tmp_path / "probes.png").stat().st_size > 0 and (tmp_path / "probes.csv").exists()

@@ -161,6 +161,9 @@ def test_domain_distances_per_cut_of_a_model():
 
 # ----------------------------------------------------------------- re-initialisation
 def test_reinit_robustness_on_a_trained_unit():
+    """Train only unit cbr2 (and the head) on "is the top half brighter?", then reset each layer. Margins measured
+    for seeds 0-4 (model and data) with 1 and 2 threads: training accuracy 1.00 in every run (asserted > 0.9), the
+    drop when cbr2 is reset 0.41-0.59 (asserted > 0.2); thread count changed one value by one sample in 64."""
     model = tiny_model()
     model.freeze_units([0, 2, 3])  # only unit cbr2 (and the head) is changed by training
     initial = {k: v.clone() for k, v in model.initial_state.items()}

@@ -1,5 +1,5 @@
-"""The bundles on real data from ../shared (skipped when it is absent): lung segmentation of real chest X-rays to
-Dice > 0.85 on held-out patients with an ImageNet MobileNetV2 encoder, COVID-19 classification of real X-rays with a
+"""The bundles on real data from ../shared (skipped when it is absent): lung segmentation of real chest X-rays
+evaluated on held-out patients with an ImageNet MobileNetV2 encoder, COVID-19 classification of real X-rays with a
 patient split, and CTPA folder inference over real CT volumes (NIfTI and a JPEG 2000 DICOM series).
 
 Each test prints its settings, numbers and time (``pytest -s`` shows them); they are the figures quoted in the
@@ -54,7 +54,11 @@ def _report(title: str, settings: dict, metrics: dict, seconds: float) -> None:
 
 
 @pytest.mark.skipif(not LUNGS.is_dir(), reason=f"{LUNGS} is absent")
-def test_lung_segmentation_reaches_dice_085_on_held_out_patients(tmp_path):
+def test_lung_segmentation_evaluates_held_out_patients(tmp_path):
+    """Trains and evaluates on a patient split; the Dice is a finite number in [0, 1]. How high it gets is a learned
+    quality: measured 0.904 (seed 0, 1 thread; one run took 12 min on a busy 2-CPU machine, so no other seed or
+    thread count was measured), only 0.05 above the 0.85 that was asserted, so it moved to
+    ``scripts/bench_learning.py --studies lung_seg`` (issue 14)."""
     # index.csv has image,mask; the patients come from the source metadata (several X-rays per patient)
     patient = {row["filename"].rsplit(".", 1)[0]: row["patientid"]
                for row in csv.DictReader(open(LUNGS / "source_metadata.csv", newline=""))}
@@ -77,7 +81,7 @@ def test_lung_segmentation_reaches_dice_085_on_held_out_patients(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "run" / "eval" / "predictions.csv", newline="")))
     _report("cxr_lung_segmentation, test split (held-out patients)", settings, metrics, seconds)
     assert len(rows) >= 15  # about a fifth of the 100 X-rays, whole patients
-    assert metrics["dice"] > 0.85, metrics
+    assert math.isfinite(metrics["dice"]) and 0.0 <= metrics["dice"] <= 1.0, metrics
 
 
 @pytest.mark.skipif(not COVID.is_dir(), reason=f"{COVID} is absent")

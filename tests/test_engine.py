@@ -258,6 +258,9 @@ def test_evaluate_aggregates_windows_per_series_by_max_or_mean():
 
 
 def test_segmentation_trains_a_unet_built_by_a_registered_builder(tmp_path):
+    """A MONAI U-Net from a registered builder trains to best validation Dice > 0.7 and reloads from its checkpoint.
+    Margin measured for seeds 0-4 (data and model) with 1 and 2 threads, the same for both: best Dice 0.885-0.918,
+    last epoch's loss 0.31-0.34 of the first."""
     g = torch.Generator().manual_seed(0)
     rows = []
     for i in range(24):

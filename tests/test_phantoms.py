@@ -302,11 +302,19 @@ def _check_learnability(raw, cnn_input, lesions, items, spatial_dims, epochs, ba
     cnn_auroc = _cnn_auroc(cnn_input, labels, _patient_folds(patients, 4, seed=1), spatial_dims, epochs, batch,
                            lesions)
     print(f"global-statistics logistic AUROC {stats_auroc:.3f}, CNN AUROC {cnn_auroc:.3f}")
-    assert stats_auroc < 0.65
+    assert stats_auroc < 0.72  # margins: see the comment below
     assert cnn_auroc > 0.8
 
 
-# Measured over other seeds too (CTPA 0/5/6/7, CXR 0/1, histology 0/1/2): logistic 0.51-0.61, CNN 0.92-1.00.
+# Margins (issue 14). Earlier, over phantom seeds CTPA 0/5/6/7, CXR 0/1, histology 0/1/2 (training seed 0, one
+# thread): logistic 0.51-0.61, CNN 0.92-1.00. Re-measured with the training seed varied along with the phantoms':
+# CXR seeds 0-2 (phantoms and training) with 1 thread and seed 0 with 2: logistic 0.515-0.541 (the same for both
+# thread counts), CNN 0.959-0.974 (0.9595 vs 0.9598 at 1 vs 2 threads); CTPA and histology at seed 0, 1 thread
+# only (1.5-3 min a run on a busy 2-CPU machine): logistic 0.540 / 0.604, CNN 0.987 / 0.942.
+# The logistic bound was 0.65, only 0.04 above the worst value seen, so it is 0.72 now: 0.1 above it and still
+# far below the CNN's worst (0.92, itself 0.12 above the CNN bound of 0.8): global intensity statistics stay a
+# weak cue next to the lesion itself.
+# The logistic fit is float64 LBFGS from zeros: it does not depend on the training seed.
 # Weak (image-label-only) training of the same CNN was not reliable in so few CPU epochs, hence the location loss.
 @pytest.mark.slow
 def test_ctpa_emboli_learnable_not_from_global_statistics(tmp_path):
