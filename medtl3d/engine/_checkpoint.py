@@ -9,7 +9,6 @@ arbitrary objects.
 
 from __future__ import annotations
 
-import pickle
 import random
 from functools import partial
 from pathlib import Path
@@ -37,7 +36,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise TrainingError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 - a corrupt or foreign file can fail anywhere inside the unpickler
         raise TrainingError(f"checkpoint {path} cannot be read safely (torch.load weights_only=True): {err}") from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise TrainingError(f"{path} is not a medtl3d training checkpoint (no format={FORMAT!r} entry)")
