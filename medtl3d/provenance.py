@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._version import __version__
+
 HASH_BYTE_LIMIT = 2 * 2**30
 _CHUNK = 1 << 20
 
@@ -145,8 +147,6 @@ def build_provenance(*, weights: str | os.PathLike | None = None, data: Mapping[
     """The provenance record of a model: ``weights`` its pretrained source (name or file), ``data`` content hashes
     (:func:`data_hash`) by split, ``config`` the resolved configuration that made it."""
     import monai
-
-    from . import __version__
 
     return {
         "run_id": uuid.uuid4().hex,

@@ -45,9 +45,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..backbones import Backbone, get_entry, list_backbones
 from ..errors import AnalysisError
-from ._registry import register_analysis
 from ..reporting import atomic_write, save_figure
+from ._registry import register_analysis
 from .weights import split_model
 
 
@@ -64,8 +65,6 @@ def cam_target(model: nn.Module, cut: str | None = None) -> tuple[nn.Module, str
     concatenation no single submodule returns). In-place activations are switched off and every parameter requires
     grad; the original model is left untouched.
     """
-    from ..backbones import Backbone
-
     backbone, prefix = split_model(model)
     if not prefix:
         raise AnalysisError("Grad-CAM needs a classifier (a TransferModel), not a bare backbone")
@@ -153,8 +152,6 @@ def cell_centres(model: nn.Module, shape, cut: str | None = None,
     other axes shrunk to the backbone's minimum input: the offset depends on neither. The stride is the cut point's
     declared reduction. Results are cached per model, cut and shape.
     """
-    from ..backbones import get_entry, list_backbones
-
     backbone, _ = split_model(model)
     point = backbone.cut_point(cut) if cut is not None else backbone.cut_points[-1]
     shape = tuple(int(s) for s in shape)

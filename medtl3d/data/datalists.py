@@ -32,7 +32,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from medtl3d.errors import DataError
+from medtl3d.data.io import load_image
+from medtl3d.errors import DataError, setting
 from medtl3d.reporting import write_text
 
 __all__ = ["TASKS", "load_datalist", "write_datalist", "kfold_split", "holdout_split"]
@@ -245,9 +246,6 @@ def _check_masks(path: Path, items: list[dict], row_numbers: list[int], num_clas
                  every_class: bool) -> None:
     """Read every mask once; refuse values that are not class indices 0..num_classes-1 (naming the first mask,
     the values and the fix) and, with ``every_class``, classes that occur in no mask."""
-    from medtl3d.data.io import load_image
-    from medtl3d.errors import setting
-
     found: set[float] = set()
     outside: list[tuple[int, str, list]] = []
     for row, item in zip(row_numbers, items):

@@ -18,6 +18,8 @@ from typing import Sequence
 
 import torch
 
+from ..analysis.activations import collect_activations
+from ..analysis.probes import knn_probe, linear_probe
 from ..backbones import CutPoint
 from ..errors import SearchError
 from ..reporting import atomic_write, write_text
@@ -33,8 +35,6 @@ def _item_key(item: dict) -> str:
 def _case_features(task: BundleTask, items: list[dict], names: list[str], cache: Path, batch_size: int,
                    device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """``{cut: (cases, features)}`` and ``(cases,)`` labels, from the cache when it holds exactly these cases."""
-    from ..analysis.activations import collect_activations
-
     keys = [_item_key(item) for item in items]
     index_file = cache / "cases.json"
     files = {name: cache / f"{name.replace('/', '_')}.pt" for name in names}
@@ -61,8 +61,6 @@ def _case_features(task: BundleTask, items: list[dict], names: list[str], cache:
 def probe_ranking(task: BundleTask, cuts: Sequence[CutPoint], folds: Sequence[int], cache_dir: str | Path, *,
                   batch_size: int = 8, device=None, knn_k: int = 20) -> list[dict]:
     """One row per cut point: mean (and std) over ``folds`` of the kNN and linear probes' validation AUROC."""
-    from ..analysis.probes import knn_probe, linear_probe
-
     if task.task not in ("binary", "multiclass"):
         raise SearchError(f"probe ranking needs single-label classes; bundle {task.name} has task {task.task!r}")
     splits = {fold: task.split(fold) for fold in folds}
