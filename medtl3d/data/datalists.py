@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold, train_test_split
 
 from medtl3d.data.io import load_image
 from medtl3d.errors import DataError, setting
@@ -368,8 +369,6 @@ def kfold_split(items: Sequence[dict], n_folds: int, fold: int, *, seed: int = 0
                 stratify: bool = True) -> tuple[list[dict], list[dict]]:
     """(train, val) of fold ``fold`` in ``n_folds``-fold cross-validation: patient-grouped (no patient in both),
     label-stratified (``StratifiedGroupKFold``, shuffled with ``seed``). Items keep their order in each part."""
-    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
-
     items = list(items)
     if not isinstance(n_folds, int) or n_folds < 2:
         raise DataError(f"n_folds={n_folds!r}: expected an integer >= 2")
@@ -403,8 +402,6 @@ def holdout_split(items: Sequence[dict], test_fraction: float, *, seed: int = 0,
                   stratify: bool = True) -> tuple[list[dict], list[dict]]:
     """(train, test) with about ``test_fraction`` of the patients in test, no patient in both, stratified over
     patients by label (a patient's key is its most frequent stratification key) with ``train_test_split``."""
-    from sklearn.model_selection import train_test_split
-
     items = list(items)
     if not 0.0 < float(test_fraction) < 1.0:
         raise DataError(f"test_fraction={test_fraction!r}: expected a number in (0, 1)")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from scipy.stats import spearmanr
 
 from ..analysis.activations import collect_activations
 from ..analysis.probes import knn_probe, linear_probe
@@ -90,8 +91,6 @@ def probe_ranking(task: BundleTask, cuts: Sequence[CutPoint], folds: Sequence[in
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman rank correlation (average ranks for ties); NaN with fewer than 3 finite pairs."""
-    from scipy.stats import spearmanr
-
     pairs = [(a, b) for a, b in zip(x, y) if not (math.isnan(a) or math.isnan(b))]
     if len(pairs) < 3:
         return math.nan

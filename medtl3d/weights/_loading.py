@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import UnsafeCheckpointError, WeightsError
@@ -44,8 +45,6 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"weights file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             raw: object = load_file(str(path))
         except Exception as exc:  # noqa: BLE001 - SafetensorError and friends name no file
