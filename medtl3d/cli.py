@@ -19,7 +19,13 @@ from typing import Sequence
 
 import torch
 
+from .analysis import cli as analyze_cli
+from .backbones import build_backbone, get_entry, list_backbones
+from .data import phantoms
+from .engine import load_checkpoint, lr_find_cli
 from .errors import Medtl3dError, user_interface
+from .inference import cli as infer_cli
+from .search import cli as search_cli
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -35,8 +41,6 @@ def _size(shape: Sequence[int]) -> str:
 
 
 def list_backbones_table() -> str:
-    from .backbones import build_backbone, get_entry, list_backbones
-
     rows = []
     for name in list_backbones():
         entry = get_entry(name)
@@ -60,8 +64,6 @@ def list_backbones_table() -> str:
 
 
 def cut_points_table(name: str, spatial_dims: int | None = None, level: str | None = None) -> str:
-    from .backbones import build_backbone
-
     with torch.device("meta"):
         backbone = build_backbone(name, spatial_dims)
     params_by_unit = [sum(p.numel() for p in backbone.unit_parameters(i)) for i in range(len(backbone.units))]
@@ -93,8 +95,6 @@ def _batch_sizes(text: str) -> list[int]:
 def checkpoint_info(path: str) -> dict:
     """Architecture, training result and provenance of a medtl3d model file, read with ``weights_only=True`` and
     without building the model (no builder is called)."""
-    from .engine import load_checkpoint
-
     state = load_checkpoint(path)
     config = dict(state.get("model_config") or {})
     weights = state.get("model") or {}
@@ -151,12 +151,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = commands.add_parser("info", help="a model file's architecture and provenance (medtl3d info MODEL.pt)")
     info.add_argument("model", help="a medtl3d checkpoint or bundle model (.pt)")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
-    from .analysis import cli as analyze_cli
-    from .data import phantoms
-    from .engine import lr_find_cli
-    from .inference import cli as infer_cli
-    from .search import cli as search_cli
-
     delegated = {"infer": infer_cli.run, "phantoms": phantoms.run, "analyze": analyze_cli.run,
                  "search": search_cli.run, "lr-find": lr_find_cli.run}
     search_cli.add_parser(commands)
@@ -177,7 +171,7 @@ def _run(args: argparse.Namespace, delegated: dict) -> int:
         if args.command == "backbones":
             print(cut_points_table(args.name, args.spatial_dims, args.level) if args.name else list_backbones_table())
         elif args.command == "efficiency":
-            from .efficiency import efficiency_report
+            from .efficiency import efficiency_report  # only here: fvcore's import warns on stderr (torch.jit)
 
             report = efficiency_report(
                 args.name, args.strategy, args.cuts, args.input, args.batch,

@@ -66,6 +66,15 @@ class HubUnavailableError(Medtl3dError, RuntimeError):
     """Registered weights (e.g. ``imagenet``) that could not be fetched because no model hub is reachable."""
 
 
+class CorruptDownloadError(WeightsError):
+    """Registered weights whose download arrived damaged (hash mismatch, truncated or unreadable file)."""
+
+
+class UnknownWeightsTagError(WeightsError):
+    """Registered weights that name a hub tag (torchvision weights enum member, timm pretrained tag) that does not
+    exist."""
+
+
 class EfficiencyError(Medtl3dError, ValueError):
     """An efficiency report that cannot be made as asked: input too small, device missing, untraceable model."""
 

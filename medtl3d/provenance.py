@@ -24,8 +24,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import monai
 import numpy as np
 import torch
+
+from ._version import __version__
 
 HASH_BYTE_LIMIT = 2 * 2**30
 _CHUNK = 1 << 20
@@ -144,10 +147,6 @@ def build_provenance(*, weights: str | os.PathLike | None = None, data: Mapping[
                      config: Mapping[str, Any] | None = None) -> dict:
     """The provenance record of a model: ``weights`` its pretrained source (name or file), ``data`` content hashes
     (:func:`data_hash`) by split, ``config`` the resolved configuration that made it."""
-    import monai
-
-    from . import __version__
-
     return {
         "run_id": uuid.uuid4().hex,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -13,37 +13,41 @@ process with its one line (:func:`report_bundle_errors`).
 from __future__ import annotations
 
 import csv
-import difflib
 import io
 import json
-import os
-import re
-import sys
 from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
+from monai.data import CacheDataset, Dataset
+from monai.transforms import Compose
 from torch import nn
 
+from . import engine
 from ._config_security import explain_config_security
-from .errors import Medtl3dError, interface
+from .backbones import build_backbone, get_entry, list_backbones
+from .config_ids import (_ID_TYPES, _TYPE_NAMES, ConfigIdError, _bundle_run_overrides, _check_type,  # noqa: F401
+                         _medtl3d_error, check_overrides, report_bundle_errors)
+from .data.datalists import holdout_split, kfold_split, load_datalist
+from .data.io import LoadCased
+from .data.prepare import PHANTOMS, prepare_datalist  # noqa: F401
+from .engine import load_checkpoint
+from .engine.lr_finder import find_lr
+from .errors import DataError, Medtl3dError, OutputLockedError, SearchError, UnknownCutPointError, interface
+from .inference import infer_folder, load_network
+from .locking import output_lock
+from .models import TruncatedUNet
+from .models.builders import _weights_id, build_classifier, build_segmenter  # noqa: F401
 from .reporting import atomic_write, write_text
+from .search import run_search
+from .strategies import CUT_STRATEGIES, STRATEGIES
 
 TASKS = ("binary", "multiclass", "multilabel", "segmentation")
 BUNDLE_CHECKPOINT_KEYS = ("format", "model", "initial_state", "model_config", "key_metric", "best_metric", "best_epoch",
                           "history", "run_config", "provenance")
-PHANTOMS = ("ctpa", "cxr", "histology")
 explain_config_security()  # MONAI's warning that bundle configs are code: our one line, once per process
-
-
-class ConfigIdError(SystemExit):
-    """A bundle config id with an unusable value: the run exits (status 1) printing one line that names the id."""
-
-    def __init__(self, config_id: str, problem: str) -> None:
-        self.config_id, self.problem = config_id, problem
-        super().__init__(f"medtl3d bundle: config id '{config_id}': {problem}")
 
 
 # --------------------------------------------------------------------------------------------- locations
@@ -65,10 +69,6 @@ def check_ids(**ids: Any) -> bool:
     task, num_classes, n_folds, fold, lr, epochs, batch_size, num_slices, overlap, aggregation, cuts, ckpt_path.
     Inside a ``monai.bundle run`` call the overrides it was given are checked first (:func:`check_overrides`).
     """
-    from .backbones import build_backbone, get_entry, list_backbones
-    from .errors import UnknownCutPointError
-    from .strategies import CUT_STRATEGIES, STRATEGIES
-
     if interface() == "bundle":
         report_bundle_errors()
     given = _bundle_run_overrides()
@@ -134,135 +134,12 @@ def check_ids(**ids: Any) -> bool:
     return True
 
 
-# ids check_ids knows, by the type their value must have
-_ID_TYPES = {"spatial_dims": int, "in_channels": int, "num_classes": int, "n_folds": int, "fold": int, "epochs": int,
-             "batch_size": int, "num_slices": int, "overlap": int, "lr": float}
-_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number"}
-
-
-def _check_type(config_id: str, value: Any, expected: type) -> None:
-    """Refuse a ``value`` of ``config_id`` that is not of type ``expected`` (bool, int or float; an int is a
-    number; null and config expressions/references pass): ``--epochs abc`` arrives from MONAI's CLI as a string."""
-    if value is None or (isinstance(value, str) and value[:1] in ("$", "@", "%")):
-        return
-    accepted = {bool: (bool,), int: (int,), float: (int, float)}[expected]
-    if not isinstance(value, accepted) or (expected is not bool and isinstance(value, bool)):
-        raise ConfigIdError(config_id, f"expected {_TYPE_NAMES[expected]}, got {value!r}")
-
-
-def check_overrides(config_files: str | Sequence[str], overrides: Mapping[str, Any]) -> None:
-    """Refuse overrides that the config files do not define, naming the closest ids (MONAI adds an unknown id as a
-    new entry, so ``--epoch 3`` would train with the default), and values that do not fit a numeric or true/false
-    default (``--epochs abc``). Nested ids (``preprocessing#preset_options#size``) are followed level by level."""
-    from monai.bundle import ConfigParser
-
-    files = [config_files] if isinstance(config_files, (str, os.PathLike)) else list(config_files)
-    where = ", ".join(Path(f).name for f in files)
-    defined = ConfigParser.load_config_files(files)
-    for config_id, value in overrides.items():
-        node: Any = defined
-        for part in re.split("#|::", config_id):
-            if not isinstance(node, dict):
-                node = None  # inside a list or a value: MONAI resolves (or refuses) such paths itself
-                break
-            if part not in node:
-                close = difflib.get_close_matches(part, [str(k) for k in node if not str(k).startswith("_")], n=3)
-                hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else \
-                    f"; the ids are listed in {where}"
-                raise ConfigIdError(config_id, f"unknown id: {where} define{'s' if len(files) == 1 else ''} no "
-                                               f"{part!r}{hint}")
-            node = node[part]
-        if type(node) in _TYPE_NAMES:
-            _check_type(config_id, value, type(node))
-
-
-def _bundle_run_overrides() -> tuple[str | Sequence[str], dict] | None:
-    """The config files and overrides of the ``monai.bundle run`` call that is running this bundle (its CLI or
-    the Python function; the innermost when runs nest), or None outside one or when they came in an args file."""
-    from monai.bundle import scripts
-
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is scripts.run.__code__:
-            config_file = frame.f_locals.get("config_file")
-            return None if config_file is None else (config_file, dict(frame.f_locals.get("override") or {}))
-        frame = frame.f_back
-    return None
-
-
-def _medtl3d_error(error: BaseException | None) -> Medtl3dError | None:
-    """The first error medtl3d raised on purpose in ``error``'s chain of causes (MONAI wraps the errors of config
-    expressions and components in ``RuntimeError``s)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, Medtl3dError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def report_bundle_errors() -> None:
-    """From now on, an uncaught error whose cause is a medtl3d error ends the process (status 1) with one line,
-    ``medtl3d bundle: <its message>``, instead of MONAI's wrapper traceback; ``MEDTL3D_TRACEBACK=1`` shows the
-    traceback. Other errors reach the previous ``sys.excepthook`` unchanged."""
-    if getattr(sys.excepthook, "medtl3d_bundle", False):
-        return
-    previous = sys.excepthook
-
-    def hook(kind, error, traceback) -> None:
-        ours = _medtl3d_error(error)
-        if ours is None or os.environ.get("MEDTL3D_TRACEBACK"):
-            previous(kind, error, traceback)
-        else:
-            print(f"medtl3d bundle: {' '.join(str(ours).split())}", file=sys.stderr)
-
-    hook.medtl3d_bundle = True  # type: ignore[attr-defined]
-    sys.excepthook = hook
-
-
 # --------------------------------------------------------------------------------------------- data
-def prepare_datalist(dataset_dir: str | None, datalist: str | None, *, phantom: str, phantom_dir: str,
-                     n_cases: int = 32, seed: int = 0, **phantom_options: Any) -> str:
-    """The datalist to use: ``datalist`` if given, else ``<dataset_dir>/datalist.json`` (or ``.csv``); with neither,
-    phantoms of kind ``phantom`` generated once into ``phantom_dir`` (reused when already there)."""
-    if datalist:
-        return str(datalist)
-    if dataset_dir is not None:
-        for name in ("datalist.json", "datalist.csv"):
-            if (Path(dataset_dir) / name).is_file():
-                return str(Path(dataset_dir) / name)
-        raise ConfigIdError("datalist", f"dataset_dir {dataset_dir} has no datalist.json or datalist.csv; "
-                                        "set --datalist to your datalist file")
-    from .data import phantoms
-
-    if phantom not in PHANTOMS:
-        raise ConfigIdError("phantom", f"unknown phantom {phantom!r}; choose one of {', '.join(PHANTOMS)}")
-    target = Path(phantom_dir)
-    existing = target / "datalist.json"
-    stamp = target / "phantom_settings.json"
-    settings = {"phantom": phantom, "n_cases": int(n_cases), "seed": int(seed),
-                **{k: list(v) if isinstance(v, tuple) else v for k, v in phantom_options.items()}}
-    distributed = torch.distributed.is_initialized()
-    if not distributed or torch.distributed.get_rank() == 0:  # under torchrun rank 0 writes, the others wait
-        if not (existing.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == settings):
-            generate = {"ctpa": phantoms.generate_ctpa, "cxr": phantoms.generate_cxr,
-                        "histology": phantoms.generate_histology}[phantom]
-            generate(target, int(n_cases), seed=int(seed), **phantom_options)
-            write_text(stamp, json.dumps(settings, sort_keys=True))
-    if distributed:
-        torch.distributed.barrier()
-    return str(existing)
-
-
 def split_items(items: Sequence[dict], *, n_folds: int = 5, fold: int = 0, seed: int = 0,
                 test_fraction: float = 0.2, test_items: Sequence[dict] | None = None) -> dict[str, list[dict]]:
     """Train / val / test by patient: ``test_items`` (the datalist's own test list) or a stratified patient
     hold-out of ``test_fraction``; then fold ``fold`` of a patient-grouped, label-stratified ``n_folds`` split
     (``n_folds=1``: a patient hold-out of the same fraction validates). The test split never selects a model."""
-    from .data.datalists import holdout_split, kfold_split
-    from .errors import DataError
-
     rest, test = list(items), list(test_items or [])
     if not test and test_fraction > 0:
         try:
@@ -286,9 +163,6 @@ def load_items(datalist: str, *, task: str, num_classes: int, key: str = "traini
     separate test split). Invalid rows (labels and mask values included) stop the run with every problem listed,
     under config id ``datalist``; so does training data in which a class never occurs (it would train a model whose
     validation metric is undefined)."""
-    from .data.datalists import load_datalist
-    from .errors import DataError
-
     if key != "training" and Path(datalist).suffix.lower() == ".json":
         document = json.loads(Path(datalist).read_text())
         if not isinstance(document, dict) or key not in document:
@@ -305,7 +179,6 @@ def load_items(datalist: str, *, task: str, num_classes: int, key: str = "traini
 
 class _Labels:
     """Turn a datalist label into what the engine's loss wants: float vector (multilabel), int otherwise."""
-
     def __init__(self, task: str) -> None:
         self.task = task
 
@@ -319,11 +192,6 @@ def image_dataset(items: Sequence[dict], transform, *, task: str, cache: bool = 
     """A MONAI (Cache)Dataset that loads ``image`` (and, for segmentation, the ``label`` mask) with medtl3d's
     readers, then applies ``transform`` (a preset built with ``label_key="label"`` for segmentation). Each item
     keeps an ``id`` (default: its image path) so evaluation writes one identified row per case."""
-    from monai.data import CacheDataset, Dataset
-    from monai.transforms import Compose
-
-    from .data.io import LoadCased
-
     keys = ["image"] + (["label"] if task == "segmentation" else [])
     chain = Compose([LoadCased(keys), _Labels(task), *transform.transforms])
     items = [{"id": str(item["image"][0] if isinstance(item["image"], list) else item["image"]), **item}
@@ -334,71 +202,6 @@ def image_dataset(items: Sequence[dict], transform, *, task: str, cache: bool = 
 
 
 # --------------------------------------------------------------------------------------------- models
-@contextmanager
-def _weights_id(weights: str | None) -> Iterator[None]:
-    """Weights that cannot be fetched or loaded stop the bundle under config id ``weights`` (MONAI would otherwise
-    report a failed ``network_def`` component)."""
-    from .errors import HubUnavailableError, WeightsError
-
-    try:
-        yield
-    except (WeightsError, HubUnavailableError) as err:
-        raise ConfigIdError("weights", f"{weights}: {err}") from err
-
-
-def build_classifier(backbone: str, strategy: str = "full", num_classes: int = 1, cut: str | None = None,
-                     weights: str | None = None, spatial_dims: int | None = None, in_channels: int | None = None,
-                     width_factor: float = 2.0, lr_ratio: float = 10.0, dropout: float = 0.0,
-                     freeze_up_to: str | None = None) -> nn.Module:
-    """``create_model`` with the bundle's ids; ``freeze_up_to`` freezes units up to that cut for any strategy.
-    The model's ``model_config`` rebuilds it (without weights) from a checkpoint."""
-    from .strategies import CUT_STRATEGIES, create_model
-
-    kwargs: dict[str, Any] = {"dropout": dropout}
-    if strategy == "transfusion":
-        kwargs["width_factor"] = width_factor
-    if strategy == "lwft":
-        kwargs["lr_ratio"] = lr_ratio
-    with _weights_id(weights):
-        model = create_model(backbone, strategy, num_classes, cut=cut if strategy in CUT_STRATEGIES else None,
-                             weights=weights, spatial_dims=spatial_dims, in_channels=in_channels,
-                             **({"up_to": cut} if strategy == "stats" and cut else {}), **kwargs)
-    if freeze_up_to:
-        model.freeze_units(range(model.backbone.cut_point(freeze_up_to).unit + 1))
-        model.snapshot_initial_state()
-    model.model_config = {
-        "builder": "classifier", "backbone": backbone, "strategy": strategy,
-        "num_classes": num_classes, "cut": cut, "spatial_dims": model.backbone.spatial_dims,
-        "in_channels": model.backbone.in_channels, "width_factor": width_factor, "lr_ratio": lr_ratio,
-        "dropout": dropout, "freeze_up_to": freeze_up_to,
-    }
-    return model
-
-
-def build_segmenter(backbone: str, out_channels: int, cut: str | None = None, weights: str | None = None,
-                    spatial_dims: int | None = None, in_channels: int | None = None,
-                    freeze_up_to: str | None = None, **unet_options: Any) -> nn.Module:
-    """A :class:`~medtl3d.models.TruncatedUNet` whose encoder is ``backbone`` cut at ``cut``."""
-    from .models import create_unet
-
-    with _weights_id(weights):
-        return create_unet(backbone, out_channels, cut=cut, weights=weights, spatial_dims=spatial_dims,
-                           in_channels=in_channels, freeze_encoder_units=freeze_up_to, **unet_options)
-
-
-def load_network(path: str) -> nn.Module:
-    """A trained network from a medtl3d checkpoint (``.pt``) or a TorchScript export (``.ts``, from
-    ``python -m monai.bundle ckpt_export``)."""
-    from .inference import resolve_model
-
-    if not Path(path).is_file():
-        raise ConfigIdError("ckpt_path", f"checkpoint {path} does not exist; train the bundle first")
-    try:
-        return resolve_model(path, torch.device("cpu"))
-    except Medtl3dError as err:  # e.g. a builder that is not registered: one line, not MONAI's wrapped traceback
-        raise ConfigIdError("ckpt_path", str(err)) from None
-
-
 # --------------------------------------------------------------------------------------------- runs
 def settings_path(ckpt_path: str) -> Path:
     """The JSON next to a checkpoint (``model.pt`` / its ``model.ts`` export) that records its preprocessing."""
@@ -410,8 +213,6 @@ def inference_settings(ckpt_path: str) -> dict:
     inside ``model.pt`` itself (so weights and settings always come from the same run), else from the JSON beside
     it (a TorchScript export, or a checkpoint written before settings were embedded)."""
     if Path(ckpt_path).suffix == ".pt" and Path(ckpt_path).is_file():
-        from .engine import load_checkpoint
-
         embedded = load_checkpoint(ckpt_path).get("inference")
         if embedded is not None:
             return dict(embedded)
@@ -426,9 +227,6 @@ def inference_settings(ckpt_path: str) -> dict:
 def _one_writer(ckpt_path: str, output_dir: str):
     """The locks of the model's folder and the training folder, held by the rank that writes for the whole run;
     a run that finds either held by another run stops at once, naming the config id, folder and holder."""
-    from .errors import OutputLockedError
-    from .locking import output_lock
-
     with ExitStack() as stack:
         if not (torch.distributed.is_initialized() and torch.distributed.get_rank() > 0):
             for config_id, folder in (("ckpt_path", Path(ckpt_path).parent), ("output_dir", Path(output_dir))):
@@ -449,8 +247,6 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir: str,
     the run's commit point and self-contained: weights, settings, history, result and provenance in one atomic
     file, written after ``model.json`` and ``train_summary.json`` (both stamped with the same ``run_id``), so a
     reader of ``model.pt`` never combines parts of two runs."""
-    from . import engine
-
     with _one_writer(ckpt_path, output_dir):
         result = engine.train(model, train_data, val_data, task=task, output_dir=output_dir,
                               model_config=getattr(model, "model_config", None), **engine_options)
@@ -479,8 +275,6 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir: str,
 
 def evaluate(ckpt_path: str, data, *, task: str, output_dir: str, **engine_options: Any) -> dict:
     """Score the checkpoint on ``data``; writes ``metrics.json``, ``metrics.md`` and ``predictions.csv``."""
-    from . import engine
-
     model = load_network(ckpt_path)
     result = engine.evaluate(model, data, task=task, **engine_options)
     out = Path(output_dir)
@@ -502,8 +296,6 @@ def infer(ckpt_path: str, input_dir: str, output_dir: str, **options: Any) -> di
     """Folder inference (:func:`medtl3d.inference.infer_folder`) with the preprocessing the checkpoint was trained
     with (:func:`inference_settings`; ``options`` such as device, batch size or threshold add to it). A run where
     some cases failed writes every row, then exits with status 1."""
-    from .inference import infer_folder
-
     if input_dir is None or not Path(str(input_dir)).is_dir():
         raise ConfigIdError("input_dir", f"directory {input_dir} does not exist")
     settings = {**inference_settings(ckpt_path), **{k: v for k, v in options.items() if v is not None}}
@@ -519,12 +311,12 @@ def efficiency(backbone: str, *, strategy: str, cuts, input_shape: Sequence[int]
                segmentation_classes: int | None = None, **options: Any):
     """Params / MACs / latency per cut point (:func:`medtl3d.efficiency.efficiency_report`); with
     ``segmentation_classes`` the measured models are the bundle's U-Nets at each cut."""
+    # imported here, not at the top: fvcore scripts functions with torch.jit when imported, which prints a
+    # FutureWarning on stderr; the other bundle steps (and their one-line errors) stay free of it
     from .efficiency import efficiency_report
 
     builder = None
     if segmentation_classes is not None:
-        from .models import TruncatedUNet
-
         builder = lambda body, name, num_classes, cut=None, **_: TruncatedUNet(body, segmentation_classes, cut=cut)  # noqa: E731
     shape = "x".join(str(int(s)) for s in input_shape)
     try:
@@ -540,9 +332,6 @@ def efficiency(backbone: str, *, strategy: str, cuts, input_shape: Sequence[int]
 def search(bundle_dir: str, *, output_dir: str, overrides: Mapping[str, Any], **options: Any):
     """The hierarchical cutoff search (:func:`medtl3d.search.run_search`) of this bundle; ``overrides`` are the
     train.yaml ids every trial shares (search.yaml forwards them all)."""
-    from .errors import SearchError
-    from .search import run_search
-
     try:
         return run_search(bundle_dir, output_dir, overrides=dict(overrides), **options)
     except SearchError as err:
@@ -552,8 +341,6 @@ def search(bundle_dir: str, *, output_dir: str, overrides: Mapping[str, Any], **
 def lr_find(model: nn.Module, train_data, *, task: str, output_dir: str, **options: Any):
     """The learning-rate range test (:func:`medtl3d.engine.lr_finder.find_lr`) of the bundle's model on its
     training split; writes ``lr_find.csv/json/md/png`` to ``output_dir`` and prints the suggested rate."""
-    from .engine.lr_finder import find_lr
-
     result = find_lr(model, train_data, task=task, output_dir=output_dir, **options)
     print(f"medtl3d: suggested lr {result.suggestion:.3g} (scanned {result.lrs[0]:.3g} .. {result.lrs[-1]:.3g}); "
           f"plot in {result.files['png']}")

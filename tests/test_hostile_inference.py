@@ -25,7 +25,7 @@ from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-import medtl3d.data.io as data_io
+import medtl3d.data._discovery as data_discovery  # where case discovery reads file heads
 import medtl3d.inference._folder as folder_module
 from medtl3d.data.io import _unique_ids, find_cases
 from medtl3d.engine._checkpoint import save_checkpoint
@@ -453,7 +453,7 @@ def test_unreadable_folders_and_files_are_skipped_with_a_reason(tmp_path, monkey
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "scandir", scandir)
-    monkeypatch.setattr(data_io, "open", guarded_open, raising=False)
+    monkeypatch.setattr(data_discovery, "open", guarded_open, raising=False)
     summary = infer_folder(_model_2d(), "cxr", folder, tmp_path / "out", preset_options={"size": 16},
                            progress=False)
     rows = _rows(tmp_path / "out" / "predictions.csv")

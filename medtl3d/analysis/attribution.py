@@ -41,13 +41,17 @@ import gzip
 import weakref
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
+import torch.nn.functional as F
+from monai.visualize import GradCAM, GradCAMpp, blend_images
 from torch import nn
 
+from ..backbones import Backbone, get_entry, list_backbones
 from ..errors import AnalysisError
-from ._registry import register_analysis
 from ..reporting import atomic_write, save_figure
+from ._registry import register_analysis
 from .weights import split_model
 
 
@@ -64,8 +68,6 @@ def cam_target(model: nn.Module, cut: str | None = None) -> tuple[nn.Module, str
     concatenation no single submodule returns). In-place activations are switched off and every parameter requires
     grad; the original model is left untouched.
     """
-    from ..backbones import Backbone
-
     backbone, prefix = split_model(model)
     if not prefix:
         raise AnalysisError("Grad-CAM needs a classifier (a TransferModel), not a bare backbone")
@@ -153,8 +155,6 @@ def cell_centres(model: nn.Module, shape, cut: str | None = None,
     other axes shrunk to the backbone's minimum input: the offset depends on neither. The stride is the cut point's
     declared reduction. Results are cached per model, cut and shape.
     """
-    from ..backbones import get_entry, list_backbones
-
     backbone, _ = split_model(model)
     point = backbone.cut_point(cut) if cut is not None else backbone.cut_points[-1]
     shape = tuple(int(s) for s in shape)
@@ -228,9 +228,6 @@ def _paper_grad_cam_pp():
     """MONAI's ``GradCAMpp`` with the denominator of Chattopadhyay et al. 2018 (eq. 19): for ``Y = exp(S)``,
     ``alpha_ij = g_ij^2 / (2 g_ij^2 + g_ij^3 sum_ab A_ab)``. MONAI sums ``A_ab g_ab^3`` over the map instead, which
     is the same only where the gradient is constant over the map (a CAM at the top, just before global pooling)."""
-    import torch.nn.functional as F
-    from monai.visualize import GradCAMpp
-
     class PaperGradCAMpp(GradCAMpp):
         def compute_map(self, x, class_idx=None, retain_graph=False, layer_idx=-1, **kwargs):
             _, acti, grad = self.nn_module(x, class_idx=class_idx, retain_graph=retain_graph, **kwargs)
@@ -248,8 +245,6 @@ def _paper_grad_cam_pp():
 
 
 def _cam(method: str, model: nn.Module, image, cut: str | None, class_idx: int | None) -> torch.Tensor:
-    from monai.visualize import GradCAM
-
     x, batched = _as_batch(model, image)
     twin, layer = cam_target(model, cut)
     twin.eval()
@@ -320,8 +315,6 @@ def _numpy(array) -> np.ndarray:
 def blend_cam(image, cam, alpha: float = 0.6, cmap: str = "jet") -> np.ndarray:
     """RGB ``(3, *spatial)`` overlay of ``cam`` on ``image`` (``(C, *spatial)``, C = 1 or 3; other channel counts
     show their mean) with MONAI's ``blend_images``; the CAM's opacity grows with its value."""
-    from monai.visualize import blend_images
-
     picture, heat = _numpy(image), _numpy(cam)
     if picture.ndim == heat.ndim:
         picture = picture[None]
@@ -369,8 +362,6 @@ def save_cam_png(path: str | Path, image, cam, title: str = "", slices: int = 6,
 def save_cam_nifti(path: str | Path, cam, affine=None) -> Path:
     """NIfTI (``.nii`` or ``.nii.gz``) of a 3D CAM with the image's affine (a MetaTensor image's ``.affine``
     works as is; identity when None), so it overlays the input in any viewer."""
-    import nibabel as nib
-
     heat = _numpy(cam)
     if heat.ndim != 3:
         raise AnalysisError(f"NIfTI output needs a 3D CAM, got shape {heat.shape}")

@@ -31,9 +31,16 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from monai.data import DataLoader
 
+from .. import engine
+from ..config_ids import ConfigIdError
+from ..data.datalists import image_stem
 from ..errors import Medtl3dError
-from ..workflows import ConfigIdError
+from ..inference import load_network
+from ..reporting import write_curves
+from .probes import probe_cut_points
+from .reports import gradcam_report, initial_model, reinit_report, similarity_report, weights_report
 
 ANALYSES = ("weights", "reinit", "cka", "probes", "gradcam")
 _CLASSIFIER_ONLY = {"probes": ("binary", "multiclass"), "gradcam": ("binary", "multiclass", "multilabel")}
@@ -54,15 +61,11 @@ def check_analyses(analyses: Sequence[str], task: str) -> bool:
 
 
 def _loader(data, batch_size: int):
-    from monai.data import DataLoader
-
     return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
 
 
 def _case(sample: dict) -> str:
     """A file-name-safe case id: the image's file name (``id`` is its path), or ``<series>_w<window>``."""
-    from ..data.datalists import image_stem
-
     if "series" in sample:
         return f"{image_stem(sample['series'])}_w{int(sample['window'])}"
     return image_stem(sample.get("id", "case"))
@@ -92,9 +95,6 @@ def _cam_cases(model: torch.nn.Module, data, cases: int, series_key: str | None)
 
 
 def _probes(model, initial, train_data, data, output, cuts, batch_size: int) -> Path:
-    from ..reporting import write_curves
-    from .probes import probe_cut_points
-
     rows = []
     for weights, network in (("final", model), ("initial", initial)):
         for row in probe_cut_points(network, _loader(train_data, batch_size), _loader(data, batch_size), cuts,
@@ -115,10 +115,6 @@ def run_bundle_analyses(ckpt_path: str, data, *, analyses: Sequence[str], task: 
     map by ``cka_policy``: ``pooled`` (global average, one feature per channel) by default, since flattened maps of
     a full-size backbone would need more memory than the exact estimator may hold (``flatten`` with a small
     ``cka_spatial_size`` keeps some spatial layout)."""
-    from .. import engine
-    from ..workflows import load_network
-    from .cli import gradcam_report, initial_model, reinit_report, similarity_report, weights_report
-
     check_analyses(analyses, task)
     if "probes" in analyses and train_data is None:
         raise ConfigIdError("analyses", "'probes' needs the training split (train_data) to fit the probes on")

@@ -21,15 +21,28 @@ Exit status 0 on success, 2 on bad input (one-line error, no traceback).
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
+from monai.data import CacheDataset, DataLoader, Dataset
+from monai.transforms import Compose
 
-from ..data.datalists import item_id
+from ..backbones import create_backbone
+from ..data.datalists import holdout_split, item_id, load_datalist
+from ..data.io import LoadCased
+from ..data.prepare import prepare_datalist
+from ..data.presets import PRESETS, parse_preset_options, preset
+from ..engine import load_model
 from ..errors import AnalysisError, Medtl3dError
+from ..reporting import plot_bars, write_curves, write_table
+from .activations import POLICIES
+from .domain import domain_distances
+from .predictions import feature_reuse, metric_value, model_outputs, predicted_labels, prediction_similarity
+from .probes import probe_cut_points
+from .reinit import classification_metric
+from .reports import (_stem, checkpoint_states, gradcam_report, initial_model, reinit_report, similarity_report,  # noqa: F401
+                      weights_report)
 
 PHANTOM_PRESETS = {"cxr": "cxr", "histology": "pathology", "ctpa": "ct"}
 
@@ -42,8 +55,6 @@ def _cuts(text: str):
 
 def _data_arguments(parser: argparse.ArgumentParser, name: str = "") -> None:
     """Where the cases come from and how they are preprocessed (``name`` prefixes the datalist flag)."""
-    from ..data.presets import PRESETS
-
     flag = f"--{name}datalist" if name else "--datalist"
     parser.add_argument(flag, help="datalist (MONAI/decathlon JSON or CSV)")
     parser.add_argument("--key", default="training", help="JSON datalist section (default training)")
@@ -78,8 +89,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``medtl3d analyze <method>``."""
-    from .activations import POLICIES
-
     parser = subparsers.add_parser("analyze", help="representation analyses (CKA, weights, Grad-CAM, probes, ...)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     methods = parser.add_subparsers(dest="method", required=True, metavar="method")
@@ -175,8 +184,6 @@ def _device(args) -> torch.device:
 
 
 def _load(path: str, args) -> torch.nn.Module:
-    from ..engine import load_model
-
     return load_model(path, map_location=_device(args))
 
 
@@ -185,15 +192,12 @@ def _backbone_model(args) -> torch.nn.Module:
         raise AnalysisError("give either --checkpoint or --backbone (with --weights)")
     if args.checkpoint:
         return _load(args.checkpoint, args)
-    from ..backbones import create_backbone
 
     backbone = create_backbone(args.backbone, args.spatial_dims, args.in_channels, args.weights)
     return backbone.to(_device(args)).eval()
 
 
 def _datalist(args, path: str | None) -> str:
-    from ..workflows import prepare_datalist
-
     if path is None and args.phantom is None:
         raise AnalysisError("no cases: give a datalist or --phantom cxr|histology|ctpa")
     return prepare_datalist(None, path, phantom=args.phantom or "cxr", phantom_dir=args.phantom_dir,
@@ -201,9 +205,6 @@ def _datalist(args, path: str | None) -> str:
 
 
 def _transform(args, mask_key: str | None = None):
-    from ..data.presets import preset
-    from ..inference.cli import parse_preset_options
-
     name = args.preset or PHANTOM_PRESETS.get(args.phantom or "")
     if name is None:
         raise AnalysisError("--preset is required for a datalist (ct, cxr or pathology)")
@@ -212,8 +213,6 @@ def _transform(args, mask_key: str | None = None):
 
 
 def _items(args, path: str, *, labels: bool, mask_key: str | None = None) -> list[dict]:
-    from ..data.datalists import load_datalist
-
     items = load_datalist(path, key=args.key, task="classification", labels=labels,
                           path_keys=(mask_key,) if mask_key else ())
     if mask_key and any(mask_key not in item for item in items):
@@ -224,10 +223,7 @@ def _items(args, path: str, *, labels: bool, mask_key: str | None = None) -> lis
 def _dataset(args, items: list[dict], mask_key: str | None = None, cache: bool = False):
     """A MONAI Dataset: medtl3d's readers load ``image`` (and the mask ``mask_key`` as ``label``), then the preset;
     ``cache`` keeps the preprocessed cases in memory for analyses that pass over them many times."""
-    from monai.data import CacheDataset, Dataset
-    from monai.transforms import Compose
 
-    from ..data.io import LoadCased
 
     if mask_key:
         items = [{**item, "label": item[mask_key]} for item in items]
@@ -240,119 +236,7 @@ def _dataset(args, items: list[dict], mask_key: str | None = None, cache: bool =
 
 
 def _loader(args, items: list[dict], cache: bool = False):
-    from monai.data import DataLoader
-
     return DataLoader(_dataset(args, items, cache=cache), batch_size=args.batch_size, shuffle=False, num_workers=0)
-
-
-def checkpoint_states(model: torch.nn.Module, checkpoint: str) -> tuple[dict, dict]:
-    """A loaded checkpoint model's initial and final (trained) states."""
-    initial = getattr(model, "initial_state", None)
-    if not initial:
-        raise AnalysisError(f"checkpoint {checkpoint} holds no initial_state to compare with")
-    return initial, {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def initial_model(model: torch.nn.Module, checkpoint: str) -> torch.nn.Module:
-    """A copy of a loaded checkpoint model with its initial weights (what fine-tuning started from)."""
-    twin = copy.deepcopy(model)
-    twin.load_state_dict(checkpoint_states(model, checkpoint)[0])
-    return twin
-
-
-def _stem(path: str) -> str:
-    return Path(path).stem
-
-
-# ---------------------------------------------------------------------------------------------------- reports
-# model(s) + data in, report files out: shared by the methods below and the bundles' analysis.yaml
-def similarity_report(model_a: torch.nn.Module, model_b: torch.nn.Module, loader, output, names: tuple[str, str], *,
-                      cuts="block", cuts_b=None, measure: str = "debiased_cka", policy: str | None = None,
-                      spatial_size: int | None = None, channels: int | None = None, batch_size: int = 8,
-                      estimator: str = "exact", progress: bool = False, metadata: dict | None = None) -> Path:
-    """Layer x layer ``measure`` of two models on ``loader``: ``<measure>.{csv,json,md,png}`` under ``output``."""
-    from .similarity import model_similarity, write_similarity_matrix
-
-    names_a, names_b, matrix = model_similarity(
-        model_a, model_b, loader, cuts, cuts_b, measure, policy=policy, spatial_size=spatial_size,
-        channels=channels, batch_size=batch_size, estimator=estimator, progress=progress)
-    metadata = {**(metadata or {}), "policy": policy or ("flatten" if measure.endswith("cka") else "spatial"),
-                "spatial_size": spatial_size, "channels": channels, "estimator": estimator}
-    return write_similarity_matrix(output, names_a, names_b, matrix, measure, model_a=names[0], model_b=names[1],
-                                   metadata=metadata)["png"]
-
-
-def weights_report(model: torch.nn.Module, checkpoint: str, output, per: str = "unit",
-                   include_norm: bool = False) -> Path:
-    """Per-layer distance of a checkpoint model's initial and final weights: ``weights.{csv,json,md,png}``."""
-    from ..reporting import write_curves
-    from .weights import weight_distance
-
-    rows = weight_distance(*checkpoint_states(model, checkpoint), model, per=per, include_norm=include_norm)
-    metadata = {"checkpoint": str(checkpoint), "per": per, "include_norm": include_norm}
-    return write_curves(output, "weights", rows, "layer", ["l2_rms", "relative_l2", "cosine"], metadata,
-                        title=f"{_stem(checkpoint)}: initial vs final weights")["png"]
-
-
-def reinit_report(model: torch.nn.Module, checkpoint: str, evaluate, output, metric: str, *,
-                  modes=("reinit", "rerand"), groups: str = "unit", include_head: bool = False, seed: int = 0,
-                  metadata: dict | None = None) -> Path:
-    """Re-initialisation robustness of a checkpoint model, ``evaluate(model)`` giving ``metric``:
-    ``reinit.{csv,json,md,png}``."""
-    from ..reporting import write_curves
-    from .reinit import reinit_robustness
-
-    initial, final = checkpoint_states(model, checkpoint)
-    rows = reinit_robustness(initial, final, model, evaluate, modes=modes, groups=groups, include_head=include_head,
-                             seed=seed)
-    metadata = {"checkpoint": str(checkpoint), "metric": metric, "groups": groups, **(metadata or {})}
-    return write_curves(output, "reinit", rows, "layer", ["metric", "drop"], metadata,
-                        title=f"{_stem(checkpoint)}: re-initialisation robustness ({metric})", group="mode")["png"]
-
-
-def gradcam_report(model: torch.nn.Module, cases, output, *, method: str = "gradcam", cut: str | None = None,
-                   class_idx: int | None = None, slices: int = 6, metadata: dict | None = None,
-                   title: str = "") -> Path:
-    """Grad-CAM overlays of ``cases``, ``(case id, image, label or None, lesion mask or None)`` tuples: per case
-    ``<case>_<method>.png`` and, in 3D, ``<case>_<method>.nii.gz`` (with the image's affine; for a plain tensor
-    without one, ``<case>_image.nii.gz`` beside it, so the two overlay in a viewer), and ``<method>.{csv,json,md}``
-    (prediction, and CAM mass inside the lesion where a mask is given)."""
-    from ._registry import get_analysis
-    from ..reporting import write_table
-    from .attribution import cam_mass_inside, save_cam_nifti, save_cam_png
-
-    explain = get_analysis("attribution", method)
-    output = Path(output)
-    rows = []
-    for case, image, label, mask in cases:
-        cam = explain(model, image, cut=cut, class_idx=class_idx)
-        x = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
-        with torch.no_grad():
-            logits = model(x[None].float().to(next(model.parameters()).device))[0].cpu()
-        if logits.numel() == 1:
-            probability = float(torch.sigmoid(logits[0]))
-            predicted = int(probability >= 0.5)
-        else:
-            probabilities = torch.softmax(logits, dim=0)
-            probability, predicted = float(probabilities.max()), int(probabilities.argmax())
-        row = {"case": case, "label": label, "predicted": predicted, "probability": probability}
-        save_cam_png(output / f"{case}_{method}.png", image, cam, title=f"{case} {method}", slices=slices)
-        if cam.ndim == 3:
-            affine = getattr(image, "affine", None)
-            save_cam_nifti(output / f"{case}_{method}.nii.gz", cam, affine)
-            if affine is None:
-                save_cam_nifti(output / f"{case}_image.nii.gz", x.float().mean(dim=0))
-        if mask is not None:
-            row["lesion_share"] = float((torch.as_tensor(mask) != 0).float().mean())
-            row["cam_mass_inside"] = cam_mass_inside(cam, mask) if row["lesion_share"] > 0 else float("nan")
-        rows.append(row)
-    summary = {**(metadata or {}), "method": method, "cut": cut}
-    if any("cam_mass_inside" in row for row in rows):
-        masses = [r["cam_mass_inside"] for r in rows if np.isfinite(r.get("cam_mass_inside", np.nan))]
-        summary["mean_cam_mass_inside"] = float(np.mean(masses)) if masses else None
-        summary["cases_with_lesion"] = len(masses)
-    write_table(output, method, rows, summary, title=title or method)
-    return output
 
 
 # ---------------------------------------------------------------------------------------------------- methods
@@ -399,9 +283,6 @@ def _gradcam(args) -> Path:
 
 
 def _probe(args) -> Path:
-    from ..data.datalists import holdout_split
-    from .probes import probe_cut_points
-
     model = _backbone_model(args)
     datalist = _datalist(args, args.datalist)
     items = _items(args, datalist, labels=True)
@@ -418,9 +299,6 @@ def _probe(args) -> Path:
 
 
 def _predictions(args) -> Path:
-    from ..reporting import plot_bars, write_table
-    from .predictions import metric_value, model_outputs, predicted_labels, prediction_similarity
-
     datalist = _datalist(args, args.datalist)
     items = _items(args, datalist, labels=True)
     loader = _loader(args, items, cache=True)
@@ -451,9 +329,6 @@ def _metric_or_checkpoint(text: str) -> float | None:
 
 
 def _reuse(args) -> Path:
-    from ..reporting import plot_bars, write_table
-    from .predictions import feature_reuse, metric_value, model_outputs
-
     values = {init: _metric_or_checkpoint(getattr(args, init)) for init in ("wt", "st", "ri")}
     metadata = {init: getattr(args, init) for init in values}
     if any(v is None for v in values.values()):
@@ -471,8 +346,6 @@ def _reuse(args) -> Path:
 
 
 def _reinit(args) -> Path:
-    from .reinit import classification_metric
-
     datalist = _datalist(args, args.datalist)
     evaluate = classification_metric(_loader(args, _items(args, datalist, labels=True), cache=True), args.metric)
     return reinit_report(_load(args.checkpoint, args), args.checkpoint, evaluate, args.output, args.metric,
@@ -481,9 +354,6 @@ def _reinit(args) -> Path:
 
 
 def _domain(args) -> Path:
-    from ..reporting import write_curves
-    from .domain import domain_distances
-
     model = _backbone_model(args)
     source = _datalist(args, args.source_datalist)
     rows = domain_distances(model, _loader(args, _items(args, source, labels=False)),

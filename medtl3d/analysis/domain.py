@@ -21,6 +21,7 @@ from scipy import linalg
 from torch import nn
 
 from ..errors import AnalysisError
+from .activations import collect_activations
 from .weights import split_model
 
 
@@ -76,8 +77,6 @@ def domain_distances(model: nn.Module, source_data, target_data, cuts: str | Seq
     ``source_data`` / ``target_data`` are what :func:`~medtl3d.analysis.activations.collect_activations` takes (a
     DataLoader, a Dataset, batches or one tensor); labels are not needed.
     """
-    from .activations import collect_activations
-
     backbone, _ = split_model(model)
     cuts = backbone.cut_points[-1].name if cuts is None else cuts
     options = dict(batch_size=batch_size, device=device, progress=progress)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..backbones import build_backbone
 from ..errors import AnalysisError, Medtl3dError
 from ._registry import register_analysis
 from .predictions import METRICS, metric_value, model_outputs
@@ -70,8 +71,6 @@ def layer_sets(model: nn.Module, groups: str = "unit", include_head: bool = Fals
 
 def _fresh_state(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """State of a freshly initialised twin: the backbone rebuilt from its registry entry, other modules reset."""
-    from ..backbones import build_backbone
-
     backbone, prefix = split_model(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..weights import load_backbone_state, resolve_weights
 from . import cbr, densenet, i3d, inception, mobilenet, penet, resnet, transformers  # noqa: F401  (each registers its family)
 from ._base import LEVELS, Backbone, CutPoint, Unit
 from ._registry import BackboneEntry, build_backbone, get_entry, list_backbones, register_backbone, register_namespace
@@ -28,14 +29,13 @@ def create_backbone(
     The published classifier of a weight file is kept on ``backbone.pretrained_head`` (empty when none), so a
     full model can reuse it; the load report is on ``backbone.weights_report``.
     """
-    from ..weights import load_backbone_state, resolve_weights
-
     backbone = build_backbone(name, spatial_dims, in_channels, **kwargs)
     backbone.weights_source = None
     backbone.pretrained_head = {}
     if weights is not None:
-        state, source = resolve_weights(name, weights)
-        report = load_backbone_state(backbone, state, source)
+        entry = get_entry(name)
+        state, source = resolve_weights(name, weights, hub_weights=entry.hub_weights)
+        report = load_backbone_state(backbone, state, source, head_keys=entry.head_keys)
         backbone.weights_source = source
         backbone.pretrained_head = report.head_state
         backbone.weights_report = report

@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold, train_test_split
 
-from medtl3d.errors import DataError
+from medtl3d.data.io import load_image
+from medtl3d.errors import DataError, setting
 from medtl3d.reporting import write_text
 
 __all__ = ["TASKS", "load_datalist", "write_datalist", "kfold_split", "holdout_split"]
@@ -245,9 +247,6 @@ def _check_masks(path: Path, items: list[dict], row_numbers: list[int], num_clas
                  every_class: bool) -> None:
     """Read every mask once; refuse values that are not class indices 0..num_classes-1 (naming the first mask,
     the values and the fix) and, with ``every_class``, classes that occur in no mask."""
-    from medtl3d.data.io import load_image
-    from medtl3d.errors import setting
-
     found: set[float] = set()
     outside: list[tuple[int, str, list]] = []
     for row, item in zip(row_numbers, items):
@@ -370,8 +369,6 @@ def kfold_split(items: Sequence[dict], n_folds: int, fold: int, *, seed: int = 0
                 stratify: bool = True) -> tuple[list[dict], list[dict]]:
     """(train, val) of fold ``fold`` in ``n_folds``-fold cross-validation: patient-grouped (no patient in both),
     label-stratified (``StratifiedGroupKFold``, shuffled with ``seed``). Items keep their order in each part."""
-    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
-
     items = list(items)
     if not isinstance(n_folds, int) or n_folds < 2:
         raise DataError(f"n_folds={n_folds!r}: expected an integer >= 2")
@@ -405,8 +402,6 @@ def holdout_split(items: Sequence[dict], test_fraction: float, *, seed: int = 0,
                   stratify: bool = True) -> tuple[list[dict], list[dict]]:
     """(train, test) with about ``test_fraction`` of the patients in test, no patient in both, stratified over
     patients by label (a patient's key is its most frequent stratification key) with ``train_test_split``."""
-    from sklearn.model_selection import train_test_split
-
     items = list(items)
     if not 0.0 < float(test_fraction) < 1.0:
         raise DataError(f"test_fraction={test_fraction!r}: expected a number in (0, 1)")

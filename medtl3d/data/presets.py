@@ -36,6 +36,7 @@ stale (so later inverses break), and it has no rank or colour-space conversion f
 
 from __future__ import annotations
 
+import ast
 import inspect
 from contextlib import contextmanager
 from typing import Any, Callable, Hashable, Mapping, Sequence
@@ -408,3 +409,19 @@ def preset(name: str, *, train: bool, keys: Sequence[str] | str = ("image",), la
     if not keys or label_key in keys:
         raise DataError(f"preset {name!r}: keys={keys!r} must be non-empty and not contain label_key={label_key!r}")
     return PRESETS[name](keys, label_key, bool(train), **options)
+
+
+def parse_preset_options(pairs, option: str = "--preset-option") -> dict:
+    """``["size=64", "window=-100,900", "spacing=None", "orientation=LPS"]`` -> options: values are Python
+    literals (numbers, tuples, None, True/False) when they parse as such, else strings; errors name ``option``."""
+    options = {}
+    for pair in pairs or ():
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise DataError(f"{option} {pair!r}: expected KEY=VALUE")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            value = text.strip()
+        options[key.strip()] = value
+    return options

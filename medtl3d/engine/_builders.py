@@ -17,6 +17,9 @@ from typing import Any, Callable
 import torch
 
 from ..errors import TrainingError
+from ..models import create_unet
+from ..models.builders import build_classifier
+from ..strategies import create_model
 
 ENTRY_POINT_GROUP = "medtl3d.builders"
 CLASSIFIER, UNET, TRANSFER_MODEL = "classifier", "unet", "transfer_model"
@@ -27,17 +30,11 @@ _registered: dict[str, Callable[..., torch.nn.Module]] = {}
 
 
 def _package_builder(name: str) -> Callable[..., torch.nn.Module]:
-    """The package's own builders, imported on first use (they sit above the engine in the layering)."""
+    """The package's own builders (below the engine in the layering)."""
     if name == CLASSIFIER:
-        from ..workflows import build_classifier
-
         return build_classifier
     if name == UNET:
-        from ..models import create_unet
-
         return create_unet
-    from ..strategies import create_model
-
     return create_model
 
 

@@ -15,68 +15,42 @@ handlers do the work; this module wires them for a task and adds what they lack 
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import json
 import logging
 import math
-import time
-from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from ignite.engine import Events
 from ignite.handlers import EarlyStopping
-from ignite.metrics import Loss
 from monai.data import DataLoader
-from monai.data import DistributedSampler as MonaiDistributedSampler
-from monai.data.utils import set_rnd
 from monai.engines import IterationEvents, SupervisedEvaluator, SupervisedTrainer
 from monai.handlers import ValidationHandler
-from monai.utils import CommonKeys, optional_import, set_determinism
+from monai.utils import set_determinism
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 
-from ..errors import TrainingError, interface
+from ..errors import TrainingError
 from ..locking import output_lock
 from ..provenance import build_provenance, data_hash, dataset_items
 from ..reporting import write_text
+from ._blocks import (ID_KEY, _attach_trackers, _EpochLoss, _EpochSeeds, _evaluator, _GradClip, _json_safe,
+                      _rank_and_world, _resume_check, _SameMetrics, _SyncBuffers, _write_history)
 from ._builders import plain_config
 from ._checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from ._tasks import (
-    IMAGE,
-    LABEL,
-    BatchPreparer,
-    CaseCollector,
-    check_labels_upfront,
-    check_outputs,
-    check_task,
-    default_key_metric,
-    make_loss,
-    task_metrics,
-)
+from ._checks import _check_options, _device_and_amp, _first_sample, _probe_outputs
+from ._tasks import BatchPreparer, check_labels_upfront, check_task, make_loss, task_metrics
 from .metrics import AGGREGATIONS
-from .optim import attach_scheduler, build_scheduler, check_scheduler, param_groups
+from .optim import OPTIMIZERS, attach_scheduler, build_scheduler, check_scheduler, param_groups
 from .runtime import check_num_threads, on_terminal, torch_threads
 from .selection import ModelSelection, check_select
 
 logger = logging.getLogger("medtl3d.engine")
-
-OPTIMIZERS = {
-    "adamw": torch.optim.AdamW,
-    "adam": torch.optim.Adam,
-    "sgd": partial(torch.optim.SGD, momentum=0.9),
-}
-ID_KEY = "id"
-# options that may change when a run is resumed; every other option must match the checkpoint's
-_RESUMABLE_CHANGES = ("epochs", "early_stop_patience", "device", "num_workers", "progress", "tensorboard",
-                      "mlflow_uri", "num_threads")
 
 
 @dataclass
@@ -99,205 +73,6 @@ class EvalResult:
 
     metrics: dict[str, float]
     predictions: list[dict]
-
-
-# ----------------------------------------------------------------------------------------------- checks
-def _first_sample(dataset, where: str) -> Mapping:
-    try:
-        size = len(dataset)
-    except TypeError as err:
-        raise TrainingError(f"{where} must be a map-style dataset with a length") from err
-    if size == 0:
-        raise TrainingError(f"{where} is empty")
-    sample = dataset[0]
-    if not isinstance(sample, Mapping) or IMAGE not in sample or LABEL not in sample:
-        keys = sorted(sample) if isinstance(sample, Mapping) else type(sample).__name__
-        raise TrainingError(f"{where}: samples must be dicts with '{IMAGE}' and '{LABEL}' (row 0 has {keys})")
-    return sample
-
-
-def _probe_outputs(model: nn.Module, sample: Mapping, task: str, device: torch.device, where: str) -> int:
-    """One forward pass in eval mode on the first sample: does the model take the image, and how many outputs?"""
-    image = torch.as_tensor(sample[IMAGE])
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(image[None].to(device))
-    except Exception as err:  # noqa: BLE001 - any failure here means the model cannot take this input
-        raise TrainingError(f"{where}: the model cannot take an image of shape {tuple(image.shape)} "
-                            f"(channels first, no batch dim): {type(err).__name__}: {err}") from err
-    finally:
-        model.train(was_training)
-    if not isinstance(out, torch.Tensor):
-        raise TrainingError(f"the model returns {type(out).__name__}; the engine needs one tensor of logits")
-    expected = 2 + image.ndim - 1 if task == "segmentation" else 2
-    if out.ndim != expected or (task == "segmentation" and out.shape[2:] != image.shape[1:]):
-        raise TrainingError(f"task={task!r}: the model maps an image {tuple(image.shape)} to {tuple(out.shape[1:])}; "
-                            + ("expected (C, *spatial) logits of the image's size" if task == "segmentation"
-                               else "expected one logit vector per image"))
-    check_outputs(task, out.shape[1])
-    return out.shape[1]
-
-
-def _check_options(task, epochs, lr, weight_decay, optimizer, batch_size, num_workers, grad_clip, key_metric,
-                   early_stop_patience, val_every, series_key, aggregation) -> str:
-    check_task(task)
-    key_metric = key_metric or default_key_metric(task)
-    if key_metric not in task_metrics(task):
-        raise TrainingError(f"key_metric={key_metric!r} is not produced for task={task!r}; choose one of "
-                            f"{', '.join(task_metrics(task))}")
-    if optimizer not in OPTIMIZERS:
-        raise TrainingError(f"optimizer={optimizer!r} is not supported; choose one of {', '.join(OPTIMIZERS)}")
-    if aggregation not in AGGREGATIONS:
-        raise TrainingError(f"aggregation={aggregation!r} is not supported; choose one of {', '.join(AGGREGATIONS)}")
-    for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("val_every", val_every, 1),
-                             ("num_workers", num_workers, 0)):
-        if not isinstance(value, int) or value < low:
-            raise TrainingError(f"{name} must be an integer >= {low}, got {value!r}")
-    if early_stop_patience is not None and (not isinstance(early_stop_patience, int) or early_stop_patience < 1):
-        raise TrainingError(f"early_stop_patience must be None or an integer >= 1, got {early_stop_patience!r}")
-    if not lr > 0:
-        raise TrainingError(f"lr must be > 0, got {lr!r}")
-    if weight_decay < 0:
-        raise TrainingError(f"weight_decay must be >= 0, got {weight_decay!r}")
-    if grad_clip is not None and not grad_clip > 0:
-        raise TrainingError(f"grad_clip must be None or > 0, got {grad_clip!r}")
-    if series_key is not None and task == "segmentation":
-        raise TrainingError("series_key (window -> series aggregation) applies to classification tasks only")
-    return key_metric
-
-
-def resolve_device(device) -> torch.device:
-    """A usable torch device for training or inference, or a TrainingError naming what is wrong."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise TrainingError(f"device={device!r} is not a torch device: {err}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device={str(device)!r} but CUDA is not available on this machine")
-    return device
-
-
-def _device_and_amp(device, amp: bool) -> tuple[torch.device, bool]:
-    device = resolve_device(device)
-    if amp and device.type != "cuda":
-        logger.warning("amp=True: mixed precision is used on CUDA only; training on %s in float32", device)
-    return device, bool(amp and device.type == "cuda")
-
-
-# ----------------------------------------------------------------------------------------------- building blocks
-def _evaluator(model, dataset, task, num_outputs, batch_size, num_workers, device, amp, series_key, aggregation,
-               where, rank: int = 0, world: int = 1) -> tuple[SupervisedEvaluator, CaseCollector]:
-    # with world > 1 each rank evaluates cases rank, rank + world, ... (no padding duplicates); the collector
-    # gathers them, ignite's Loss all-reduces its sums
-    sampler = None if world == 1 else MonaiDistributedSampler(dataset, even_divisible=False, num_replicas=world,
-                                                              rank=rank, shuffle=False)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, sampler=sampler,
-                        pin_memory=device.type == "cuda")
-    evaluator = SupervisedEvaluator(
-        device=device, val_data_loader=loader, network=model,
-        prepare_batch=BatchPreparer(task, num_outputs, series_key or ID_KEY, where), amp=amp, decollate=False,
-    )
-    collector = CaseCollector(task, id_key=ID_KEY, series_key=series_key, aggregation=aggregation, world=world)
-    collector.attach(evaluator, "metrics")
-    # the validation loss (per window with series_key): tie-breaker of model selection, the plateau schedule's signal
-    Loss(make_loss(task), output_transform=lambda out: (out[CommonKeys.PRED], out[CommonKeys.LABEL]),
-         device=device).attach(evaluator, "loss")
-    return evaluator, collector
-
-
-class _EpochLoss:
-    """Mean training loss of the epoch (summed on the device: no host sync per iteration) into state.metrics; with
-    ``reduce_on`` (a device, in distributed runs) the mean over every rank's batches, the same on all ranks."""
-
-    def __init__(self, reduce_on: torch.device | None = None) -> None:
-        self.reduce_on = reduce_on
-
-    def attach(self, engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self.started)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self.completed)
-
-    def started(self, engine) -> None:
-        self.total, self.count, self.start = 0.0, 0, time.perf_counter()
-
-    def iteration(self, engine) -> None:
-        self.total = self.total + engine.state.output[CommonKeys.LOSS].detach()
-        self.count += 1
-
-    def completed(self, engine) -> None:
-        total, count = float(self.total), self.count
-        if self.reduce_on is not None:
-            both = torch.tensor([total, count], dtype=torch.float64, device=self.reduce_on)
-            dist.all_reduce(both)
-            total, count = both.tolist()
-        loss = total / max(count, 1)
-        if not math.isfinite(loss):
-            raise TrainingError(f"training diverged: mean loss of epoch {engine.state.epoch} is {loss}; lower lr or "
-                                "set grad_clip")
-        engine.state.metrics["train_loss"] = loss
-        engine.state.metrics["epoch_seconds"] = time.perf_counter() - self.start
-
-
-class _GradClip:
-    """Clip the gradient norm between backward and optimizer step (unscaling AMP gradients first)."""
-
-    def __init__(self, params: list[nn.Parameter], max_norm: float) -> None:
-        self.params, self.max_norm = params, max_norm
-
-    def __call__(self, engine) -> None:
-        if engine.amp and engine.scaler is not None:
-            engine.scaler.unscale_(engine.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
-
-
-class _EpochSeeds:
-    """Worker and in-process augmentation seeds derived from (seed, rank, epoch), so any epoch replays identically
-    and the ranks of a distributed run draw different augmentations."""
-
-    def __init__(self, generator: torch.Generator, dataset, seed: int, num_workers: int, rank: int = 0) -> None:
-        self.generator, self.dataset, self.seed, self.num_workers = generator, dataset, seed, num_workers
-        self.rank = rank
-
-    def __call__(self, engine) -> None:
-        epoch_seed = (self.seed * 1_000_003 + self.rank * 10_007 + engine.state.epoch) % (2**31 - 1)
-        self.generator.manual_seed(epoch_seed)
-        if self.num_workers == 0:  # workers are seeded from the generator by MONAI's worker_init_fn
-            set_rnd(self.dataset, epoch_seed)
-
-
-def _rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the initialised default process group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-class _SyncBuffers:
-    """Rank 0's buffers (BatchNorm running statistics) to every rank before validation: DDP broadcasts them only
-    at the start of each forward, so after the last step of an epoch each rank holds its own."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __call__(self, engine) -> None:
-        for buffer in self.model.buffers():
-            dist.broadcast(buffer, src=0)
-
-
-class _SameMetrics:
-    """Rank 0's validation metrics on every rank, so best-checkpoint and early-stopping decisions agree even where
-    the ranks' evaluations differ in the last bits (non-deterministic GPU kernels)."""
-
-    def __init__(self, names: tuple[str, ...], device: torch.device) -> None:
-        self.names, self.device = names, device
-
-    def __call__(self, engine) -> None:
-        metrics = engine.state.metrics
-        values = torch.tensor([float(metrics[name]) for name in self.names], dtype=torch.float64, device=self.device)
-        dist.broadcast(values, src=0)
-        metrics.update(zip(self.names, values.tolist()))
 
 
 @dataclass
@@ -377,76 +152,6 @@ class _Run:
             history=list(self.history), best_checkpoint=best if best.exists() else None,
             last_checkpoint=self.output_dir / "last.pt", epochs_run=epochs_run, select=self.selection.select,
         )
-
-
-def _write_history(history: list[dict], path: Path) -> None:
-    columns: list[str] = []
-    for row in history:
-        columns.extend(k for k in row if k not in columns)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(history)
-    write_text(path, buffer.getvalue())
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return str(value) if isinstance(value, Path) else value
-
-
-def _attach_trackers(trainer, evaluator, output_dir: Path, tensorboard: bool, mlflow_uri: str | None,
-                     progress: bool, run_config: dict) -> list:
-    """TensorBoard / MLflow (per-epoch train loss and validation metrics) and a progress bar; returns what must be
-    closed when training ends."""
-    epoch_of_trainer = lambda _: trainer.state.epoch  # noqa: E731 - validation is logged at the trainer's epoch
-    closables = []
-    if tensorboard:
-        writer_cls, has_tb = optional_import("torch.utils.tensorboard", name="SummaryWriter")
-        if has_tb:
-            from monai.handlers import TensorBoardStatsHandler
-
-            writer = writer_cls(log_dir=str(output_dir / "tensorboard"))
-            TensorBoardStatsHandler(summary_writer=writer, iteration_log=False,
-                                    output_transform=lambda _: None).attach(trainer)
-            TensorBoardStatsHandler(summary_writer=writer, iteration_log=False, output_transform=lambda _: None,
-                                    global_epoch_transform=epoch_of_trainer).attach(evaluator)
-            closables.append(writer)
-        else:
-            logger.warning("tensorboard is not installed (pip install tensorboard): no TensorBoard logs written")
-    if mlflow_uri:
-        _, has_mlflow = optional_import("mlflow")
-        if not has_mlflow:
-            raise TrainingError(f"mlflow_uri={mlflow_uri!r} but mlflow is not installed (pip install mlflow)")
-        from monai.handlers import MLFlowHandler
-
-        common = {"tracking_uri": str(mlflow_uri), "experiment_name": "medtl3d", "run_name": output_dir.name,
-                  "iteration_log": False, "output_transform": lambda _: None}
-        try:
-            MLFlowHandler(**common, experiment_param={k: str(v) for k, v in run_config.items()}).attach(trainer)
-            MLFlowHandler(**common, global_epoch_transform=epoch_of_trainer).attach(evaluator)
-        except ValueError as err:
-            raise TrainingError(f"mlflow_uri={mlflow_uri!r}: {err}") from err
-    if progress:
-        from ignite.handlers import ProgressBar
-
-        ProgressBar(persist=False).attach(trainer, output_transform=lambda out: {"loss": out[CommonKeys.LOSS]})
-    return closables
-
-
-def _resume_check(saved: dict, current: dict, path: Path) -> None:
-    diffs = [f"{k}: {saved.get(k)!r} (checkpoint) vs {current.get(k)!r}" for k in sorted(set(saved) | set(current))
-             if k not in _RESUMABLE_CHANGES and saved.get(k) != current.get(k)]
-    if diffs:
-        # a bundle has no resume id: its user starts over in another folder (or removes the old run's checkpoint)
-        fix = (f"use another --output_dir, or delete {path} to start over" if interface() == "bundle" else
-               "pass resume=False to start over, or use another output_dir")
-        raise TrainingError(f"{path} was written by a different run ({'; '.join(diffs)}); {fix}")
 
 
 # ----------------------------------------------------------------------------------------------- public API

@@ -11,6 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from monai.bundle import ConfigParser
+
+from ..config_ids import ConfigIdError, _medtl3d_error, check_overrides
+from ..data.presets import parse_preset_options
+from ..errors import Medtl3dError
+
 
 def add_parser(commands) -> None:
     parser = commands.add_parser("lr-find", help="learning-rate range test of a bundle's model (loss vs lr plot)",
@@ -22,12 +28,6 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from monai.bundle import ConfigParser
-
-    from ..errors import Medtl3dError
-    from ..inference.cli import parse_preset_options
-    from ..workflows import ConfigIdError, _medtl3d_error, check_overrides
-
     bundle = Path(args.bundle).resolve()
     files = [str(bundle / "configs" / name) for name in ("train.yaml", "lr_find.yaml")]
     try:

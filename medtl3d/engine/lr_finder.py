@@ -22,9 +22,10 @@ from torch import nn
 
 from ..errors import TrainingError
 from ..reporting import pyplot, save_figure, write_table
+from ._blocks import ID_KEY
+from ._checks import _device_and_amp, _first_sample, _probe_outputs
 from ._tasks import BatchPreparer, check_labels_upfront, make_loss
-from ._trainer import ID_KEY, OPTIMIZERS, _device_and_amp, _first_sample, _probe_outputs
-from .optim import param_groups
+from .optim import OPTIMIZERS, param_groups
 from .runtime import torch_threads
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Mapping
+from functools import partial
 
 import torch
 from monai.handlers import LrScheduleHandler
@@ -32,6 +33,12 @@ SCHEDULER_OPTIONS = {
 POSITION_TABLES = frozenset({"pos_embed", "cls_token", "dist_token", "reg_token", "mask_token", "absolute_pos_embed",
                              "relative_position_bias_table", "position_embeddings", "pos_embedding"})
 NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, nn.RMSNorm)
+
+OPTIMIZERS = {
+    "adamw": torch.optim.AdamW,
+    "adam": torch.optim.Adam,
+    "sgd": partial(torch.optim.SGD, momentum=0.9),
+}
 
 
 def no_weight_decay(model: nn.Module) -> set[str]:

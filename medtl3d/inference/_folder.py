@@ -25,11 +25,9 @@ affine, so it overlays the input in any viewer.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,17 +44,19 @@ from torch import nn
 from ..data.io import decoded_size_limit, find_cases, load_image
 from ..data.presets import medtl3d_cause, preset as make_preset
 from ..data.windows import slice_windows, take_window
-from ..engine import TASKS, load_model
-from ..engine._trainer import resolve_device
+from ..engine import TASKS
+from ..engine._checks import resolve_device
 from ..engine._tasks import check_outputs
 from ..engine.metrics import AGGREGATIONS
 from ..errors import DataError, OutputError, TrainingError, one_line
 from ..locking import output_lock
-from ..reporting import atomic_write, write_csv, write_json, write_text
+from ..reporting import atomic_write, write_csv, write_text
+from ._journal import JOURNAL_DIR, _Journal, _model_digest  # noqa: F401  (JOURNAL_DIR: where the journal lives)
+from ._network import _model_input, resolve_model
 
 logger = logging.getLogger(__name__)
 
-CSV_NAME, JSON_NAME, MASK_DIR, JOURNAL_DIR = "predictions.csv", "predictions.json", "masks", ".medtl3d-run"
+CSV_NAME, JSON_NAME, MASK_DIR = "predictions.csv", "predictions.json", "masks"
 
 
 @dataclass
@@ -86,69 +86,6 @@ def _reason(err: BaseException) -> str:
         root = root.__cause__
         seen.add(id(root))
     return one_line(f"{type(root).__name__}: {root}")
-
-
-def _source_stamp(case) -> list:
-    """(name, size, mtime) of the case's files (None, None for one that cannot be read): a journalled row is reused
-    only while its files are unchanged."""
-    stamp = []
-    for name in map(str, case.files or (case.path,)):
-        try:
-            st = os.stat(name)
-            stamp.append([name, st.st_size, st.st_mtime_ns])
-        except OSError:
-            stamp.append([name, None, None])
-    return stamp
-
-
-def _model_digest(model: nn.Module) -> str:
-    """SHA-256 of the model's class name and state (names, shapes, dtypes, bytes): which model a journal is for."""
-    digest = hashlib.sha256(type(model).__name__.encode())
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-class _Journal:
-    """Rows of finished cases, one JSON file per case in ``output_dir/.medtl3d-run/``, next to the settings they
-    were made with (``settings.json``): what lets an interrupted run resume. Removed once the run is published."""
-
-    def __init__(self, output_dir: Path, settings: dict) -> None:
-        self.folder = output_dir / JOURNAL_DIR
-        settings_file = self.folder / "settings.json"
-        try:
-            previous = json.loads(settings_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            previous = None
-        if previous is not None and previous != settings:
-            differs = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-            logger.warning("%s holds an interrupted run with a different %s: starting over", output_dir,
-                           ", ".join(differs))
-        if previous != settings:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            write_json(settings_file, settings)
-
-    def _file(self, case_id: str) -> Path:
-        return self.folder / f"{hashlib.sha1(case_id.encode()).hexdigest()}.json"
-
-    def finished(self, case) -> dict | None:
-        """The journalled row of ``case``, if it was made from the same files (and its mask is still there)."""
-        try:
-            entry = json.loads(self._file(case.case_id).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        row = entry.get("row", {})
-        if entry.get("source") != _source_stamp(case) or row.get("path") != str(case.path) or \
-                (row.get("mask") and not Path(row["mask"]).is_file()):
-            return None
-        return row
-
-    def put(self, case, row: dict) -> None:
-        write_json(self._file(case.case_id), {"source": _source_stamp(case), "row": row})
-
-    def remove(self) -> None:
-        shutil.rmtree(self.folder)
 
 
 class _Predictor:
@@ -184,37 +121,6 @@ class _Predictor:
             out = {"prediction": ";".join(present), "probability": f"{float(probs.max()):.6f}"}
         out.update({f"prob_{name}": f"{float(p):.6f}" for name, p in zip(self.class_names, probs.tolist())})
         return out
-
-
-def resolve_model(model: nn.Module | str | os.PathLike, device: torch.device) -> nn.Module:
-    """A module, a medtl3d checkpoint (``.pt``) or a TorchScript export (``.ts``, e.g. from ``ckpt_export``)."""
-    if isinstance(model, (str, os.PathLike)):
-        if not os.path.isfile(model):
-            raise TrainingError(f"model file {model} does not exist")
-        model = _load_torchscript(model) if str(model).endswith(".ts") else load_model(model)
-    if not isinstance(model, nn.Module):
-        raise TrainingError(f"model must be a torch nn.Module or a checkpoint path, got {type(model).__name__}")
-    return model.to(device).eval()
-
-
-def _load_torchscript(path) -> nn.Module:
-    try:
-        return torch.jit.load(str(path), map_location="cpu")
-    except Exception as err:  # noqa: BLE001 - torch's errors name no file and say nothing actionable
-        raise TrainingError(f"model file {path} is not a TorchScript export ({type(err).__name__}: "
-                            f"{one_line(err, 120)}): export the model with monai.bundle ckpt_export, or give the "
-                            "medtl3d checkpoint (.pt)") from err
-
-
-def _model_input(model: nn.Module) -> tuple[int, int] | None:
-    """(spatial dimensions, channels) that the model's first convolution reads, or None without one. Works for
-    TorchScript too (its modules keep their ``original_name``)."""
-    for module in model.modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or \
-                getattr(module, "original_name", None) in ("Conv1d", "Conv2d", "Conv3d"):
-            weight = module.weight
-            return weight.ndim - 2, int(weight.shape[1]) * int(getattr(module, "groups", 1))
-    return None
 
 
 def _spatial_dims(image) -> int:

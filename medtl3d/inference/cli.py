@@ -11,35 +11,20 @@ printed), 2 on bad arguments, an unusable model file or an output folder in use 
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import logging
 import sys
+from pathlib import Path
 
-from ..data.presets import PRESETS
+from ..data.presets import PRESETS, parse_preset_options
 from ..engine import TASKS
 from ..engine.metrics import AGGREGATIONS
 from ..errors import DataError, Medtl3dError, one_line
+from ._folder import infer_folder
 
 logger = logging.getLogger(__name__)
 
 _LISTED = 20  # failures printed; the CSV has them all
-
-
-def parse_preset_options(pairs, option: str = "--preset-option") -> dict:
-    """``["size=64", "window=-100,900", "spacing=None", "orientation=LPS"]`` -> options: values are Python
-    literals (numbers, tuples, None, True/False) when they parse as such, else strings; errors name ``option``."""
-    options = {}
-    for pair in pairs or ():
-        key, sep, text = pair.partition("=")
-        if not sep or not key.strip():
-            raise DataError(f"{option} {pair!r}: expected KEY=VALUE")
-        try:
-            value = ast.literal_eval(text.strip())
-        except (ValueError, SyntaxError):
-            value = text.strip()
-        options[key.strip()] = value
-    return options
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -72,8 +57,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> tuple[str, dict]:
     """The model path and infer_folder's options: recorded settings (beside the model), then command-line flags."""
-    from pathlib import Path
-
     model = args.model or (str(Path(args.bundle) / "models" / "model.pt") if args.bundle else None)
     if model is None:
         raise DataError("give --model CHECKPOINT (or --bundle DIR)")
@@ -105,8 +88,6 @@ def _settings(args: argparse.Namespace) -> tuple[str, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import infer_folder
-
     try:
         model, options = _settings(args)
         preset = options.pop("preset")

@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from monai.bundle import ConfigParser
 
-from ..errors import SearchError, interface
-from ..workflows import ConfigIdError, check_overrides
+from ..backbones import build_backbone
+from ..config_ids import ConfigIdError, check_overrides
+from ..errors import Medtl3dError, SearchError, interface
+from ..provenance import data_hash
 from ._plan import Candidate
 
 TRIAL_IDS = ("strategy", "cut", "fold", "seed", "output_dir", "ckpt_path", "bundle_root")
@@ -57,8 +60,6 @@ class BundleTask:
         return self.dir.name
 
     def _parser(self, files: Sequence[str], **ids: Any):
-        from monai.bundle import ConfigParser
-
         parser = ConfigParser()
         parser.read_config([str(self.configs / f) for f in files])
         parser.update({**self.overrides, "bundle_root": str(self.dir), **ids})
@@ -78,16 +79,12 @@ class BundleTask:
     # ---------------------------------------------------------------------------------------- structure
     def backbone(self):
         """The backbone's structure (meta tensors: no memory, no weights) for planning cut points."""
-        from ..backbones import build_backbone
-
         with torch.device("meta"):
             return build_backbone(self.backbone_name, self.spatial_dims)
 
     def check_strategy(self, strategy: str, cut: str | None) -> None:
         """Build the candidate's model (random weights: structure is what matters); a strategy that does not fit
         the backbone or the bundle is refused before anything trains."""
-        from ..errors import Medtl3dError
-
         if not self.has_strategy and strategy not in ("truncate", "full"):
             raise SearchError(f"strategy {strategy!r} does not apply to bundle {self.name}: its model has no "
                               "strategy id (its encoder is truncated at a cut point: use truncate)")
@@ -118,8 +115,6 @@ class BundleTask:
         """Content hash (:func:`medtl3d.provenance.data_hash`) of every case the trials may use: the datalist's
         training and test items, files by their bytes, so a changed datalist at the same path differs and the same
         data moved elsewhere does not."""
-        from ..provenance import data_hash
-
         parser = self._parser(["train.yaml"], output_dir=str(self.work_dir), datalist=str(self.datalist))
         return data_hash([*parser.get_parsed_content("items"), *parser.get_parsed_content("test_items")])["sha256"]
 

@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from scipy.stats import spearmanr
 
+from ..analysis.activations import collect_activations
+from ..analysis.probes import knn_probe, linear_probe
 from ..backbones import CutPoint
 from ..errors import SearchError
 from ..reporting import atomic_write, write_text
@@ -33,8 +36,6 @@ def _item_key(item: dict) -> str:
 def _case_features(task: BundleTask, items: list[dict], names: list[str], cache: Path, batch_size: int,
                    device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """``{cut: (cases, features)}`` and ``(cases,)`` labels, from the cache when it holds exactly these cases."""
-    from ..analysis.activations import collect_activations
-
     keys = [_item_key(item) for item in items]
     index_file = cache / "cases.json"
     files = {name: cache / f"{name.replace('/', '_')}.pt" for name in names}
@@ -61,8 +62,6 @@ def _case_features(task: BundleTask, items: list[dict], names: list[str], cache:
 def probe_ranking(task: BundleTask, cuts: Sequence[CutPoint], folds: Sequence[int], cache_dir: str | Path, *,
                   batch_size: int = 8, device=None, knn_k: int = 20) -> list[dict]:
     """One row per cut point: mean (and std) over ``folds`` of the kNN and linear probes' validation AUROC."""
-    from ..analysis.probes import knn_probe, linear_probe
-
     if task.task not in ("binary", "multiclass"):
         raise SearchError(f"probe ranking needs single-label classes; bundle {task.name} has task {task.task!r}")
     splits = {fold: task.split(fold) for fold in folds}
@@ -92,8 +91,6 @@ def probe_ranking(task: BundleTask, cuts: Sequence[CutPoint], folds: Sequence[in
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman rank correlation (average ranks for ties); NaN with fewer than 3 finite pairs."""
-    from scipy.stats import spearmanr
-
     pairs = [(a, b) for a, b in zip(x, y) if not (math.isnan(a) or math.isnan(b))]
     if len(pairs) < 3:
         return math.nan

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from ..data.presets import parse_preset_options
 from ..errors import Medtl3dError
+from ._search import run_search
 
 
 def _names(text: str) -> list[str]:
@@ -49,11 +52,6 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from ..inference.cli import parse_preset_options
-    from . import run_search
-
     try:
         output = args.output or str(Path(args.bundle) / "outputs" / "search")
         run_search(args.bundle, output, overrides=parse_preset_options(args.set, "--set"),

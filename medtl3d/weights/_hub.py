@@ -1,37 +1,80 @@
 """Named weights (``imagenet``...) fetched through torchvision's and timm's own hub mechanisms.
 
 Both cache downloads (``$TORCH_HOME/hub/checkpoints``, the Hugging Face cache), so a machine that fetched once, or
-whose cache was filled by hand, works offline. When nothing is cached and no hub is reachable the user gets a
-:class:`HubUnavailableError` that says how to pass a local file instead.
+whose cache was filled by hand, works offline. A fetch that fails says which of three things went wrong, in one line:
+
+- the hub is **not reachable** (no network, DNS, proxy, timeout): :class:`HubUnavailableError`, saying how to pass a
+  local file instead;
+- the **download is corrupt** (hash mismatch, truncated or unreadable file in the cache):
+  :class:`CorruptDownloadError`, saying to delete the cached file and fetch again;
+- there is **no such tag** (a torchvision weights enum member or a timm pretrained tag that does not exist):
+  :class:`UnknownWeightsTagError`, naming the tags that do.
 """
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from typing import Callable
 
-from ..errors import HubUnavailableError, setting
+import timm
+import torchvision.models as tvm
+from timm.models import get_pretrained_cfg, is_model, list_pretrained, split_model_name_tag
+
+from ..errors import CorruptDownloadError, HubUnavailableError, UnknownWeightsTagError, setting
+
+# what torch.hub, torch.load and safetensors say about a file that arrived damaged
+_CORRUPT_MESSAGES = ("invalid hash value", "pytorchstreamreader", "central directory", "unexpected eof",
+                     "header too large", "invalid header", "incomplete metadata")
+
+
+def _local_file() -> str:
+    return setting("weights", "/path/to/file.pth")
 
 
 def _offline_error(what: str, exc: Exception) -> HubUnavailableError:
     return HubUnavailableError(
         f"could not fetch {what}: {type(exc).__name__}: {exc}. No model hub seems reachable from this machine; "
-        f"download the file elsewhere and pass its path as {setting('weights', '/path/to/file.pth')} (or fill the hub "
-        "cache)."
+        f"download the file elsewhere and pass its path as {_local_file()} (or fill the hub cache)."
     )
+
+
+def _corrupt_error(what: str, exc: Exception) -> CorruptDownloadError:
+    return CorruptDownloadError(
+        f"the download of {what} is corrupt: {type(exc).__name__}: {' '.join(str(exc).split())}. Delete the cached "
+        f"file (under $TORCH_HOME/hub/checkpoints or the Hugging Face cache) and fetch again, or pass a good copy as "
+        f"{_local_file()}."
+    )
+
+
+def _is_corrupt(exc: BaseException) -> bool:
+    """A file that was fetched but cannot be used: a hash mismatch, a truncated zip/pickle, a damaged safetensors."""
+    if isinstance(exc, (pickle.UnpicklingError, EOFError, zipfile.BadZipFile)) or \
+            type(exc).__name__ == "SafetensorError":
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _CORRUPT_MESSAGES)
+
+
+def _fetch_error(what: str, exc: Exception) -> Exception:
+    """The one-line error for a failed fetch: corrupt download, else not reachable (network errors and anything
+    else the hub libraries raise while fetching)."""
+    return _corrupt_error(what, exc) if _is_corrupt(exc) else _offline_error(what, exc)
 
 
 def torchvision_weights(enum_path: str) -> Callable[[], dict]:
     """Loader for a torchvision weights enum member such as ``"ResNet50_Weights.IMAGENET1K_V1"``."""
 
     def load() -> dict:
-        import torchvision.models as tvm
-
-        enum_name, member = enum_path.split(".")
-        weights = getattr(getattr(tvm, enum_name), member)
+        enum_name, _, member = enum_path.partition(".")
+        enum = getattr(tvm, enum_name, None)
+        if enum is None or member not in getattr(enum, "__members__", {}):
+            known = ", ".join(f"{enum_name}.{m}" for m in getattr(enum, "__members__", {})) or "none"
+            raise UnknownWeightsTagError(f"torchvision has no weights {enum_path!r} (known: {known})")
+        weights = enum[member]
         try:
             return weights.get_state_dict(progress=False, check_hash=True)
-        except Exception as exc:  # urllib/ssl/socket errors: all mean "not reachable"
-            raise _offline_error(f"torchvision {enum_path} from {weights.url}", exc) from exc
+        except Exception as exc:  # urllib/ssl/socket errors: "not reachable"; hash or zip errors: "corrupt"
+            raise _fetch_error(f"torchvision {enum_path} from {weights.url}", exc) from exc
 
     load.source = f"torchvision:{enum_path}"
     return load
@@ -41,12 +84,21 @@ def timm_weights(model_name: str) -> Callable[[], dict]:
     """Loader for a timm pretrained tag such as ``"deit_small_patch16_224.fb_in1k"``."""
 
     def load() -> dict:
-        import timm
-
+        architecture, tag = split_model_name_tag(model_name)
+        if not is_model(architecture):
+            raise UnknownWeightsTagError(f"timm has no model {architecture!r} (weights {model_name!r})")
+        try:
+            known_tag = get_pretrained_cfg(model_name) is not None
+        except RuntimeError:  # timm: "Invalid pretrained tag (...) for ..."
+            known_tag = False
+        if not known_tag:
+            tags = ", ".join(list_pretrained(f"{architecture}.*")) or "none"
+            raise UnknownWeightsTagError(f"timm has no pretrained tag {tag or '(default)'!r} for {architecture} "
+                                         f"(known: {tags})")
         try:
             return timm.create_model(model_name, pretrained=True).state_dict()
         except Exception as exc:
-            raise _offline_error(f"timm {model_name}", exc) from exc
+            raise _fetch_error(f"timm {model_name}", exc) from exc
 
     load.source = f"timm:{model_name}"
     return load

@@ -11,12 +11,13 @@ are inflated for 3D twins. Anything that still does not fit is an error that lis
 from __future__ import annotations
 
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import UnsafeCheckpointError, WeightsError
@@ -44,8 +45,6 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"weights file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             raw: object = load_file(str(path))
         except Exception as exc:  # noqa: BLE001 - SafetensorError and friends name no file
@@ -96,18 +95,17 @@ def _is_state_dict(raw: Mapping) -> bool:
     return len(raw) > 0 and all(isinstance(v, torch.Tensor) for v in raw.values())
 
 
-def resolve_weights(backbone_name: str, weights: str | Path) -> tuple[dict[str, torch.Tensor], str]:
-    """State dict and a description of its source, from a registered name or a file path."""
-    from ..backbones._registry import get_entry
-
-    entry = get_entry(backbone_name)
-    if isinstance(weights, str) and weights in entry.hub_weights:
-        fetch = entry.hub_weights[weights]
+def resolve_weights(backbone_name: str, weights: str | Path, *,
+                    hub_weights: Mapping[str, Callable[[], Mapping]]) -> tuple[dict[str, torch.Tensor], str]:
+    """State dict and a description of its source, from a registered name (a key of ``hub_weights``, the
+    backbone's registry entry's fetchers) or a file path."""
+    if isinstance(weights, str) and weights in hub_weights:
+        fetch = hub_weights[weights]
         return flatten_checkpoint(fetch(), weights), getattr(fetch, "source", weights)
     path = Path(weights)
     if path.is_file():
         return read_checkpoint(path), str(path)
-    known = ", ".join(sorted(entry.hub_weights)) or "none"
+    known = ", ".join(sorted(hub_weights)) or "none"
     raise WeightsError(
         f"weights={str(weights)!r} for backbone {backbone_name!r} is neither an existing file nor a registered "
         f"weight name (registered for {backbone_name}: {known})"
@@ -122,13 +120,13 @@ def first_conv_key(model: nn.Module, in_channels: int) -> str | None:
     return None
 
 
-def load_backbone_state(backbone, state: dict[str, torch.Tensor], source: str) -> LoadReport:
-    """Load ``state`` strictly into ``backbone``; published head keys are returned in the report, not loaded."""
-    from ..backbones._registry import get_entry
-
+def load_backbone_state(backbone, state: dict[str, torch.Tensor], source: str, *,
+                        head_keys: Sequence[str]) -> LoadReport:
+    """Load ``state`` strictly into ``backbone``; the published head's keys (under the prefixes ``head_keys``, from
+    the backbone's registry entry) are returned in the report, not loaded."""
     report = LoadReport(source=source)
     state = backbone.convert_state_dict(dict(state))
-    head_prefixes = tuple(p + "." for p in get_entry(backbone.name).head_keys)
+    head_prefixes = tuple(p + "." for p in head_keys)
     body: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         (report.head_state if key.startswith(head_prefixes) else body)[key] = value
