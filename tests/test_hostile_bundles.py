@@ -106,6 +106,7 @@ def hostile_runs(previous_run, tmp_path_factory):
     return results, before, _snapshot(previous)
 
 
+@pytest.mark.slow  # the hostile runs share a baseline bundle training (about 100 s on one thread)
 @pytest.mark.parametrize("case", ["typo'd override", "mistyped value", "typo'd nested id", "hub weights offline",
                                   "single-class datalist", "0/255 masks", "0/1 masks, 3 classes",
                                   "changed run, same folder"])
@@ -122,6 +123,7 @@ def test_hostile_bundle_input_is_one_line(hostile_runs, case):
         assert text in lines[0], (text, lines[0])
 
 
+@pytest.mark.slow
 def test_hostile_bundle_input_leaves_the_previous_run_untouched(hostile_runs):
     _, before, after = hostile_runs
     assert "models/model.pt" in before and "train/last.pt" in before
