@@ -78,9 +78,26 @@ def test_interval_of_a_wide_spread_covers_the_truth_and_narrows_with_cases():
     assert widths[1] < widths[0] / 2.5  # ~ 1 / sqrt(10)
 
 
-def test_single_class_test_set_is_refused():
-    with pytest.raises(EvaluationError, match="one class only"):
-        case_report(rows_of([1, 1, 1], [0.2, 0.5, 0.9]), "binary")
+def test_single_class_test_set_reports_what_is_defined():
+    report = case_report(rows_of([1, 1, 1], [0.2, 0.5, 0.9]), "binary", n_resamples=100)
+    for row in by_metric(report)["auroc"]:  # bootstrap and DeLong: no value, and why
+        assert row["estimate"] is None and "3 positive and 0 negative" in row["interval"], row
+    assert by_metric(report)["sensitivity"][0]["estimate"] == pytest.approx(2 / 3) and report.curves == {}
+
+
+def test_multiclass_report_per_class_and_macro_auroc():
+    rng = np.random.default_rng(4)
+    labels = np.repeat([0, 1, 2], 20)
+    logits = rng.normal(size=(60, 3)) + 1.5 * np.eye(3)[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    rows = [{"id": str(i), "label": [int(c)], "probabilities": p.tolist()} for i, (c, p) in enumerate(zip(labels, probs))]
+    report = by_metric(case_report(rows, "multiclass", n_resamples=200, class_names=["a", "b", "c"]))
+    for c, name in enumerate("abc"):
+        assert report[f"auroc [{name}]"][0]["estimate"] == pytest.approx(roc_auc_score(labels == c, probs[:, c]))
+        assert report[f"auroc [{name}]"][1]["interval"] == "DeLong"
+    macro = roc_auc_score(labels, probs, multi_class="ovr", average="macro")
+    row = report["auroc (macro)"][0]
+    assert row["estimate"] == pytest.approx(macro) and row["low"] < macro < row["high"]
 
 
 def test_hd95_of_constructed_masks():

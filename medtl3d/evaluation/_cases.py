@@ -91,8 +91,11 @@ class _Intervals:
         try:
             interval = bootstrap_ci(metric, y, values, stratified=stratified, **self.options)
         except StatisticsError as err:  # undefined on the data or on some resamples: the estimate without interval
-            estimate = metric(values) if y is None else metric(y, values)
-            self.rows.append({"metric": name, "estimate": float(estimate), "low": None, "high": None,
+            try:
+                estimate = float(metric(values) if y is None else metric(y, values))
+            except StatisticsError:
+                estimate = None
+            self.rows.append({"metric": name, "estimate": estimate, "low": None, "high": None,
                               "interval": f"none: {err}", "cases": cases})
             return
         self.rows.append({"metric": name, "estimate": interval.estimate, "low": interval.low, "high": interval.high,
@@ -112,14 +115,15 @@ class _Intervals:
 def _binary(rows, threshold: ThresholdChoice, intervals: _Intervals) -> CaseReport:
     y, p = binary_arrays(rows)
     y = y.astype(bool)  # checked once here, not in every resample
-    if len(np.unique(y)) < 2:
-        raise EvaluationError(f"the {y.size} test cases hold one class only: AUROC and its interval are undefined")
-    intervals.add("auroc", auroc, y, p)
+    intervals.add("auroc", auroc, y, p)  # with one class only: rows saying why there is no value
     intervals.delong("auroc", y, p)
     intervals.add("auprc", average_precision, y, p)
     intervals.add("ece", expected_calibration_error, y, p)
     for name in THRESHOLD_METRICS:
         intervals.add(name, _at_threshold(name, threshold.threshold), y, p)
+    point = operating_point(y, p, threshold.threshold).as_dict()
+    if len(np.unique(y)) < 2:
+        return CaseReport("binary", y.size, intervals.rows, threshold.as_dict(), point)
     fpr, tpr, _ = roc_curve(y, p)
     precision, recall, _ = precision_recall_curve(y, p)
     bins = reliability_bins(y, p)
@@ -128,8 +132,7 @@ def _binary(rows, threshold: ThresholdChoice, intervals: _Intervals) -> CaseRepo
               "reliability": {"edges": bins.edges.tolist(), "counts": bins.counts.tolist(),
                               "mean_predicted": bins.mean_predicted.tolist(),
                               "observed_frequency": bins.observed_frequency.tolist()}}
-    return CaseReport("binary", y.size, intervals.rows, threshold.as_dict(),
-                      operating_point(y, p, threshold.threshold).as_dict(), curves)
+    return CaseReport("binary", y.size, intervals.rows, threshold.as_dict(), point, curves)
 
 
 def _multi(rows, task: str, intervals: _Intervals, class_names: Sequence[str] | None) -> CaseReport:

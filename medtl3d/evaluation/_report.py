@@ -106,7 +106,7 @@ def write_evaluation(output_dir: str | Path, report: CaseReport, case_rows, meta
     if metadata.get("split"):
         lines.append(markdown_table(metadata["split"], title="Split"))
     files["md"] = write_text(directory / "evaluation.md", "\n".join(lines))
-    if report.task == "binary":
+    if report.task == "binary" and report.curves:  # no curves when the test cases hold one class
         files.update(_plot_binary(directory, report, next(r for r in report.metrics if r["metric"] == "auroc")))
     elif report.task == "segmentation":
         files.update(_plot_cases(directory, case_rows))
