@@ -301,7 +301,8 @@ def _training_record(ckpt_path: str) -> dict:
     data = provenance.get("data") or {}
     return {"run_id": provenance.get("run_id"), "seed": run_config.get("seed"),
             "train_cases": run_config.get("train_size"),
-            "train_sha256": (data.get("train") or {}).get("sha256"), "val_sha256": (data.get("val") or {}).get("sha256")}
+            "train_sha256": (data.get("train") or {}).get("sha256"),
+            "val_sha256": (data.get("val") or {}).get("sha256")}
 
 
 def evaluate(ckpt_path: str, data, *, task: str, output_dir: str, val_data=None,

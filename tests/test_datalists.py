@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -172,7 +171,8 @@ def test_holdout_by_patient_stratified():
 def slides(big: int = 28, big_positives: int = 25) -> list[dict]:
     """Patches of 9 slides of 4 patches (one positive each) and one slide of ``big`` patches, ``big_positives``
     of them positive: the pathology split where one slide dominated."""
-    items = [{"image": f"/d/s{s}_{k}.png", "label": int(k == 0), "patient": f"S{s}"} for s in range(9) for k in range(4)]
+    items = [{"image": f"/d/s{s}_{k}.png", "label": int(k == 0), "patient": f"S{s}"}
+             for s in range(9) for k in range(4)]
     items += [{"image": f"/d/big_{k}.png", "label": int(k < big_positives), "patient": "BIG"} for k in range(big)]
     return items
 
@@ -192,7 +192,8 @@ def test_split_summary_counts_and_flags_a_dominant_group():
     rows, problems = split_summary({"test": slides()[:8]})
     assert rows[0]["largest_group_share"] == 0.5 and problems == []
     # segmentation items have no class: groups only
-    seg = [{"image": f"/d/{p}_{k}.nii.gz", "label": f"/d/{p}_{k}_mask.nii.gz", "patient": p} for p in "AB" for k in range(2)]
+    seg = [{"image": f"/d/{p}_{k}.nii.gz", "label": f"/d/{p}_{k}_mask.nii.gz", "patient": p}
+           for p in "AB" for k in range(2)]
     assert split_summary({"val": seg})[0][0]["classes"] == "-"
 
 

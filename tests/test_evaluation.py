@@ -90,7 +90,8 @@ def test_multiclass_report_per_class_and_macro_auroc():
     labels = np.repeat([0, 1, 2], 20)
     logits = rng.normal(size=(60, 3)) + 1.5 * np.eye(3)[labels]
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    rows = [{"id": str(i), "label": [int(c)], "probabilities": p.tolist()} for i, (c, p) in enumerate(zip(labels, probs))]
+    rows = [{"id": str(i), "label": [int(c)], "probabilities": p.tolist()}
+            for i, (c, p) in enumerate(zip(labels, probs))]
     report = by_metric(case_report(rows, "multiclass", n_resamples=200, class_names=["a", "b", "c"]))
     for c, name in enumerate("abc"):
         assert report[f"auroc [{name}]"][0]["estimate"] == pytest.approx(roc_auc_score(labels == c, probs[:, c]))
@@ -230,3 +231,24 @@ def test_compare_cli(tmp_path, capsys):
     assert main(["compare", a, other, "--output", str(tmp_path / "cmp2")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("medtl3d: error:") and "different cases" in error and "\n" not in error
+
+
+def test_compare_segmentation_on_dice_with_its_margin(tmp_path):
+    """Dice per case: A = B - 0.002 on every case is non-inferior at the 0.01 margin; A = B - 0.05 inferior."""
+    rng = np.random.default_rng(5)
+    dice = rng.uniform(0.7, 0.95, 40)
+
+    def run(name, values):
+        rows = [{"id": f"c{i}", "dice": d, "jaccard": d / (2 - d), "hd95": 10 * (1 - d)} for i, d in enumerate(values)]
+        predictions = write_csv(tmp_path / name / "predictions.csv", rows)
+        write_json(tmp_path / name / "evaluation.json", {"task": "segmentation", "metadata": {
+            "predictions": predictions.name, "predictions_sha256": sha256_file(predictions)}})
+        return tmp_path / name
+
+    reference = run("b", dice)
+    close = compare_runs([run("a", dice - 0.002)], [reference], n_resamples=200)
+    assert close.primary == "dice" and close.margin == 0.01 and close.verdict == "non-inferior"
+    rows = {row["metric"]: row for row in close.rows}
+    assert rows["dice"]["difference"] == pytest.approx(-0.002)
+    assert rows["hd95"]["difference"] > 0  # worse surface distance: positive A - B for a lower-is-better metric
+    assert compare_runs([run("c", dice - 0.05)], [reference], n_resamples=200).verdict == "inferior"
