@@ -91,8 +91,8 @@ def _same_cases(a: EvaluatedRun, b: EvaluatedRun) -> list[str]:
     """The shared case ids in a fixed order; refuses different case sets or labels."""
     only_a, only_b = sorted(set(a.rows) - set(b.rows)), sorted(set(b.rows) - set(a.rows))
     if only_a or only_b:
-        raise EvaluationError(f"{a.folder} and {b.folder} were evaluated on different cases: {len(only_a)} only in the "
-                        f"first (e.g. {only_a[:2]}), {len(only_b)} only in the second (e.g. {only_b[:2]})")
+        raise EvaluationError(f"{a.folder} and {b.folder} were evaluated on different cases: {len(only_a)} only in "
+                              f"the first (e.g. {only_a[:2]}), {len(only_b)} only in the second (e.g. {only_b[:2]})")
     ids = sorted(a.rows)
     if a.task != "segmentation":
         differ = [i for i in ids if a.rows[i]["label"] != b.rows[i]["label"]]
@@ -121,11 +121,20 @@ def _arrays(run: EvaluatedRun, ids: Sequence[str]):
     return y, {"scores": p, "decisions": called}
 
 
-def _point(task: str, name: str, function, y, arrays) -> float:
+def _paired(task: str, name: str, y, arms_a: dict, arms_b: dict) -> tuple:
+    """``(labels, values_a, values_b)`` that metric ``name`` compares: scores or decisions (classification), the
+    per-case values of the cases where both runs define it (segmentation, labels None)."""
     if task == "segmentation":
-        values = arrays[name][np.isfinite(arrays[name])]
-        return float(function(values)) if values.size else math.nan
-    return float(function(y, arrays["scores" if name in ("auroc", "auprc") else "decisions"]))
+        both = np.isfinite(arms_a[name]) & np.isfinite(arms_b[name])
+        return None, arms_a[name][both], arms_b[name][both]
+    source = "scores" if name in ("auroc", "auprc") else "decisions"
+    return y, arms_a[source], arms_b[source]
+
+
+def _value(function, labels, values) -> float:
+    if not len(values):
+        return math.nan
+    return float(function(values) if labels is None else function(labels, values))
 
 
 @dataclass
@@ -166,12 +175,7 @@ def _single(a: EvaluatedRun, b: EvaluatedRun, margin: float, level: float, n_res
         test = delong_paired_test(y, arms_a["scores"], arms_b["scores"], level)
         rows.append({"metric": "auroc", **test.as_dict()})
     for name, function in functions.items():
-        if task == "segmentation":
-            both = np.isfinite(arms_a[name]) & np.isfinite(arms_b[name])  # a case counts where both define it
-            labels, score_a, score_b = None, arms_a[name][both], arms_b[name][both]
-        else:
-            source = "scores" if name in ("auroc", "auprc") else "decisions"
-            labels, score_a, score_b = y, arms_a[source], arms_b[source]
+        labels, score_a, score_b = _paired(task, name, y, arms_a, arms_b)
         try:
             diff = paired_bootstrap_diff(function, labels, score_a, score_b, level=level, n_resamples=n_resamples,
                                          seed=seed)
@@ -190,10 +194,10 @@ def _several(runs_a, runs_b, margin: float, level: float):
         raise EvaluationError("several runs of one arm share a fold and seed; each (fold, seed) once per arm")
     missing = [run.folder for run in runs_a if run.key not in by_key]
     if missing or len(runs_a) != len(runs_b):
-        raise EvaluationError(f"the arms' runs do not pair up by (fold, seed): {len(runs_a)} vs {len(runs_b)} runs, "
-                        f"unpaired e.g. {[str(m) for m in missing[:2]]}")
-    task, ids = runs_a[0].task, _same_cases(runs_a[0], runs_b[0])
-    for run in runs_a + runs_b:
+        raise EvaluationError(f"the arms' runs do not pair up by (fold, seed): {len(runs_a)} vs {len(runs_b)} "
+                              f"runs, unpaired e.g. {[str(m) for m in missing[:2]]}")
+    task, ids = runs_a[0].task, sorted(runs_a[0].rows)
+    for run in runs_a[1:] + runs_b:
         _same_cases(runs_a[0], run)
     functions = _metric_functions(task)
     pairs = []
@@ -203,12 +207,13 @@ def _several(runs_a, runs_b, margin: float, level: float):
         _, arms_b = _arrays(run_b, ids)
         pair = {"a": str(run_a.folder), "b": str(run_b.folder), "fold": str(run_a.key[0]), "seed": run_a.key[1]}
         for name, function in functions.items():
-            pair[name] = _point(task, name, function, y, arms_a) - _point(task, name, function, y, arms_b)
+            labels, values_a, values_b = _paired(task, name, y, arms_a, arms_b)
+            pair[name] = _value(function, labels, values_a) - _value(function, labels, values_b)
         pairs.append(pair)
     n_train = [run.document["metadata"].get("train_cases") for run in runs_a + runs_b]
     if any(n is None for n in n_train):
         raise EvaluationError("the corrected resampled t-test needs each run's training-set size (train_cases); "
-                        "some evaluation.json lacks it (evaluated from a TorchScript export?)")
+                              "some evaluation.json lacks it (evaluated from a TorchScript export?)")
     rows = []
     for name in functions:
         differences = [pair[name] for pair in pairs]
