@@ -30,17 +30,17 @@ from .backbones import build_backbone, get_entry, list_backbones
 from .config_ids import (_ID_TYPES, _TYPE_NAMES, ConfigIdError, _bundle_run_overrides, _check_type,  # noqa: F401
                          _medtl3d_error, check_overrides, report_bundle_errors)
 from .data.datalists import load_datalist
-from .data.splits import format_split, holdout_split, kfold_split, split_summary
 from .data.io import LoadCased
 from .data.prepare import PHANTOMS, prepare_datalist  # noqa: F401
+from .data.splits import format_split, holdout_split, kfold_split, split_summary
 from .engine import load_checkpoint
 from .engine.lr_finder import find_lr
 from .errors import DataError, Medtl3dError, OutputLockedError, SearchError, UnknownCutPointError, interface
+from .evaluation import case_report, choose_threshold, write_evaluation
 from .inference import infer_folder, load_network
 from .locking import output_lock
 from .models import TruncatedUNet
 from .models.builders import _weights_id, build_classifier, build_segmenter  # noqa: F401
-from .evaluation import case_report, choose_threshold, write_evaluation
 from .provenance import data_hash, dataset_items, sha256_file
 from .reporting import atomic_write, markdown_table, write_csv, write_text
 from .search import run_search
