@@ -34,8 +34,7 @@ def _plot_binary(directory: Path, report: CaseReport, auroc_row: Mapping) -> dic
     point = report.operating_point
     files = {}
     figure, axis = plt.subplots(figsize=(4.5, 4.5))
-    axis.plot(roc["fpr"], roc["tpr"], drawstyle="steps-post",
-              label=f"AUROC {auroc_row['estimate']:.3f} {_ci(auroc_row)}")
+    axis.plot(roc["fpr"], roc["tpr"], label=f"AUROC {auroc_row['estimate']:.3f} {_ci(auroc_row)}")  # ties: diagonal
     axis.plot([0, 1], [0, 1], linestyle="--", color="grey")
     axis.plot(1 - point["specificity"], point["sensitivity"], "o", color="tab:red",
               label=f"threshold {point['threshold']:.3g}")
@@ -66,7 +65,7 @@ def _plot_per_class(directory: Path, curves: Mapping) -> dict[str, Path]:
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(4.5, 4.5))
     for name, curve in curves.items():
-        axis.plot(curve["fpr"], curve["tpr"], drawstyle="steps-post", label=str(name))
+        axis.plot(curve["fpr"], curve["tpr"], label=str(name))
     axis.plot([0, 1], [0, 1], linestyle="--", color="grey")
     axis.set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC per class (one-vs-rest, test)")
     axis.legend(loc="lower right", fontsize="small")
