@@ -91,6 +91,11 @@ class AnalysisError(Medtl3dError, ValueError):
     """An analysis asked of unusable inputs: mismatched datapoints, too few datapoints, unknown layer, NaNs."""
 
 
+class EvaluationError(Medtl3dError, ValueError):
+    """Evaluated runs that cannot be reported or compared: different test cases, changed predictions, unpaired
+    runs of two arms, a metric undefined on the cases."""
+
+
 class SearchError(Medtl3dError, ValueError):
     """A cutoff search that cannot run as configured: no candidates, inapplicable strategy, foreign results store."""
 

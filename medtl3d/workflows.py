@@ -12,9 +12,8 @@ process with its one line (:func:`report_bundle_errors`).
 
 from __future__ import annotations
 
-import csv
-import io
 import json
+import warnings
 from contextlib import ExitStack, contextmanager
 from functools import partial
 from pathlib import Path
@@ -30,17 +29,20 @@ from ._config_security import explain_config_security
 from .backbones import build_backbone, get_entry, list_backbones
 from .config_ids import (_ID_TYPES, _TYPE_NAMES, ConfigIdError, _bundle_run_overrides, _check_type,  # noqa: F401
                          _medtl3d_error, check_overrides, report_bundle_errors)
-from .data.datalists import holdout_split, kfold_split, load_datalist
+from .data.datalists import load_datalist
 from .data.io import LoadCased
 from .data.prepare import PHANTOMS, prepare_datalist  # noqa: F401
+from .data.splits import format_split, holdout_split, kfold_split, split_summary
 from .engine import load_checkpoint
 from .engine.lr_finder import find_lr
 from .errors import DataError, Medtl3dError, OutputLockedError, SearchError, UnknownCutPointError, interface
+from .evaluation import case_report, choose_threshold, write_evaluation
 from .inference import infer_folder, load_network
 from .locking import output_lock
 from .models import TruncatedUNet
 from .models.builders import _weights_id, build_classifier, build_segmenter  # noqa: F401
-from .reporting import atomic_write, write_text
+from .provenance import data_hash, dataset_items, sha256_file
+from .reporting import atomic_write, markdown_table, write_csv, write_text
 from .search import run_search
 from .strategies import CUT_STRATEGIES, STRATEGIES
 
@@ -139,7 +141,9 @@ def split_items(items: Sequence[dict], *, n_folds: int = 5, fold: int = 0, seed:
                 test_fraction: float = 0.2, test_items: Sequence[dict] | None = None) -> dict[str, list[dict]]:
     """Train / val / test by patient: ``test_items`` (the datalist's own test list) or a stratified patient
     hold-out of ``test_fraction``; then fold ``fold`` of a patient-grouped, label-stratified ``n_folds`` split
-    (``n_folds=1``: a patient hold-out of the same fraction validates). The test split never selects a model."""
+    (``n_folds=1``: a patient hold-out of the same fraction validates). The test split never selects a model.
+    Prints each part (cases, classes, groups, the largest group) and warns where one group dominates a part
+    (:func:`medtl3d.data.splits.split_summary`); ``train`` and ``evaluate`` record the parts they use."""
     rest, test = list(items), list(test_items or [])
     if not test and test_fraction > 0:
         try:
@@ -153,7 +157,14 @@ def split_items(items: Sequence[dict], *, n_folds: int = 5, fold: int = 0, seed:
             train, val = kfold_split(rest, int(n_folds), int(fold), seed=seed)
     except DataError as err:
         raise ConfigIdError("n_folds", str(err)) from None
-    return {"train": train, "val": val, "test": test or val}
+    split = {"train": train, "val": val, "test": test or val}
+    rows, problems = split_summary(split)
+    for line in format_split(rows):
+        print(f"medtl3d: {line}")
+    for problem in problems:
+        warnings.warn(f"{problem}: its metrics are mostly that group's (see split_summary)", UserWarning,
+                      stacklevel=2)
+    return split
 
 
 def load_items(datalist: str, *, task: str, num_classes: int, key: str = "training",
@@ -230,18 +241,23 @@ def _one_writer(ckpt_path: str, output_dir: str):
     with ExitStack() as stack:
         if not (torch.distributed.is_initialized() and torch.distributed.get_rank() > 0):
             for config_id, folder in (("ckpt_path", Path(ckpt_path).parent), ("output_dir", Path(output_dir))):
-                try:
-                    stack.enter_context(output_lock(folder))
-                except OutputLockedError as err:
-                    raise ConfigIdError(config_id, str(err)) from None
+                _hold(stack, config_id, folder)
         yield
+
+
+def _hold(stack: ExitStack, config_id: str, folder: Path) -> None:
+    """Hold ``folder``'s output lock on ``stack``; a lock another run holds stops at once, naming the config id."""
+    try:
+        stack.enter_context(output_lock(folder))
+    except OutputLockedError as err:
+        raise ConfigIdError(config_id, str(err)) from None
 
 
 def train(model: nn.Module, train_data, val_data, *, task: str, output_dir: str, ckpt_path: str,
           inference: Mapping | None = None, **engine_options: Any) -> dict:
     """Fine-tune with :func:`medtl3d.engine.train`; the best checkpoint becomes the bundle's ``models/model.pt``,
     ``inference`` (preset, its options, task, windows) is saved beside it for the inference config, and
-    ``<output_dir>/train_summary.json`` records the run.
+    ``<output_dir>/train_summary.json`` records the run (its split included: :func:`split_summary`).
 
     One run at a time writes a bundle's model and training folders (a second is refused at once). ``model.pt`` is
     the run's commit point and self-contained: weights, settings, history, result and provenance in one atomic
@@ -260,7 +276,9 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir: str,
         describe = model.describe() if hasattr(model, "describe") else {}
         summary = {"run_id": run_id, "key_metric": result.key_metric, "best_metric": result.best_metric,
                    "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "checkpoint": str(target),
-                   "model": describe, "history": result.history}
+                   "model": describe, "history": result.history,
+                   "split": split_summary({"train": dataset_items(train_data) or [],
+                                           "val": dataset_items(val_data) or []})[0]}
         write_text(settings_path(target), json.dumps({"run_id": run_id, **settings}, indent=2))
         write_text(Path(output_dir) / "train_summary.json", json.dumps(summary, indent=2, default=str))
         # the bundle's model: weights, the initial state (for the analyses), how to rebuild it, its settings and
@@ -273,22 +291,62 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir: str,
     return summary
 
 
-def evaluate(ckpt_path: str, data, *, task: str, output_dir: str, **engine_options: Any) -> dict:
-    """Score the checkpoint on ``data``; writes ``metrics.json``, ``metrics.md`` and ``predictions.csv``."""
-    model = load_network(ckpt_path)
-    result = engine.evaluate(model, data, task=task, **engine_options)
+def _training_record(ckpt_path: str) -> dict:
+    """What the evaluated model's checkpoint says about its training run: run id, seed, training-set size and the
+    content hashes of its training and validation data (empty for a TorchScript export, which keeps none)."""
+    if Path(ckpt_path).suffix != ".pt":
+        return {}
+    state = load_checkpoint(ckpt_path)
+    run_config, provenance = state.get("run_config") or {}, state.get("provenance") or {}
+    data = provenance.get("data") or {}
+    return {"run_id": provenance.get("run_id"), "seed": run_config.get("seed"),
+            "train_cases": run_config.get("train_size"),
+            "train_sha256": (data.get("train") or {}).get("sha256"),
+            "val_sha256": (data.get("val") or {}).get("sha256")}
+
+
+def evaluate(ckpt_path: str, data, *, task: str, output_dir: str, val_data=None,
+             target_sensitivity: float | None = None, fold: int | None = None, data_seed: int | None = None,
+             n_resamples: int = 2000, level: float = 0.95, bootstrap_seed: int = 0, **engine_options: Any) -> dict:
+    """Score the checkpoint on ``data`` (the test split) with case-level uncertainty.
+
+    Writes ``predictions.csv`` (one row per case, per series for CTPA), ``metrics.json`` / ``metrics.md`` (point
+    estimates) and the report of :mod:`medtl3d.evaluation`: every metric with its interval over cases,
+    ``evaluation.csv/json/md`` and PNGs. For binary tasks the decision threshold is chosen on ``val_data`` (Youden,
+    or the highest reaching ``target_sensitivity``) and applied unchanged to the test cases; without ``val_data`` it
+    is 0.5 and the report says it was not chosen on data. ``fold`` and ``data_seed`` are recorded so a comparison
+    can pair runs across folds x seeds."""
     out = Path(output_dir)
-    write_text(out / "metrics.json", json.dumps(result.metrics, indent=2))
-    lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in result.metrics.items()]
-    write_text(out / "metrics.md", "\n".join(lines) + "\n")
-    if result.predictions:
-        buffer = io.StringIO()
-        columns = list(dict.fromkeys(k for row in result.predictions for k in row))
-        writer = csv.DictWriter(buffer, columns)
-        writer.writeheader()
-        writer.writerows(result.predictions)
-        write_text(out / "predictions.csv", buffer.getvalue())
-    print("medtl3d: " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()) + f" -> {out}/metrics.json")
+    model = load_network(ckpt_path)
+    with ExitStack() as stack:
+        _hold(stack, "output_dir", out)
+        result = engine.evaluate(model, data, task=task, **engine_options)
+        threshold = None
+        if task == "binary":
+            val_rows = None if val_data is None else engine.evaluate(model, val_data, task=task,
+                                                                     **engine_options).predictions
+            threshold = choose_threshold(val_rows, target_sensitivity=target_sensitivity)
+            if val_rows is None:
+                warnings.warn("evaluate: no val_data, so the operating point is at a fixed 0.5, not chosen on "
+                              "validation data (pass val_data=@val_dataset)", UserWarning, stacklevel=2)
+        report = case_report(result.predictions, task, threshold=threshold, level=level, n_resamples=n_resamples,
+                             seed=bootstrap_seed)
+        predictions = write_csv(out / "predictions.csv", result.predictions)
+        write_text(out / "metrics.json", json.dumps(result.metrics, indent=2))
+        write_text(out / "metrics.md", markdown_table([{"metric": k, "value": v} for k, v in result.metrics.items()]))
+        metadata = {"checkpoint": str(ckpt_path), **_training_record(ckpt_path), "fold": fold, "data_seed": data_seed,
+                    "predictions": predictions.name, "predictions_sha256": sha256_file(predictions),
+                    "test_sha256": data_hash(dataset_items(data))["sha256"],
+                    "bootstrap": {"n_resamples": n_resamples, "level": level, "seed": bootstrap_seed},
+                    "split": split_summary({"test": dataset_items(data) or []})[0]}
+        write_evaluation(out, report, result.predictions, metadata)
+    for row in report.metrics:
+        ci = "" if row["low"] is None else f" [{row['low']:.4f}, {row['high']:.4f}] ({row['interval']})"
+        estimate = "-" if row["estimate"] is None else f"{row['estimate']:.4f}"
+        print(f"medtl3d: {row['metric']} {estimate}{ci}")
+    if report.threshold is not None:
+        print(f"medtl3d: threshold {report.threshold['threshold']:.4g} ({report.threshold['rule']})")
+    print(f"medtl3d: evaluation report -> {out}/evaluation.md")
     return result.metrics
 
 

@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from medtl3d.backbones import create_backbone
-from medtl3d.data.datalists import holdout_split, load_datalist
+from medtl3d.data.datalists import load_datalist
+from medtl3d.data.splits import holdout_split
 from medtl3d.data.phantoms import generate_ctpa, generate_cxr
 from medtl3d.data.presets import preset
 from medtl3d.data.windows import WindowDataset

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from medtl3d.data.datalists import holdout_split, kfold_split, load_datalist, write_datalist
+from medtl3d.data.datalists import load_datalist, write_datalist
+from medtl3d.data.splits import holdout_split, kfold_split, split_summary
 from medtl3d.errors import DataError
 
 
@@ -147,13 +148,64 @@ def test_kfold_grouped_stratified_and_complete():
 
 
 def test_holdout_by_patient_stratified():
+    """One fold of StratifiedGroupKFold(4): patients disjoint, about a quarter of the cases, the classes' case
+    shares kept (within 0.1 over seeds 0-4), deterministic in the seed."""
     items = cohort()
-    train, test = holdout_split(items, 0.25, seed=1)
-    assert {i["patient"] for i in train}.isdisjoint({i["patient"] for i in test})
-    assert len({i["patient"] for i in test}) == 10  # 25% of 40 patients
-    positives = Counter(i["label"] for i in items if i in test)
-    assert len({i["patient"] for i in test if i["label"] == 1}) in (2, 3)  # 10 positive patients * 0.25
-    assert positives[0] > 0
-    assert holdout_split(items, 0.25, seed=1) == (train, test)
+    overall = sum(i["label"] for i in items) / len(items)
+    for seed in range(5):
+        train, test = holdout_split(items, 0.25, seed=seed)
+        assert {i["patient"] for i in train}.isdisjoint({i["patient"] for i in test})
+        assert len(train) + len(test) == len(items)
+        assert abs(len(test) / len(items) - 0.25) < 0.05
+        assert abs(sum(i["label"] for i in test) / len(test) - overall) < 0.1
+    assert holdout_split(items, 0.25, seed=1) == holdout_split(items, 0.25, seed=1)
+    assert holdout_split(items, 0.25, seed=1) != holdout_split(items, 0.25, seed=2)
+    train, test = holdout_split(items, 0.75, seed=1)  # above one half: the test part is the other folds
+    assert abs(len(test) / len(items) - 0.75) < 0.05
     with pytest.raises(DataError, match=r"test_fraction=1\.5"):
         holdout_split(items, 1.5)
+    with pytest.raises(DataError, match=r"test_fraction=0\.2 .*class 1 has 1 patient"):
+        holdout_split([{**i, "label": int(i["patient"] == "P00")} for i in items], 0.2)
+
+
+def slides(big: int = 28, big_positives: int = 25) -> list[dict]:
+    """Patches of 9 slides of 4 patches (one positive each) and one slide of ``big`` patches, ``big_positives``
+    of them positive: the pathology split where one slide dominated."""
+    items = [{"image": f"/d/s{s}_{k}.png", "label": int(k == 0), "patient": f"S{s}"}
+             for s in range(9) for k in range(4)]
+    items += [{"image": f"/d/big_{k}.png", "label": int(k < big_positives), "patient": "BIG"} for k in range(big)]
+    return items
+
+
+def test_split_summary_counts_and_flags_a_dominant_group():
+    rows, problems = split_summary({"val": slides(), "train": slides()[:36]})
+    val, train = rows
+    # 64 cases: 36 small-slide patches (9 positive) + 28 of the big slide (25 positive)
+    assert (val["cases"], val["groups"], val["classes"]) == (64, 10, "0:30 1:34")
+    assert (val["largest_group"], val["largest_group_cases"]) == ("BIG", 28)
+    assert val["largest_group_share"] == pytest.approx(28 / 64)
+    assert val["largest_share_class_1"] == pytest.approx(25 / 34)
+    assert len(problems) == 1 and problems[0].startswith("split val: one group dominates: group BIG holds 28 of 64")
+    assert "group BIG holds 25 of 34 cases of class 1 (74%)" in problems[0]
+    assert train["largest_group_share"] == pytest.approx(4 / 36)  # no group above 25%: no warning
+    # a share of a small part moves in big steps: under min_cases it is reported, not flagged
+    rows, problems = split_summary({"test": slides()[:8]})
+    assert rows[0]["largest_group_share"] == 0.5 and problems == []
+    # segmentation items have no class: groups only
+    seg = [{"image": f"/d/{p}_{k}.nii.gz", "label": f"/d/{p}_{k}_mask.nii.gz", "patient": p}
+           for p in "AB" for k in range(2)]
+    assert split_summary({"val": seg})[0][0]["classes"] == "-"
+
+
+def test_kfold_balances_classes_with_unequal_groups():
+    """Groups of 1-6 cases: every fold's positive share within 0.12 of the overall one, no group in two folds."""
+    rng = np.random.default_rng(0)
+    items = []
+    for p in range(60):
+        label = int(p % 3 == 0)
+        items += [{"image": f"/d/p{p}_{k}.png", "label": label, "patient": f"P{p}"} for k in range(rng.integers(1, 7))]
+    overall = np.mean([i["label"] for i in items])
+    for fold in range(5):
+        train, val = kfold_split(items, 5, fold, seed=0)
+        assert {i["patient"] for i in train}.isdisjoint({i["patient"] for i in val})
+        assert abs(np.mean([i["label"] for i in val]) - overall) < 0.12

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 from scipy import stats
 from sklearn.calibration import calibration_curve
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.metrics import roc_curve as sklearn_roc_curve
 
 from medtl3d.stats import (
     StatisticsError,
     Verdict,
     auroc,
+    average_precision,
     bootstrap_ci,
     corrected_resampled_ttest,
     delong_auc_variance,
@@ -317,3 +318,16 @@ def test_reliability_bins_match_sklearn_calibration_curve():
     np.testing.assert_allclose(bins.mean_predicted[filled], predicted)
     expected = (bins.counts[filled] * np.abs(observed - predicted)).sum() / 300
     assert expected_calibration_error(y, p) == pytest.approx(expected, abs=1e-12)
+
+
+def test_average_precision_by_hand_and_against_sklearn():
+    # ranked 1, 0, 1, 0: precision 1 at recall 1/2, 2/3 at recall 1 -> AP = 1/2 * 1 + 1/2 * 2/3 = 5/6
+    assert average_precision([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1]) == pytest.approx(5 / 6, abs=1e-15)
+    # a tie of one positive and one negative at the top is one step: precision 1/2 at recall 1/2
+    assert average_precision([1, 0, 1, 0], [0.9, 0.9, 0.7, 0.1]) == pytest.approx(0.5 * 0.5 + 0.5 * 2 / 3)
+    rng = np.random.default_rng(3)
+    for trial in range(50):
+        y = rng.integers(0, 2, 30)
+        y[:2] = (0, 1)
+        scores = rng.integers(0, 6, 30) / 5 if trial % 2 else rng.uniform(size=30)  # with and without ties
+        assert average_precision(y, scores) == pytest.approx(average_precision_score(y, scores), abs=1e-12)

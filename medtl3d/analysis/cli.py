@@ -29,7 +29,8 @@ from monai.data import CacheDataset, DataLoader, Dataset
 from monai.transforms import Compose
 
 from ..backbones import create_backbone
-from ..data.datalists import holdout_split, item_id, load_datalist
+from ..data.datalists import item_id, load_datalist
+from ..data.splits import holdout_split
 from ..data.io import LoadCased
 from ..data.prepare import prepare_datalist
 from ..data.presets import PRESETS, parse_preset_options, preset

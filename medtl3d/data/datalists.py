@@ -13,10 +13,7 @@ Relative paths (``image``; ``label`` for segmentation; fields named in ``path_ke
 before anything trains; all problems are reported at once in one DataError naming the file, the 1-based row (CSV
 header not counted) and the field.
 
-Splits are by patient: :func:`kfold_split` uses scikit-learn's ``StratifiedGroupKFold`` (``GroupKFold`` where there
-is no class to stratify on) and :func:`holdout_split` stratifies scikit-learn's ``train_test_split`` over patients.
-Stratification key: the class index (classification), the first positive class or -1 for none (multi-label), none
-for segmentation (group-only).
+Patient-grouped splits of these items live in :mod:`medtl3d.data.splits`.
 """
 
 from __future__ import annotations
@@ -26,18 +23,17 @@ import io
 import json
 import math
 import os
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from sklearn.model_selection import GroupKFold, StratifiedGroupKFold, train_test_split
 
 from medtl3d.data.io import load_image
 from medtl3d.errors import DataError, setting
 from medtl3d.reporting import write_text
 
-__all__ = ["TASKS", "load_datalist", "write_datalist", "kfold_split", "holdout_split"]
+__all__ = ["TASKS", "load_datalist", "write_datalist"]
 
 TASKS = ("classification", "multilabel", "segmentation")
 _MAX_REPORTED = 20
@@ -337,93 +333,3 @@ def write_datalist(items: Sequence[dict], path: str | Path, *, base_dir: str | P
         raise DataError(f"{path}: unknown datalist format {suffix!r} (expected .json or .csv)")
     write_text(path, text)
     return path
-
-
-# ------------------------------------------------------------------------------------------------------- splits
-
-
-def _patient(item: dict) -> str:
-    p = item.get("patient", item.get("group"))
-    if p not in (None, ""):
-        return str(p)
-    return image_stem(item.get("image"))
-
-
-def _stratum(item: dict) -> int | None:
-    """Stratification key: class index; first positive flag (or -1) for multi-label; None otherwise."""
-    label = item.get("label")
-    if isinstance(label, (list, tuple, np.ndarray)):
-        flags = [int(v) for v in label]
-        return flags.index(1) if 1 in flags else -1
-    if isinstance(label, str) and _as_int(label) is None:
-        return None  # a mask path
-    return _as_int(label)
-
-
-def _strata(items: Sequence[dict], stratify: bool) -> list[int] | None:
-    keys = [_stratum(it) for it in items]
-    return keys if stratify and all(k is not None for k in keys) and len(set(keys)) > 1 else None
-
-
-def kfold_split(items: Sequence[dict], n_folds: int, fold: int, *, seed: int = 0,
-                stratify: bool = True) -> tuple[list[dict], list[dict]]:
-    """(train, val) of fold ``fold`` in ``n_folds``-fold cross-validation: patient-grouped (no patient in both),
-    label-stratified (``StratifiedGroupKFold``, shuffled with ``seed``). Items keep their order in each part."""
-    items = list(items)
-    if not isinstance(n_folds, int) or n_folds < 2:
-        raise DataError(f"n_folds={n_folds!r}: expected an integer >= 2")
-    if not isinstance(fold, int) or not 0 <= fold < n_folds:
-        raise DataError(f"fold={fold!r} out of range for n_folds={n_folds} (expected 0..{n_folds - 1})")
-    groups = [_patient(it) for it in items]
-    n_patients = len(set(groups))
-    if n_patients < n_folds:
-        raise DataError(f"n_folds={n_folds} exceeds the number of patients ({n_patients})")
-    y = _strata(items, stratify)
-    if y is not None:
-        per_class: dict[int, set] = defaultdict(set)
-        for k, g in zip(y, groups):
-            per_class[k].add(g)
-        smallest, members = min(per_class.items(), key=lambda kv: (len(kv[1]), kv[0]))
-        if len(members) < n_folds:
-            name = "no positive label" if smallest == -1 else f"class {smallest}"
-            raise DataError(f"n_folds={n_folds} exceeds the number of patients in the smallest class: {name} has "
-                            f"{len(members)} patient{'s' if len(members) != 1 else ''}; use fewer folds or "
-                            "stratify=False")
-        splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-        splits = splitter.split(np.zeros(len(items)), y, groups)
-    else:
-        splits = GroupKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(np.zeros(len(items)),
-                                                                                     groups=groups)
-    train_idx, val_idx = list(splits)[fold]
-    return [items[i] for i in sorted(train_idx)], [items[i] for i in sorted(val_idx)]
-
-
-def holdout_split(items: Sequence[dict], test_fraction: float, *, seed: int = 0,
-                  stratify: bool = True) -> tuple[list[dict], list[dict]]:
-    """(train, test) with about ``test_fraction`` of the patients in test, no patient in both, stratified over
-    patients by label (a patient's key is its most frequent stratification key) with ``train_test_split``."""
-    items = list(items)
-    if not 0.0 < float(test_fraction) < 1.0:
-        raise DataError(f"test_fraction={test_fraction!r}: expected a number in (0, 1)")
-    groups = [_patient(it) for it in items]
-    patients = list(dict.fromkeys(groups))
-    if len(patients) < 2:
-        raise DataError(f"holdout_split needs at least 2 patients, got {len(patients)}")
-    y = _strata(items, stratify)
-    strata = None
-    if y is not None:
-        votes: dict[str, Counter] = defaultdict(Counter)
-        for k, g in zip(y, groups):
-            votes[g][k] += 1
-        strata = [max(sorted(votes[p].items()), key=lambda kv: kv[1])[0] for p in patients]
-        counts = Counter(strata)
-        n_test = math.ceil(test_fraction * len(patients))
-        rare, n_rare = min(counts.items(), key=lambda kv: (kv[1], kv[0]))
-        if n_rare < 2 or n_test < len(counts) or len(patients) - n_test < len(counts):
-            raise DataError(f"cannot stratify a {test_fraction:g} holdout of {len(patients)} patients over "
-                            f"{len(counts)} classes (class {rare} has {n_rare} patient{'s' if n_rare != 1 else ''}); "
-                            "change test_fraction or pass stratify=False")
-    _, test_patients = train_test_split(patients, test_size=test_fraction, random_state=seed, stratify=strata)
-    test_set = set(test_patients)
-    return ([it for it, g in zip(items, groups) if g not in test_set],
-            [it for it, g in zip(items, groups) if g in test_set])

@@ -168,9 +168,9 @@ class CaseCollector(Metric):
     """Collects per-case outputs of an evaluator epoch and computes every metric of the task at its end.
 
     Classification keeps probabilities (sigmoid / softmax of the logits) and labels; with ``series_key`` the rows
-    are aggregated per series (max or mean) first. Segmentation keeps per-case Dice/Jaccard of the arg-max mask,
-    never the masks. ``rows`` holds the per-case (or per-series) predictions after ``compute``. Attached in
-    ``flatten`` mode, so each metric lands in ``engine.state.metrics`` under its own name. With ``world > 1``
+    are aggregated per series (max or mean) first. Segmentation keeps per-case Dice, Jaccard and HD95 of the
+    arg-max mask, never the masks. ``rows`` holds the per-case (or per-series) predictions after ``compute``.
+    Attached in ``flatten`` mode, so each metric lands in ``engine.state.metrics`` under its own name. With ``world > 1``
     each rank has seen the cases ``rank, rank + world, ...`` (MONAI's ``DistributedSampler`` without padding):
     ``compute`` gathers every rank's cases back into dataset order first, so the metrics are the single-process
     ones.
@@ -199,8 +199,7 @@ class CaseCollector(Metric):
         pred, label = pred.detach().float(), label.detach()
         if self.task == "segmentation":
             masks = pred.argmax(dim=1, keepdim=True).cpu()
-            dice, iou = segmentation_case_scores(masks, label.cpu(), pred.shape[1])
-            self._scores.append(torch.stack([dice, iou], dim=1))
+            self._scores.append(torch.stack(segmentation_case_scores(masks, label.cpu(), pred.shape[1]), dim=1))
         else:
             check_outputs(self.task, pred.shape[1])
             probs = torch.softmax(pred, dim=1) if self.task == "multiclass" else torch.sigmoid(pred)
@@ -238,10 +237,10 @@ class CaseCollector(Metric):
             raise TrainingError("the evaluation data produced no batches")
         has_ids = any(i is not None for i in ids)
         if self.task == "segmentation":
-            dice, iou = scores[:, 0], scores[:, 1]
+            dice, iou, hd95 = scores[:, 0], scores[:, 1], scores[:, 2]
             metrics = {"dice": _nanmean(dice), "jaccard": _nanmean(iou)}
             self.rows = [{**({"id": ids[i]} if has_ids else {}), "dice": _nanmean(dice[i]),
-                          "jaccard": _nanmean(iou[i])} for i in range(scores.shape[0])]
+                          "jaccard": _nanmean(iou[i]), "hd95": _nanmean(hd95[i])} for i in range(scores.shape[0])]
             return metrics
         labels = gathered_labels
         if self.task == "binary":

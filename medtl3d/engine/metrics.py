@@ -1,7 +1,7 @@
 """Evaluation metrics from collected probabilities / masks, and window-to-series aggregation.
 
 Classification metrics come from ``torchmetrics.functional``; segmentation metrics from MONAI's ``compute_dice`` /
-``compute_iou``. What is ours is the policy around them:
+``compute_iou`` / ``compute_hausdorff_distance``. What is ours is the policy around them:
 
 - AUROC and AUPRC are computed one-vs-rest per class (multiclass) or per label (multilabel) and macro-averaged.
   A class whose AUROC is undefined (only one of positive/negative present) or whose AUPRC is undefined (no
@@ -10,9 +10,10 @@ Classification metrics come from ``torchmetrics.functional``; segmentation metri
 - ``accuracy`` is the fraction of correct decisions (binary: ``p > threshold``; multiclass: arg-max; multilabel:
   per-label ``p > threshold``, averaged over labels). ``f1`` is macro over classes/labels, ``kappa`` is Cohen's
   kappa (multilabel: mean of the per-label kappas, which torchmetrics does not offer).
-- Segmentation: Dice and Jaccard with the background channel excluded, averaged over every (case, class) pair
-  that is defined: a class absent from both prediction and label is skipped, a class predicted where the label
-  has none scores 0 (the nnU-Net convention; MONAI's ``ignore_empty=True`` would skip such false positives).
+- Segmentation: Dice and Jaccard (and per case the 95th-percentile Hausdorff distance) with the background channel
+  excluded, averaged over every (case, class) pair that is defined: a class absent from both prediction and label
+  is skipped, a class predicted where the label has none scores 0 (the nnU-Net convention; MONAI's
+  ``ignore_empty=True`` would skip such false positives).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import warnings
 from collections.abc import Hashable, Sequence
 
 import torch
-from monai.metrics import compute_dice, compute_iou
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 from monai.networks.utils import one_hot
 from torchmetrics.functional import classification as tmf
 
@@ -148,9 +149,12 @@ def _as_label_map(masks, name: str) -> torch.Tensor:
     return masks if masks.ndim >= 4 and masks.shape[1] == 1 else masks.unsqueeze(1)
 
 
-def segmentation_case_scores(pred_masks, labels, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-case, per-foreground-class Dice and Jaccard ``(N, num_classes - 1)``; ``nan`` where prediction and
-    label are both empty."""
+def segmentation_case_scores(pred_masks, labels, num_classes: int) -> tuple[torch.Tensor, ...]:
+    """Per-case, per-foreground-class Dice, Jaccard and 95th-percentile Hausdorff distance ``(N, num_classes - 1)``.
+
+    Dice and Jaccard are ``nan`` where prediction and label are both empty; HD95 (MONAI's
+    ``compute_hausdorff_distance(percentile=95)``, in pixels/voxels of the masks' grid) is ``nan`` where either is
+    empty (no surface to measure from)."""
     if num_classes < 2:
         raise TrainingError(f"segmentation needs num_classes >= 2 (background + foreground), got {num_classes}")
     pred = _as_label_map(pred_masks, "predicted masks")
@@ -164,8 +168,13 @@ def segmentation_case_scores(pred_masks, labels, num_classes: int) -> tuple[torc
     dice = compute_dice(pred, label, include_background=False, ignore_empty=False)
     iou = compute_iou(pred, label, include_background=False, ignore_empty=False)
     spatial = tuple(range(2, pred.ndim))
-    both_empty = (pred[:, 1:].sum(spatial) == 0) & (label[:, 1:].sum(spatial) == 0)
-    return dice.masked_fill(both_empty, math.nan), iou.masked_fill(both_empty, math.nan)
+    predicted, present = pred[:, 1:].sum(spatial) > 0, label[:, 1:].sum(spatial) > 0
+    with warnings.catch_warnings():  # MONAI warns per empty mask; those are the nan cells
+        warnings.simplefilter("ignore")
+        hd95 = compute_hausdorff_distance(pred, label, include_background=False, percentile=95)
+    both_empty = ~predicted & ~present
+    return (dice.masked_fill(both_empty, math.nan), iou.masked_fill(both_empty, math.nan),
+            hd95.float().masked_fill(~(predicted & present), math.nan))
 
 
 def _nanmean(values: torch.Tensor) -> float:
@@ -174,7 +183,7 @@ def _nanmean(values: torch.Tensor) -> float:
 
 def segmentation_metrics(pred_masks, labels, num_classes: int) -> dict[str, float]:
     """Mean Dice and Jaccard (background excluded) of integer label maps ``(N, [1,] *spatial)``."""
-    dice, iou = segmentation_case_scores(pred_masks, labels, num_classes)
+    dice, iou, _ = segmentation_case_scores(pred_masks, labels, num_classes)
     if torch.isnan(dice).all():
         warnings.warn("no foreground class present in any prediction or label: dice/jaccard are nan",
                       RuntimeWarning, stacklevel=2)

@@ -6,8 +6,8 @@
   class, BCa with a percentile fallback);
 - accuracy at fixed thresholds: :func:`mcnemar_test`; across folds x seeds: :func:`corrected_resampled_ttest`;
   :func:`noninferiority` turns a difference's interval into a :class:`Verdict`;
-- thresholds and calibration: :func:`roc_curve`, :func:`threshold_at`, :func:`operating_point`,
-  :func:`reliability_bins`, :func:`expected_calibration_error`.
+- AUPRC: :func:`average_precision`; thresholds and calibration: :func:`roc_curve`, :func:`threshold_at`,
+  :func:`operating_point`, :func:`reliability_bins`, :func:`expected_calibration_error`.
 
 Every function cites its source in its docstring.
 """
@@ -19,6 +19,7 @@ from ._classification import (
     ReliabilityBins,
     ThresholdChoice,
     auroc,
+    average_precision,
     expected_calibration_error,
     operating_point,
     reliability_bins,
@@ -39,7 +40,7 @@ from ._results import Interval, PairedDifference
 
 __all__ = [
     "DEFAULT_MARGINS", "Interval", "McNemarResult", "OperatingPoint", "PairedDifference", "ReliabilityBins",
-    "ResampledTTest", "StatisticsError", "ThresholdChoice", "Verdict", "auroc", "bootstrap_ci",
+    "ResampledTTest", "StatisticsError", "ThresholdChoice", "Verdict", "auroc", "average_precision", "bootstrap_ci",
     "corrected_resampled_ttest", "delong_auc_variance", "delong_ci", "delong_covariance", "delong_paired_test",
     "expected_calibration_error", "mcnemar_test", "noninferiority", "operating_point", "paired_bootstrap_diff",
     "reliability_bins", "roc_curve", "threshold_at",

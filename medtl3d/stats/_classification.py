@@ -1,6 +1,6 @@
-"""Binary classification at a threshold and calibration: AUROC, ROC points, a threshold chosen by a recorded rule,
-sensitivity / specificity / PPV / NPV with their counts, and the expected calibration error with the reliability
-diagram's bins."""
+"""Binary classification at a threshold and calibration: AUROC, average precision, ROC points, a threshold chosen
+by a recorded rule, sensitivity / specificity / PPV / NPV with their counts, and the expected calibration error with
+the reliability diagram's bins."""
 
 from __future__ import annotations
 
@@ -38,6 +38,18 @@ def roc_curve(y_true, y_score) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     false_positives = last_of_each + 1 - true_positives
     return (np.r_[0.0, false_positives / n], np.r_[0.0, true_positives / m],
             np.r_[np.inf, sorted_scores[last_of_each]])
+
+
+def average_precision(y_true, y_score) -> float:
+    """AUPRC as average precision ``sum_k (R_k - R_(k-1)) P_k`` over the distinct thresholds, highest first: the
+    step-wise area of ``sklearn.metrics.average_precision_score`` (no interpolation; Manning, Raghavan & Schuetze
+    2008, ch. 8.4), from :func:`roc_curve`'s counts so that it is cheap enough to bootstrap."""
+    positives = binary_labels(y_true)
+    m, n = class_counts(positives, 1, "average precision")
+    fpr, tpr, _ = roc_curve(positives, y_score)
+    true_positives, false_positives = tpr[1:] * m, fpr[1:] * n
+    precision = true_positives / (true_positives + false_positives)
+    return float(np.sum(np.diff(tpr) * precision))
 
 
 @dataclass(frozen=True)

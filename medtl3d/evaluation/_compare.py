@@ -1,0 +1,249 @@
+"""Paired comparison of two evaluated runs on the same test cases: ``medtl3d compare RUN_A RUN_B``.
+
+RUN_A is the candidate, RUN_B the reference; every difference is ``A - B``. One run per arm: DeLong's paired test
+for AUROC, the paired stratified bootstrap for every metric (each run at its own threshold, chosen on its own
+validation data), McNemar's test of the two runs' correct / wrong decisions, and a non-inferiority verdict on the
+primary metric (AUROC's DeLong interval; Dice's bootstrap interval) with a margin set beforehand (default 0.02
+AUROC, 0.01 Dice). Several runs per arm (folds x seeds): runs are paired by fold (or, where no fold was recorded,
+by the content hash of their validation data) and training seed, and each metric's per-pair differences go through
+the corrected resampled t-test of Nadeau & Bengio, whose interval gives the verdict.
+
+Runs evaluated on different cases (or with different labels) are refused: a paired test needs the same cases.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import EvaluationError
+from ..provenance import sha256_file
+from ..stats import (DEFAULT_MARGINS, StatisticsError, auroc, average_precision, corrected_resampled_ttest,
+                     delong_paired_test, mcnemar_test, noninferiority, paired_bootstrap_diff)
+from ._cases import SEGMENTATION_COLUMNS, THRESHOLD_METRICS, _at_threshold, binary_arrays
+
+PRIMARY = {"binary": "auroc", "segmentation": "dice"}
+LOWER_IS_BETTER = {"hd95", "ece"}
+
+
+@dataclass
+class EvaluatedRun:
+    """One ``evaluate`` output folder: its ``evaluation.json`` and per-case predictions, by case id."""
+
+    folder: Path
+    document: dict
+    rows: dict[str, dict]
+
+    @property
+    def task(self) -> str:
+        return self.document["task"]
+
+    @property
+    def key(self) -> tuple:
+        """What pairs it with a run of the other arm: (fold or validation-data hash, training seed)."""
+        meta = self.document["metadata"]
+        return (meta.get("fold") if meta.get("fold") is not None else meta.get("val_sha256"), meta.get("seed"))
+
+
+def _cell(column: str, text: str):
+    if column in ("label", "probabilities"):
+        return json.loads(text)
+    if column in SEGMENTATION_COLUMNS:
+        return float(text) if text else math.nan
+    return text
+
+
+def load_run(folder: str | Path) -> EvaluatedRun:
+    """The evaluation in ``folder`` (or ``folder/eval``), its predictions checked against the recorded SHA-256."""
+    folder = Path(folder)
+    path = next((p for p in (folder / "evaluation.json", folder / "eval" / "evaluation.json") if p.is_file()), None)
+    if path is None:
+        raise EvaluationError(f"{folder}: no evaluation.json (run the bundle's evaluate.yaml first)")
+    document = json.loads(path.read_text())
+    predictions = path.parent / document["metadata"]["predictions"]
+    if not predictions.is_file() or sha256_file(predictions) != document["metadata"]["predictions_sha256"]:
+        raise EvaluationError(f"{predictions}: missing or changed since {path} was written (SHA-256 differs)")
+    with open(predictions, newline="", encoding="utf-8") as handle:
+        rows = [{k: _cell(k, v) for k, v in row.items()} for row in csv.DictReader(handle)]
+    if not rows or any(not row.get("id") for row in rows) or len({row["id"] for row in rows}) != len(rows):
+        raise EvaluationError(f"{predictions}: every case needs one unique id to be paired")
+    return EvaluatedRun(path.parent, document, {row["id"]: row for row in rows})
+
+
+def find_runs(path: str | Path) -> list[EvaluatedRun]:
+    """One run (``path`` holds ``evaluation.json`` or ``eval/evaluation.json``) or every evaluation below it."""
+    path = Path(path)
+    if (path / "evaluation.json").is_file() or (path / "eval" / "evaluation.json").is_file():
+        return [load_run(path)]
+    found = sorted(path.rglob("evaluation.json")) if path.is_dir() else []
+    if not found:
+        raise EvaluationError(f"{path}: no evaluation.json in it or below it")
+    return [load_run(p.parent) for p in found]
+
+
+def _same_cases(a: EvaluatedRun, b: EvaluatedRun) -> list[str]:
+    """The shared case ids in a fixed order; refuses different case sets or labels."""
+    only_a, only_b = sorted(set(a.rows) - set(b.rows)), sorted(set(b.rows) - set(a.rows))
+    if only_a or only_b:
+        raise EvaluationError(f"{a.folder} and {b.folder} were evaluated on different cases: {len(only_a)} only in "
+                              f"the first (e.g. {only_a[:2]}), {len(only_b)} only in the second (e.g. {only_b[:2]})")
+    ids = sorted(a.rows)
+    if a.task != "segmentation":
+        differ = [i for i in ids if a.rows[i]["label"] != b.rows[i]["label"]]
+        if differ:
+            raise EvaluationError(f"{a.folder} and {b.folder} label {len(differ)} cases differently "
+                                  f"(e.g. {differ[:2]})")
+    return ids
+
+
+def _metric_functions(task: str) -> dict:
+    """``name -> metric``; a threshold metric gets each run's 0/1 decisions at its own threshold, so it is the
+    metric at 0.5 of those."""
+    if task == "segmentation":
+        return {name: np.mean for name in SEGMENTATION_COLUMNS}
+    functions = {"auroc": auroc, "auprc": average_precision}
+    functions.update({name: _at_threshold(name, 0.5) for name in THRESHOLD_METRICS})  # on 0/1 decisions
+    return functions
+
+
+def _arrays(run: EvaluatedRun, ids: Sequence[str]):
+    rows = [run.rows[i] for i in ids]
+    if run.task == "segmentation":
+        return None, {name: np.array([row[name] for row in rows], dtype=float) for name in SEGMENTATION_COLUMNS}
+    y, p = binary_arrays(rows, str(run.folder))
+    called = (p >= run.document["threshold"]["threshold"]).astype(float)
+    return y, {"scores": p, "decisions": called}
+
+
+def _paired(task: str, name: str, y, arms_a: dict, arms_b: dict) -> tuple:
+    """``(labels, values_a, values_b)`` that metric ``name`` compares: scores or decisions (classification), the
+    per-case values of the cases where both runs define it (segmentation, labels None)."""
+    if task == "segmentation":
+        both = np.isfinite(arms_a[name]) & np.isfinite(arms_b[name])
+        return None, arms_a[name][both], arms_b[name][both]
+    source = "scores" if name in ("auroc", "auprc") else "decisions"
+    return y, arms_a[source], arms_b[source]
+
+
+def _value(function, labels, values) -> float:
+    if not len(values):
+        return math.nan
+    return float(function(values) if labels is None else function(labels, values))
+
+
+@dataclass
+class Comparison:
+    """What :func:`compare_runs` found; ``rows`` has one line per metric and test."""
+
+    task: str
+    primary: str
+    margin: float
+    verdict: str
+    verdict_basis: str
+    rows: list[dict]
+    runs_a: list[str]
+    runs_b: list[str]
+    cases: int
+    mcnemar: dict | None = None
+    pairs: list[dict] = field(default_factory=list)
+
+
+def _verdict(primary: str, rows: list[dict], margin: float) -> tuple[str, str]:
+    """The non-inferiority verdict on the first interval of ``primary`` in ``rows``, and that interval's method."""
+    row = next((r for r in rows if r["metric"] == primary and r.get("low") is not None), None)
+    if row is None:
+        raise EvaluationError(f"{primary} has no interval on these cases, so there is no verdict: "
+                              + "; ".join(r["method"] for r in rows if r["metric"] == primary))
+    verdict = noninferiority(row["low"], row["high"], margin, higher_is_better=primary not in LOWER_IS_BETTER)
+    return verdict.value, row["method"]
+
+
+def _single(a: EvaluatedRun, b: EvaluatedRun, margin: float, level: float, n_resamples: int, seed: int):
+    ids = _same_cases(a, b)
+    task = a.task
+    functions = _metric_functions(task)
+    y, arms_a = _arrays(a, ids)
+    _, arms_b = _arrays(b, ids)
+    rows, mcnemar = [], None
+    if task == "binary":
+        test = delong_paired_test(y, arms_a["scores"], arms_b["scores"], level)
+        rows.append({"metric": "auroc", **test.as_dict()})
+    for name, function in functions.items():
+        labels, score_a, score_b = _paired(task, name, y, arms_a, arms_b)
+        try:
+            diff = paired_bootstrap_diff(function, labels, score_a, score_b, level=level, n_resamples=n_resamples,
+                                         seed=seed)
+        except StatisticsError as err:
+            rows.append({"metric": name, "method": f"none: {err}"})
+            continue
+        rows.append({"metric": name, **diff.as_dict()})
+    if task == "binary":
+        mcnemar = mcnemar_test(arms_a["decisions"] == y, arms_b["decisions"] == y).as_dict()
+    return ids, rows, mcnemar, *_verdict(PRIMARY[task], rows, margin)
+
+
+def _several(runs_a, runs_b, margin: float, level: float):
+    by_key = {run.key: run for run in runs_b}
+    if len(by_key) != len(runs_b) or len({run.key for run in runs_a}) != len(runs_a):
+        raise EvaluationError("several runs of one arm share a fold and seed; each (fold, seed) once per arm")
+    missing = [run.folder for run in runs_a if run.key not in by_key]
+    if missing or len(runs_a) != len(runs_b):
+        raise EvaluationError(f"the arms' runs do not pair up by (fold, seed): {len(runs_a)} vs {len(runs_b)} "
+                              f"runs, unpaired e.g. {[str(m) for m in missing[:2]]}")
+    task, ids = runs_a[0].task, sorted(runs_a[0].rows)
+    for run in runs_a[1:] + runs_b:
+        _same_cases(runs_a[0], run)
+    functions = _metric_functions(task)
+    pairs = []
+    for run_a in runs_a:
+        run_b = by_key[run_a.key]
+        y, arms_a = _arrays(run_a, ids)
+        _, arms_b = _arrays(run_b, ids)
+        pair = {"a": str(run_a.folder), "b": str(run_b.folder), "fold": str(run_a.key[0]), "seed": run_a.key[1]}
+        for name, function in functions.items():
+            labels, values_a, values_b = _paired(task, name, y, arms_a, arms_b)
+            pair[name] = _value(function, labels, values_a) - _value(function, labels, values_b)
+        pairs.append(pair)
+    n_train = [run.document["metadata"].get("train_cases") for run in runs_a + runs_b]
+    if any(n is None for n in n_train):
+        raise EvaluationError("the corrected resampled t-test needs each run's training-set size (train_cases); "
+                              "some evaluation.json lacks it (evaluated from a TorchScript export?)")
+    rows = []
+    for name in functions:
+        differences = [pair[name] for pair in pairs]
+        try:
+            test = corrected_resampled_ttest(differences, round(float(np.mean(n_train))), len(ids), level)
+        except StatisticsError as err:
+            rows.append({"metric": name, "method": f"none: {err}"})
+            continue
+        rows.append({"metric": name, "difference": test.mean_difference, "low": test.low, "high": test.high,
+                     "p_value": test.p_value, "level": level, "method": f"{test.method}, {test.runs} runs",
+                     "se": test.se, "runs": test.runs})
+    return ids, rows, pairs, *_verdict(PRIMARY[task], rows, margin)
+
+
+def compare_runs(arm_a: Sequence[str | Path], arm_b: Sequence[str | Path], *, margin: float | None = None,
+                 level: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> Comparison:
+    """Compare candidate arm ``arm_a`` with reference arm ``arm_b`` (folders of evaluated runs; see module doc)."""
+    runs_a = [run for path in arm_a for run in find_runs(path)]
+    runs_b = [run for path in arm_b for run in find_runs(path)]
+    tasks = {run.task for run in runs_a + runs_b}
+    if len(tasks) != 1:
+        raise EvaluationError(f"the runs are of different tasks ({', '.join(sorted(tasks))}); compare like with like")
+    task = tasks.pop()
+    if task not in PRIMARY:
+        raise EvaluationError(f"compare handles binary and segmentation runs; these are {task}")
+    primary = PRIMARY[task]
+    margin = DEFAULT_MARGINS[primary] if margin is None else float(margin)
+    names = ([str(r.folder) for r in runs_a], [str(r.folder) for r in runs_b])
+    if len(runs_a) == 1 and len(runs_b) == 1:
+        ids, rows, mcnemar, verdict, basis = _single(runs_a[0], runs_b[0], margin, level, n_resamples, seed)
+        return Comparison(task, primary, margin, verdict, basis, rows, *names, len(ids), mcnemar)
+    ids, rows, pairs, verdict, basis = _several(runs_a, runs_b, margin, level)
+    return Comparison(task, primary, margin, verdict, basis, rows, *names, len(ids), pairs=pairs)
