@@ -6,7 +6,8 @@ parameters a truncation at each cut keeps (a block cut that ends at the same uni
 where it came from (its architecture and provenance), read without building it. ``efficiency`` measures
 params/MACs/latency per cut point, ``infer``
 predicts a folder of cases, ``phantoms`` writes the synthetic datasets, ``analyze`` runs the representation analyses, ``search`` runs the
-hierarchical cutoff search of a bundle, ``lr-find`` the learning-rate range test of a bundle's model. Errors
+hierarchical cutoff search of a bundle, ``lr-find`` the learning-rate range test of a bundle's model, ``weights
+list`` / ``weights info NAME`` show the pretrained weights catalogue. Errors
 from bad input are printed as one line (exit status 2), not as a traceback.
 """
 
@@ -26,6 +27,7 @@ from .engine import load_checkpoint, lr_find_cli
 from .errors import Medtl3dError, user_interface
 from .inference import cli as infer_cli
 from .search import cli as search_cli
+from .weights import cli as weights_cli
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -152,12 +154,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     info.add_argument("model", help="a medtl3d checkpoint or bundle model (.pt)")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     delegated = {"infer": infer_cli.run, "phantoms": phantoms.run, "analyze": analyze_cli.run,
-                 "search": search_cli.run, "lr-find": lr_find_cli.run}
+                 "search": search_cli.run, "lr-find": lr_find_cli.run, "weights": weights_cli.run}
     search_cli.add_parser(commands)
     lr_find_cli.add_parser(commands)
     infer_cli.add_parser(commands)
     phantoms.add_parser(commands)
     analyze_cli.add_parser(commands)
+    weights_cli.add_parser(commands)
     args = parser.parse_args(argv)
     with user_interface("cli"):  # advice in error messages names flags, not Python arguments
         return _run(args, delegated)

@@ -20,6 +20,7 @@ fine-tuning starts from.
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -203,9 +204,15 @@ def create_model(
 ) -> TransferModel:
     """One call from names to a ready model: ``create_backbone`` + ``apply_strategy``.
 
-    ``random`` ignores ``weights`` by definition; every other strategy starts from them.
+    ``random`` ignores ``weights`` by definition; every other strategy starts from them, and warns loudly when
+    given none (a "transfer" from random weights is random init under another name).
     """
     source = None if strategy == "random" else weights
+    if source is None and strategy != "random":
+        warnings.warn(f"strategy {strategy!r} on {backbone} WITHOUT pretrained weights: every unit starts random, so "
+                      "nothing is transferred (this is random init); pass weights (a catalogue name such as "
+                      f"{backbone}.imagenet, see `medtl3d weights list`, or a file) or use strategy 'random'",
+                      UserWarning, stacklevel=2)
     body = create_backbone(backbone, spatial_dims=spatial_dims, in_channels=in_channels, weights=source)
     return apply_strategy(body, strategy, num_classes, cut=cut, **strategy_kwargs)
 
