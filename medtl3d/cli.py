@@ -27,7 +27,7 @@ from .engine import load_checkpoint, lr_find_cli
 from .errors import Medtl3dError, user_interface
 from .inference import cli as infer_cli
 from .search import cli as search_cli
-from .weights import cli as weights_cli
+from .weights import cli as weights_cli, get_weights, list_weights
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -57,11 +57,11 @@ def list_backbones_table() -> str:
             len(backbone.cut_points_at("block")),
             len(backbone.cut_points_at("layer")),
             "yes" if entry.slimmable else "no",
-            ", ".join(sorted(entry.hub_weights)) or "-",
+            ", ".join(n for n in list_weights() if get_weights(n).architecture == name) or "-",
             entry.description,
         ])
     headers = ["backbone", "dims", "in_ch", "default input", "block cuts", "layer cuts", "transfusion",
-               "hub weights", "description"]
+               "weights (catalogue)", "description"]
     return _table(headers, rows)
 
 

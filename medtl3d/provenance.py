@@ -127,7 +127,9 @@ def weights_record(source: str | os.PathLike | Mapping | None) -> dict:
     if source is None:
         return {"source": None}
     if isinstance(source, Mapping):
-        return {"source": source.get("entry") or source.get("file") or source.get("source"), **source}
+        file = source.get("file")
+        return {"source": source.get("entry") or (Path(file).name if file else source.get("source")),
+                **({"path": file} if file else {}), **{k: v for k, v in source.items() if k != "file"}}
     if Path(source).is_file():
         return {"source": Path(source).name, "path": str(Path(source).resolve()), "sha256": sha256_file(source)}
     return {"source": str(source)}

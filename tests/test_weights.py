@@ -104,7 +104,7 @@ def test_a_checkpoint_that_needs_unpickling_is_refused(tmp_path):
 def test_missing_file_and_unknown_weight_name_are_named(tmp_path):
     with pytest.raises(WeightsError, match="nope.pth"):
         create_backbone("resnet18", weights=tmp_path / "nope.pth")
-    with pytest.raises(WeightsError, match="registered for resnet18: imagenet"):
+    with pytest.raises(WeightsError, match=r"nor a catalogue name \(for resnet18: resnet18.imagenet;"):
         create_backbone("resnet18", weights="radimagenet")
 
 

@@ -39,7 +39,7 @@ def create_backbone(
     backbone.pretrained_head = {}
     if weights is not None:
         entry = get_entry(name)
-        state, record = resolve_weights(name, weights, hub_weights=entry.hub_weights)
+        state, record = resolve_weights(name, weights)
         source = record.get("entry") or record.get("file") or record.get("source")
         report = load_backbone_state(backbone, state, source, head_keys=entry.head_keys)
         backbone.weights_source = source

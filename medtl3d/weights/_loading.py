@@ -1,7 +1,7 @@
 """Reading weight files safely and loading them into a backbone (and optionally its published head).
 
 Accepted sources: ``None``; a catalogue name (:mod:`.catalogue`: ``densenet121.imagenet``, or ``imagenet`` for the
-backbone's own entry); a timm tag of the backbone's registry entry; a local
+backbone's own entry; timm tags); a local
 ``.pth/.pt/.bin/.ckpt/.safetensors/.npz`` file in any of the known layouts. Files are read with
 ``torch.load(weights_only=True)`` (never arbitrary unpickling) or ``numpy.load(allow_pickle=False)``; wrappers such as
 ``{"state_dict": ...}`` (Hara), ``{"model_state": ...}`` (PENet) and ``module.`` prefixes are removed; the family's
@@ -12,7 +12,7 @@ are inflated for 3D twins. Anything that still does not fit is an error that lis
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,11 +118,10 @@ def _is_state_dict(raw: Mapping) -> bool:
     return len(raw) > 0 and all(isinstance(v, torch.Tensor) for v in raw.values())
 
 
-def resolve_weights(backbone_name: str, weights: str | Path, *,
-                    hub_weights: Mapping[str, Callable[[], Mapping]]) -> tuple[dict[str, torch.Tensor], dict]:
+def resolve_weights(backbone_name: str, weights: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """State dict and the record of where it came from, for ``weights``: a file (recognised as a catalogue entry's
-    published file by its name, then checked by hash), a catalogue name (``densenet121.imagenet``, or short:
-    ``imagenet`` for ``<backbone>.imagenet``), or a key of ``hub_weights`` (the backbone's registry entry)."""
+    published file by its name, then checked by hash), or a catalogue name (``densenet121.imagenet``, or short:
+    ``imagenet`` for ``<backbone>.imagenet``; ``timm/<model>.<tag>`` or the tag alone for timm backbones)."""
     path = Path(weights)
     if path.is_file():
         entry = entry_for_file(path)
@@ -132,10 +131,7 @@ def resolve_weights(backbone_name: str, weights: str | Path, *,
     entry = weights_for(backbone_name, str(weights))
     if entry is not None:
         return entry_state(_fitting(entry, backbone_name), None, read_checkpoint)
-    if isinstance(weights, str) and weights in hub_weights:
-        fetch = hub_weights[weights]
-        return flatten_checkpoint(fetch(), weights), {"entry": None, "source": getattr(fetch, "source", weights)}
-    known = [n for n in list_weights() if get_weights(n).architecture == backbone_name] + sorted(hub_weights)
+    known = [n for n in list_weights() if get_weights(n).architecture == backbone_name]
     raise WeightsError(
         f"weights={str(weights)!r} for backbone {backbone_name!r} is neither an existing file nor a catalogue name "
         f"(for {backbone_name}: {', '.join(known) or 'none'}; `medtl3d weights list` shows all)"
