@@ -33,13 +33,13 @@ def create_backbone(
     full model can reuse it; the load report is on ``backbone.weights_report`` and what was loaded (entry, file,
     SHA-256, tensors loaded and adapted), logged in one line, on ``backbone.weights_record``.
     """
+    state, record = resolve_weights(name, weights) if weights is not None else (None, None)  # bad names fail fast
     backbone = build_backbone(name, spatial_dims, in_channels, **kwargs)
     backbone.weights_source = None
     backbone.weights_record = None
     backbone.pretrained_head = {}
-    if weights is not None:
+    if state is not None:
         entry = get_entry(name)
-        state, record = resolve_weights(name, weights)
         source = record.get("entry") or record.get("file") or record.get("source")
         report = load_backbone_state(backbone, state, source, head_keys=entry.head_keys)
         backbone.weights_source = source
