@@ -109,10 +109,13 @@ def check_ids(**ids: Any) -> bool:
             except UnknownCutPointError as err:
                 raise ConfigIdError(key, str(err)) from None
     weights = ids.get("weights")
-    if weights not in (None, "") and not Path(str(weights)).exists() and (
-            weights_for(backbone, str(weights)) is None if backbone else not is_weights_name(weights)):
-        raise ConfigIdError("weights", f"{weights!r} is neither a file nor a catalogue name"
-                            + (f" for {backbone}" if backbone else "") + " (`medtl3d weights list` shows them)")
+    if weights not in (None, "") and not Path(str(weights)).exists():
+        entry = weights_for(backbone, str(weights)) if backbone else None
+        if entry is None and not (backbone is None and is_weights_name(weights)):
+            raise ConfigIdError("weights", f"{weights!r} is neither a file nor a catalogue name"
+                                + (f" for {backbone}" if backbone else "") + " (`medtl3d weights list` shows them)")
+        if entry is not None and entry.architecture != backbone:
+            raise ConfigIdError("weights", f"{entry.name} are weights for {entry.architecture}, not {backbone}")
     for key in ("ckpt_path", "datalist"):
         value = ids.get(key)
         if value not in (None, "") and not Path(str(value)).exists():

@@ -116,8 +116,8 @@ def test_hub_name_offline_gives_a_clear_error(monkeypatch, tmp_path):
     def unreachable(*args, **kwargs):
         raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", unreachable)
-    with pytest.raises(HubUnavailableError, match="weights='/path/to/file.pth'"):
+    monkeypatch.setattr(torch.hub, "download_url_to_file", unreachable)
+    with pytest.raises(HubUnavailableError, match="weights='/path/to/resnet50-0676ba61.pth'"):
         create_backbone("resnet50", weights="imagenet")
 
 

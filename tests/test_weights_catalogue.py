@@ -24,6 +24,7 @@ from medtl3d.strategies import create_model
 from medtl3d.weights import (Preprocessing, cache_folder, entry_file, get_weights, is_cached, list_weights,
                              weights_for)
 from medtl3d.weights.catalogue import HASH_BOOK
+from medtl3d.workflows import ConfigIdError, check_ids
 
 MOBILENET = "mobilenet_v2-b0353104.pth"
 
@@ -189,6 +190,15 @@ def test_an_explicit_file_named_like_an_entry_is_that_entry(cache, tmp_path):
     assert backbone.weights_record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     with pytest.raises(WeightsError, match="for architecture 'resnet3d_18', not 'resnet3d_50'"):
         create_backbone("resnet3d_50", weights=str(path))
+
+
+def test_bundle_weights_id_is_checked_against_the_catalogue():
+    assert check_ids(backbone="densenet121", weights="densenet121.imagenet")
+    assert check_ids(backbone="resnext3d_101", weights="kinetics")
+    with pytest.raises(ConfigIdError, match="resnet50.imagenet are weights for resnet50, not densenet121"):
+        check_ids(backbone="densenet121", weights="resnet50.imagenet")
+    with pytest.raises(ConfigIdError, match="'kinetics' is neither a file nor a catalogue name for densenet121"):
+        check_ids(backbone="densenet121", weights="kinetics")
 
 
 def test_transfer_strategies_without_weights_warn_loudly():
