@@ -7,12 +7,13 @@ publishers state; ``notes`` says where a convention is ours to choose or could n
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torchvision.models as tvm
-from timm.models import get_pretrained_cfg
 from torch.hub import HASH_REGEX
 from torchvision.models._meta import _IMAGENET_CATEGORIES
 
-from .catalogue import Preprocessing, WeightsEntry, register_weights
+from .catalogue import Preprocessing, WeightsEntry, register_weights, timm_entry
 
 IMAGENET = Preprocessing((224, 224), 3, (0.0, 1.0), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 TORCHVISION_LICENCE = "BSD-3-Clause (torchvision); ImageNet terms of use apply"
@@ -68,16 +69,8 @@ def _torchvision(name: str, architecture: str, enum_path: str, paper: str, **ove
 
 
 def _timm(name: str, architecture: str, tag: str, paper: str) -> WeightsEntry:
-    cfg = get_pretrained_cfg(tag)
-    channels, *size = cfg.input_size
-    return WeightsEntry(
-        name=name, architecture=architecture, file=cfg.hf_hub_filename or "model.safetensors", layout="timm",
-        licence=cfg.license or "see the model card", paper=paper, timm_tag=tag,
-        url=f"https://huggingface.co/{cfg.hf_hub_id}" if cfg.hf_hub_id else cfg.url,
-        preprocessing=Preprocessing(tuple(size), channels, (0.0, 1.0), tuple(cfg.mean), tuple(cfg.std)),
-        num_classes=cfg.num_classes or 0, class_names=tuple(cfg.label_names or ()),
-        notes=f"timm tag {tag}",
-    )
+    """A hand-named alias of timm's ``timm/<tag>`` entry (same file, preprocessing and head)."""
+    return replace(timm_entry(tag), name=name, architecture=architecture, paper=paper, notes=f"timm tag {tag}")
 
 
 HE = "He et al., Deep Residual Learning, CVPR 2016"
@@ -100,7 +93,8 @@ for _entry in (
                  notes="torchvision Inception_V3_Weights.IMAGENET1K_V1 (Google's port); input (x - 0.5) / 0.5, "
                        "as torchvision's transform_input does; resize 342, centre crop 299"),
     WeightsEntry(
-        name="densenet121.imagenet_keras", architecture="densenet121", file="densenet121_imagenet_torchvision_layout.pth",
+        name="densenet121.imagenet_keras", architecture="densenet121",
+        file="densenet121_imagenet_torchvision_layout.pth",
         url="https://storage.googleapis.com/tensorflow/keras-applications/densenet/"
             "densenet121_weights_tf_dim_ordering_tf_kernels.h5", download=False,
         sha256="e3ea30847c3e0455add9b7bbad1968bd2159fc40729ee0e766bb33df2addfcaa",

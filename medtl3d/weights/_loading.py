@@ -44,7 +44,8 @@ class LoadReport:
     channels: str | None = None
 
     def describe(self) -> dict:
-        """The report as plain data, recorded in the model's provenance."""
+        """The report as plain data, recorded in the model's provenance (loading is strict: a missing tensor stops
+        it, so a finished load has none missing)."""
         return {"tensors_loaded": self.loaded, "tensors_missing": 0, "adapted": list(self.adapted),
                 "channel_adaptation": self.channels, "inflated_to_3d": len(self.inflated),
                 "published_head": sorted(self.head_state)}

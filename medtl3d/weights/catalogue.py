@@ -154,7 +154,7 @@ def get_weights(name: str) -> WeightsEntry:
     if name in _CATALOGUE:
         return _CATALOGUE[name]
     if name.startswith(TIMM_PREFIX) and "." in name:
-        return _timm_entry(name[len(TIMM_PREFIX):])
+        return timm_entry(name[len(TIMM_PREFIX):])
     stem = name.partition(".")[0]
     near = [n for n in _CATALOGUE if n.partition(".")[0] == stem] or sorted(_CATALOGUE)
     raise UnknownWeightsTagError(f"no weights {name!r} in the catalogue (e.g. {', '.join(near[:12])}; "
@@ -170,7 +170,7 @@ def weights_for(architecture: str, name: str) -> WeightsEntry | None:
 
 
 @lru_cache(maxsize=256)
-def _timm_entry(tagged: str) -> WeightsEntry:
+def timm_entry(tagged: str) -> WeightsEntry:
     """A timm pretrained tag as an entry, from timm's ``pretrained_cfg`` (offline)."""
     try:
         cfg = timm.models.get_pretrained_cfg(tagged)
@@ -179,13 +179,14 @@ def _timm_entry(tagged: str) -> WeightsEntry:
     if cfg is None or "." not in tagged:
         raise UnknownWeightsTagError(f"timm has no pretrained tag {tagged!r} (see timm.list_pretrained())")
     channels, *size = cfg.input_size
-    url = f"https://huggingface.co/{cfg.hf_hub_id}" if cfg.hf_hub_id else cfg.url
+    papers = cfg.paper_ids if isinstance(cfg.paper_ids, (list, tuple)) else [cfg.paper_ids] if cfg.paper_ids else []
     return WeightsEntry(
-        name=TIMM_PREFIX + tagged, architecture=TIMM_PREFIX + cfg.architecture, file=cfg.hf_hub_filename or
-        "model.safetensors", layout="timm", licence=cfg.license or "see the model card", paper=", ".join(
-            cfg.paper_ids or []) if isinstance(cfg.paper_ids, (list, tuple)) else (cfg.paper_ids or ""),
+        name=TIMM_PREFIX + tagged, architecture=TIMM_PREFIX + cfg.architecture, layout="timm",
+        file=cfg.hf_hub_filename or "model.safetensors", licence=cfg.license or "see the model card",
+        paper=", ".join(papers), timm_tag=tagged,
+        url=f"https://huggingface.co/{cfg.hf_hub_id}" if cfg.hf_hub_id else cfg.url,
         preprocessing=Preprocessing(tuple(size), channels, (0.0, 1.0), tuple(cfg.mean), tuple(cfg.std)),
-        url=url, timm_tag=tagged, num_classes=cfg.num_classes or 0, class_names=tuple(cfg.label_names or ()),
+        num_classes=cfg.num_classes or 0, class_names=tuple(cfg.label_names or ()),
     )
 
 
