@@ -10,6 +10,8 @@ Where the publisher's file is not available offline, its layout is built from th
   MedicalNet's ``train.py`` saves (``{"state_dict": DataParallel state}``) with the ``conv_seg`` head.
 - RadImageNet (BMEII-AI/RadImageNet README, PyTorch example; no commit could be checked offline): a
   ``Backbone(nn.Module)`` holding ``self.backbone = nn.Sequential(*list(torchvision_model.children())[:-1])``.
+- Models Genesis (MrGiovanni/ModelsGenesis ``pytorch/unet3d.py``, rewritten below from the published code as
+  remembered; no commit could be checked offline): ``UNet3D`` saved as ``{"state_dict": DataParallel state}``.
 - Hara et al. and PENet: ``../shared/fixtures/checkpoint_layouts`` (sources and commits in its JSON).
 """
 
@@ -132,6 +134,61 @@ def test_hara_and_penet_published_layouts_load_by_name(cache, name, layout, wrap
     backbone = create_backbone(get_weights(name).architecture, in_channels=1, weights=name.partition(".")[2])
     assert backbone.weights_source == name and backbone.pretrained_head[head[0]].shape == head[1]
     assert backbone.weights_record["channel_adaptation"].endswith("3 -> 1 input channels (kernels summed)")
+
+
+class _LUConv(nn.Module):  # ModelsGenesis pytorch/unet3d.py, ContBatchNorm3d has BatchNorm3d's tensors
+    def __init__(self, in_ch, out_ch):
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_ch, out_ch, kernel_size=3, padding=1)
+        self.bn1 = nn.BatchNorm3d(out_ch)
+
+
+def _make_nconv(in_ch, depth, double=False):
+    width = 32 * 2 ** (depth + 1) if double else 32 * 2 ** depth
+    return nn.Sequential(_LUConv(in_ch, width), _LUConv(width, width if double else 2 * width))
+
+
+class _Down(nn.Module):
+    def __init__(self, in_ch, depth):
+        super().__init__()
+        self.ops = _make_nconv(in_ch, depth)
+        self.maxpool = nn.MaxPool3d(2)
+
+
+class _Up(nn.Module):
+    def __init__(self, in_ch, out_ch, depth):
+        super().__init__()
+        self.up_conv = nn.ConvTranspose3d(in_ch, out_ch, kernel_size=2, stride=2)
+        self.ops = _make_nconv(in_ch + out_ch // 2, depth, double=True)
+
+
+class _Out(nn.Module):
+    def __init__(self, in_ch, n_labels):
+        super().__init__()
+        self.final_conv = nn.Conv3d(in_ch, n_labels, kernel_size=1)
+
+
+class _UNet3D(nn.Module):
+    def __init__(self, n_class=1):
+        super().__init__()
+        self.down_tr64, self.down_tr128 = _Down(1, 0), _Down(64, 1)
+        self.down_tr256, self.down_tr512 = _Down(128, 2), _Down(256, 3)
+        self.up_tr256, self.up_tr128, self.up_tr64 = _Up(512, 512, 2), _Up(256, 256, 1), _Up(128, 128, 0)
+        self.out_tr = _Out(64, n_class)
+
+
+def test_models_genesis_unet3d_encoder_loads_and_keeps_the_decoder_aside(cache):
+    state = _UNet3D().state_dict()
+    assert state["down_tr128.ops.1.conv1.weight"].shape == (128, 64, 3, 3, 3)
+    _put(cache, "genesis_unet3d.chest_ct", {"state_dict": {f"module.{k}": v for k, v in state.items()}})
+    backbone = create_backbone("genesis_unet3d", weights="chest_ct").eval()
+    encoder = {k for k in state if k.startswith("down_tr")}
+    assert backbone.weights_record["tensors_loaded"] == len(encoder)
+    assert set(backbone.pretrained_head) == set(state) - encoder
+    assert [c.name for c in backbone.cut_points_at("block")] == ["down_tr64", "down_tr128", "down_tr256", "down_tr512"]
+    with torch.no_grad():
+        assert backbone(torch.randn(1, 1, 16, 32, 32)).shape == (1, 512, 2, 4, 4)
+    torch.testing.assert_close(backbone.down_tr512.ops[1].bn1.running_var, state["down_tr512.ops.1.bn1.running_var"])
 
 
 @needs_shared

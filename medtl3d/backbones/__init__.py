@@ -10,7 +10,9 @@ import logging
 from pathlib import Path
 
 from ..weights import load_backbone_state, resolve_weights
-from . import cbr, densenet, i3d, inception, mobilenet, penet, resnet, transformers  # noqa: F401  (each registers its family)
+from . import (  # noqa: F401  (each registers its family)
+    cbr, densenet, genesis, i3d, inception, mobilenet, penet, resnet, transformers,
+)
 from ._base import LEVELS, Backbone, CutPoint, Unit
 from ._registry import BackboneEntry, build_backbone, get_entry, list_backbones, register_backbone, register_namespace
 from .timm_adapter import PREFIX as TIMM_PREFIX, TimmBackbone, timm_entry

@@ -185,5 +185,14 @@ for _entry in (
         licence=MEDICALNET[0], paper=MEDICALNET[1], layout="{'state_dict': {'module.<key>'}}, shortcut B",
         convert=drop_keys("conv_seg."), preprocessing=Preprocessing((56, 448, 448), 1, zscore="nonzero"),
         notes="as resnet3d_18.medicalnet"),
+    WeightsEntry(
+        name="genesis_unet3d.chest_ct", architecture="genesis_unet3d", file="Genesis_Chest_CT.pt",
+        url="https://github.com/MrGiovanni/ModelsGenesis (README: pre-trained Models Genesis)", download=False,
+        licence="see github.com/MrGiovanni/ModelsGenesis (LICENSE)",
+        paper="Zhou et al., Models Genesis: Generic Autodidactic Models for 3D Medical Image Analysis, MICCAI 2019",
+        layout="{'state_dict': {'module.down_tr64.ops.0.conv1.weight', ...}} (pytorch/unet3d.py UNet3D)",
+        preprocessing=Preprocessing((32, 64, 64), 1, (0.0, 1.0)),
+        notes="CT HU clipped to [-1000, 1000] and scaled to [0, 1] (give the ct preset window=(-1000, 1000)); "
+              "sub-volumes 64x64x32; the decoder (up_tr*, out_tr) is kept aside as the published head"),
 ):
     register_weights(_entry)
