@@ -7,7 +7,8 @@ where it came from (its architecture and provenance), read without building it. 
 params/MACs/latency per cut point, ``infer``
 predicts a folder of cases, ``phantoms`` writes the synthetic datasets, ``analyze`` runs the representation analyses, ``search`` runs the
 hierarchical cutoff search of a bundle, ``lr-find`` the learning-rate range test of a bundle's model, ``compare``
-two evaluated runs on the same test cases (paired tests, non-inferiority verdict). Errors
+two evaluated runs on the same test cases (paired tests, non-inferiority verdict), ``weights list`` / ``weights
+info NAME`` show the pretrained weights catalogue. Errors
 from bad input are printed as one line (exit status 2), not as a traceback.
 """
 
@@ -28,6 +29,7 @@ from .errors import Medtl3dError, user_interface
 from .evaluation import cli as compare_cli
 from .inference import cli as infer_cli
 from .search import cli as search_cli
+from .weights import cli as weights_cli, get_weights, list_weights
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -57,11 +59,11 @@ def list_backbones_table() -> str:
             len(backbone.cut_points_at("block")),
             len(backbone.cut_points_at("layer")),
             "yes" if entry.slimmable else "no",
-            ", ".join(sorted(entry.hub_weights)) or "-",
+            ", ".join(n for n in list_weights() if get_weights(n).architecture == name) or "-",
             entry.description,
         ])
     headers = ["backbone", "dims", "in_ch", "default input", "block cuts", "layer cuts", "transfusion",
-               "hub weights", "description"]
+               "weights (catalogue)", "description"]
     return _table(headers, rows)
 
 
@@ -154,13 +156,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     info.add_argument("model", help="a medtl3d checkpoint or bundle model (.pt)")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     delegated = {"infer": infer_cli.run, "phantoms": phantoms.run, "analyze": analyze_cli.run,
-                 "search": search_cli.run, "lr-find": lr_find_cli.run, "compare": compare_cli.run}
+                 "search": search_cli.run, "lr-find": lr_find_cli.run, "compare": compare_cli.run,
+                 "weights": weights_cli.run}
     search_cli.add_parser(commands)
     lr_find_cli.add_parser(commands)
     infer_cli.add_parser(commands)
     phantoms.add_parser(commands)
     analyze_cli.add_parser(commands)
     compare_cli.add_parser(commands)
+    weights_cli.add_parser(commands)
     args = parser.parse_args(argv)
     with user_interface("cli"):  # advice in error messages names flags, not Python arguments
         return _run(args, delegated)

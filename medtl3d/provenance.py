@@ -121,10 +121,15 @@ def dataset_items(dataset) -> Sequence | None:
     return None
 
 
-def weights_record(source: str | os.PathLike | None) -> dict:
-    """The pretrained weights a model started from: a registered name as is, a file by name and SHA-256."""
+def weights_record(source: str | os.PathLike | Mapping | None) -> dict:
+    """The pretrained weights a model started from: a registered name as is, a file by name and SHA-256, a load
+    record (a backbone's ``weights_record``: catalogue entry, file, SHA-256, tensors loaded/adapted) as it is."""
     if source is None:
         return {"source": None}
+    if isinstance(source, Mapping):
+        file = source.get("file")
+        return {"source": source.get("entry") or (Path(file).name if file else source.get("source")),
+                **({"path": file} if file else {}), **{k: v for k, v in source.items() if k != "file"}}
     if Path(source).is_file():
         return {"source": Path(source).name, "path": str(Path(source).resolve()), "sha256": sha256_file(source)}
     return {"source": str(source)}
@@ -143,7 +148,7 @@ def git_commit() -> str | None:
     return commit if Path(top).resolve() == root else None  # not the commit of a repository that merely holds us
 
 
-def build_provenance(*, weights: str | os.PathLike | None = None, data: Mapping[str, Any] | None = None,
+def build_provenance(*, weights: str | os.PathLike | Mapping | None = None, data: Mapping[str, Any] | None = None,
                      config: Mapping[str, Any] | None = None) -> dict:
     """The provenance record of a model: ``weights`` its pretrained source (name or file), ``data`` content hashes
     (:func:`data_hash`) by split, ``config`` the resolved configuration that made it."""

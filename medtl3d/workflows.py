@@ -33,6 +33,7 @@ from .data.datalists import load_datalist
 from .data.io import LoadCased
 from .data.prepare import PHANTOMS, prepare_datalist  # noqa: F401
 from .data.splits import format_split, holdout_split, kfold_split, split_summary
+from .data.presets import effective_options
 from .engine import load_checkpoint
 from .engine.lr_finder import find_lr
 from .errors import DataError, Medtl3dError, OutputLockedError, SearchError, UnknownCutPointError, interface
@@ -45,6 +46,7 @@ from .provenance import data_hash, dataset_items, sha256_file
 from .reporting import atomic_write, markdown_table, write_csv, write_text
 from .search import run_search
 from .strategies import CUT_STRATEGIES, STRATEGIES
+from .weights import is_weights_name, weights_for
 
 TASKS = ("binary", "multiclass", "multilabel", "segmentation")
 BUNDLE_CHECKPOINT_KEYS = ("format", "model", "initial_state", "model_config", "key_metric", "best_metric", "best_epoch",
@@ -108,9 +110,17 @@ def check_ids(**ids: Any) -> bool:
                 body.cut_point(name)
             except UnknownCutPointError as err:
                 raise ConfigIdError(key, str(err)) from None
-    for key in ("weights", "ckpt_path", "datalist"):
+    weights = ids.get("weights")
+    if weights not in (None, "") and not Path(str(weights)).exists():
+        entry = weights_for(backbone, str(weights)) if backbone else None
+        if entry is None and not (backbone is None and is_weights_name(weights)):
+            raise ConfigIdError("weights", f"{weights!r} is neither a file nor a catalogue name"
+                                + (f" for {backbone}" if backbone else "") + " (`medtl3d weights list` shows them)")
+        if entry is not None and entry.architecture != backbone:
+            raise ConfigIdError("weights", f"{entry.name} are weights for {entry.architecture}, not {backbone}")
+    for key in ("ckpt_path", "datalist"):
         value = ids.get(key)
-        if value not in (None, "", "imagenet", "kinetics") and not Path(str(value)).exists():
+        if value not in (None, "") and not Path(str(value)).exists():
             raise ConfigIdError(key, f"file {value} does not exist")
     dataset_dir = ids.get("dataset_dir")
     if dataset_dir is not None and not Path(str(dataset_dir)).is_dir():
@@ -273,6 +283,8 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir: str,
         target = Path(ckpt_path)
         run_id = (source.get("provenance") or {}).get("run_id")  # None: a checkpoint older than provenance
         settings = {"task": task, **dict(inference or {})}
+        if "preset" in settings:  # normalize='auto' recorded as what it resolved to: inference repeats it as is
+            settings["preset_options"] = effective_options(settings["preset"], settings.get("preset_options") or {})
         describe = model.describe() if hasattr(model, "describe") else {}
         summary = {"run_id": run_id, "key_metric": result.key_metric, "best_metric": result.best_metric,
                    "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "checkpoint": str(target),

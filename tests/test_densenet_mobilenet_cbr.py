@@ -317,7 +317,8 @@ def test_packaged_mobilenet_v2_weights_classify_a_photo():
 
 
 def test_imagenet_name_loads_through_the_torchvision_hub_cache(tmp_path, monkeypatch):
-    """``weights="imagenet"`` goes through torchvision's hub: a filled ``$TORCH_HOME`` cache works offline."""
+    """``weights="imagenet"`` is the catalogue's ``mobilenet_v2.imagenet``, found in the torch hub cache
+    (``$TORCH_HOME/hub/checkpoints``, where torchvision downloads it): a filled cache works offline."""
     path = _packaged_mobilenet_file()
     checkpoints = tmp_path / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
@@ -329,7 +330,8 @@ def test_imagenet_name_loads_through_the_torchvision_hub_cache(tmp_path, monkeyp
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
     backbone = create_backbone("mobilenet_v2", weights="imagenet")
-    assert backbone.weights_source == "torchvision:MobileNet_V2_Weights.IMAGENET1K_V1"
+    assert backbone.weights_source == "mobilenet_v2.imagenet"
+    assert backbone.weights_record["file"] == str((checkpoints / MOBILENET_FILE_NAME).resolve())
     published = torch.load(path, map_location="cpu", weights_only=True)
     assert torch.equal(backbone.pretrained_head["classifier.1.weight"], published["classifier.1.weight"])
     for key, value in backbone.state_dict().items():

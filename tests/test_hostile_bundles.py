@@ -73,7 +73,7 @@ def _hostile_cases(previous: Path, common: dict, root: Path) -> dict[str, tuple[
         "mistyped value": (CXR, ["--epochs", "abc"], ["config id 'epochs'", "expected an integer", "'abc'"]),
         "typo'd nested id": (CXR, ["--preprocessing#preset_options#sizes", "32"],
                              ["config id 'preprocessing#preset_options#sizes'", "did you mean 'size'"]),
-        "hub weights offline": (CXR, ["--weights", "imagenet"], ["config id 'weights'", "--weights /path/to/file.pth"]),
+        "hub weights offline": (CXR, ["--weights", "imagenet"], ["config id 'weights'", "--weights /path/to/densenet121-a639ec97.pth"]),
         "single-class datalist": (CXR, ["--datalist", str(single_class)],
                                   ["config id 'datalist'", str(single_class), "no case of class 0"]),
         "0/255 masks": (SEG, ["--datalist", str(seg_255)],

@@ -148,8 +148,8 @@ def test_pathology_preset_rgb_patch(tmp_path):
     rgb[:, 80:, 2] = 100  # blue right half
     Image.fromarray(rgb).save(tmp_path / "patch.png")
     image = load_image(tmp_path / "patch.png")
-    out = preset("pathology", train=False, size=(120, 160))({"image": image})["image"]
-    assert out.shape == (3, 120, 160)
+    out = preset("pathology", train=False, size=(120, 160), weights="resnet50.imagenet")({"image": image})["image"]
+    assert out.shape == (3, 120, 160)  # normalize="auto" with ImageNet weights: ImageNet mean/std
     mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
     for row, col in [(10, 10), (10, 150), (100, 10), (100, 150)]:
         np.testing.assert_allclose(out[:, row, col].numpy(), (rgb[row, col] / 255.0 - mean) / std, atol=1e-5)
@@ -177,7 +177,7 @@ def test_unknown_preset_and_bad_options_are_named():
     with pytest.raises(DataError, match="resize=.* must be at least size"):
         preset("pathology", train=False, size=128, resize=100)
     with pytest.raises(DataError, match="normalize="):
-        preset("cxr", train=False, normalize="zscore")
+        preset("cxr", train=False, normalize="zscores")
     assert preset_options("ct")["window"] == (-100.0, 900.0)
 
 

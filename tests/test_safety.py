@@ -129,8 +129,10 @@ def test_bundle_model_records_its_provenance_and_medtl3d_info_prints_it(tmp_path
     ckpt, weights, summary = _trained_bundle_model(tmp_path)
     state = engine.load_checkpoint(ckpt)
     record = state["provenance"]
-    assert record["weights"] == {"source": "pretrained.pt", "path": str(weights.resolve()),
-                                 "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert {k: record["weights"][k] for k in ("source", "path", "sha256", "entry")} == {
+        "source": "pretrained.pt", "path": str(weights.resolve()),
+        "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), "entry": None}
+    assert record["weights"]["tensors_loaded"] == len(torch.load(weights, weights_only=True))
     import monai
 
     import medtl3d
@@ -149,7 +151,7 @@ def test_bundle_model_records_its_provenance_and_medtl3d_info_prints_it(tmp_path
     assert json.loads(ckpt.with_suffix(".json").read_text())["run_id"] == run_id == summary["run_id"]
     assert json.loads((tmp_path / "train" / "train_summary.json").read_text())["run_id"] == run_id
     assert json.loads((tmp_path / "train" / "result.json").read_text())["run_id"] == run_id
-    assert state["inference"] == {"task": "binary", "preset": "cxr"}
+    assert state["inference"] == {"task": "binary", "preset": "cxr", "preset_options": {"normalize": None}}
     for checkpoint in ("best.pt", "last.pt"):
         assert engine.load_checkpoint(tmp_path / "train" / checkpoint)["provenance"]["run_id"] == run_id
 

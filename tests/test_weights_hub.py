@@ -1,7 +1,8 @@
-"""Hub loaders tell "not reachable" apart from "corrupt download" and "no such tag", each in one line.
+"""timm's hub loader tells "not reachable" apart from "corrupt download" and "no such tag", each in one line.
 
-The fetchers of torchvision and timm are replaced, so no network is needed: each test makes the fetch fail the way
-the real one does (a ``URLError`` from urllib, torch.hub's hash-mismatch ``RuntimeError``, a truncated zip).
+timm's fetchers are replaced, so no network is needed: each test makes the fetch fail the way the real one does (a
+``URLError`` from urllib, torch.hub's hash-mismatch ``RuntimeError``, a truncated zip). The catalogue's own
+downloads (torchvision files and others) are tested in ``test_weights_catalogue.py``.
 """
 
 from __future__ import annotations
@@ -11,12 +12,10 @@ import zipfile
 
 import pytest
 import timm
-import torchvision
 
 from medtl3d.errors import CorruptDownloadError, HubUnavailableError, UnknownWeightsTagError, WeightsError
-from medtl3d.weights._hub import timm_weights, torchvision_weights
+from medtl3d.weights._hub import timm_weights
 
-TORCHVISION = "ResNet18_Weights.IMAGENET1K_V1"
 TIMM = "resnet18.a1_in1k"
 
 
@@ -30,7 +29,6 @@ def _fail_fetches(monkeypatch, error: Exception) -> None:
     def fetch(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", fetch)
     for name in ("load_state_dict_from_hf", "download_cached_file", "load_state_dict_from_url"):
         monkeypatch.setattr(timm.models._builder, name, fetch)
 
@@ -41,8 +39,7 @@ def _one_line(error: BaseException) -> str:
     return message
 
 
-@pytest.mark.parametrize("loader, source", [(torchvision_weights(TORCHVISION), TORCHVISION),
-                                            (timm_weights(TIMM), TIMM)])
+@pytest.mark.parametrize("loader, source", [(timm_weights(TIMM), TIMM)])
 def test_an_unreachable_hub_says_so_and_how_to_pass_a_file(monkeypatch, loader, source):
     _fail_fetches(monkeypatch, urllib.error.URLError("[Errno -3] Temporary failure in name resolution"))
     with pytest.raises(HubUnavailableError) as caught:
@@ -57,8 +54,7 @@ def test_an_unreachable_hub_says_so_and_how_to_pass_a_file(monkeypatch, loader, 
     zipfile.BadZipFile("File is not a zip file"),  # a truncated .pth (torch.load reads a zip)
     RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory"),
 ])
-@pytest.mark.parametrize("loader, source", [(torchvision_weights(TORCHVISION), TORCHVISION),
-                                            (timm_weights(TIMM), TIMM)])
+@pytest.mark.parametrize("loader, source", [(timm_weights(TIMM), TIMM)])
 def test_a_corrupt_download_says_to_delete_the_cached_file(monkeypatch, loader, source, error):
     _fail_fetches(monkeypatch, error)
     with pytest.raises(CorruptDownloadError) as caught:
@@ -70,9 +66,6 @@ def test_a_corrupt_download_says_to_delete_the_cached_file(monkeypatch, loader, 
 
 
 @pytest.mark.parametrize("loader, named, known", [
-    (torchvision_weights("ResNet18_Weights.IMAGENET9K_V9"), "ResNet18_Weights.IMAGENET9K_V9",
-     "ResNet18_Weights.IMAGENET1K_V1"),
-    (torchvision_weights("NoSuch_Weights.DEFAULT"), "NoSuch_Weights.DEFAULT", "none"),
     (timm_weights("resnet18.no_such_tag"), "'no_such_tag'", "resnet18.a1_in1k"),
     (timm_weights("no_such_net.a1_in1k"), "'no_such_net'", None),
 ])

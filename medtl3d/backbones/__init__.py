@@ -6,15 +6,19 @@ registers every family module, and ``timm/<model name>`` builds any timm 2D mode
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ..weights import load_backbone_state, resolve_weights
-from . import cbr, densenet, i3d, inception, mobilenet, penet, resnet, transformers  # noqa: F401  (each registers its family)
+from . import (  # noqa: F401  (each registers its family)
+    cbr, densenet, genesis, i3d, inception, mobilenet, penet, resnet, transformers,
+)
 from ._base import LEVELS, Backbone, CutPoint, Unit
 from ._registry import BackboneEntry, build_backbone, get_entry, list_backbones, register_backbone, register_namespace
 from .timm_adapter import PREFIX as TIMM_PREFIX, TimmBackbone, timm_entry
 
 register_namespace(TIMM_PREFIX, timm_entry)
+logger = logging.getLogger("medtl3d.weights")
 
 
 def create_backbone(
@@ -24,21 +28,28 @@ def create_backbone(
     weights: str | Path | None = None,
     **kwargs,
 ) -> Backbone:
-    """Build backbone ``name`` and load ``weights`` (None, a registered name such as ``imagenet``, or a file).
+    """Build backbone ``name`` and load ``weights`` (None, a catalogue name such as ``densenet121.imagenet`` or
+    ``imagenet``, or a file).
 
     The published classifier of a weight file is kept on ``backbone.pretrained_head`` (empty when none), so a
-    full model can reuse it; the load report is on ``backbone.weights_report``.
+    full model can reuse it; the load report is on ``backbone.weights_report`` and what was loaded (entry, file,
+    SHA-256, tensors loaded and adapted), logged in one line, on ``backbone.weights_record``.
     """
+    state, record = resolve_weights(name, weights) if weights is not None else (None, None)  # bad names fail fast
     backbone = build_backbone(name, spatial_dims, in_channels, **kwargs)
     backbone.weights_source = None
+    backbone.weights_record = None
     backbone.pretrained_head = {}
-    if weights is not None:
+    if state is not None:
         entry = get_entry(name)
-        state, source = resolve_weights(name, weights, hub_weights=entry.hub_weights)
+        source = record.get("entry") or record.get("file") or record.get("source")
         report = load_backbone_state(backbone, state, source, head_keys=entry.head_keys)
         backbone.weights_source = source
         backbone.pretrained_head = report.head_state
         backbone.weights_report = report
+        backbone.weights_record = {**record, **report.describe()}
+        logger.info("%s weights %s%s: %s", name, source,
+                    f" (sha256 {record['sha256'][:12]}...)" if record.get("sha256") else "", report.summary())
     return backbone
 
 

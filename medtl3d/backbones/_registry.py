@@ -1,13 +1,13 @@
 """Backbone registry: ``@register_backbone`` on a builder, ``create_backbone`` and ``list_backbones`` to use it.
 
 Each entry records what a user (and the strategies) must know before building: which spatial dimensions the
-architecture supports, its default and smallest valid input size, which named weights it has (loaded through
-torchvision/timm's own hub mechanisms) and whether TransFusion can slim it.
+architecture supports, its default and smallest valid input size and whether TransFusion can slim it. Named
+pretrained weights live in the weights catalogue (:mod:`medtl3d.weights.catalogue`), keyed by architecture name.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import UnknownBackboneError
@@ -26,7 +26,6 @@ class BackboneEntry:
     in_channels: int = 3
     family: str = ""
     description: str = ""
-    hub_weights: dict[str, Callable[[], dict]] = field(default_factory=dict)
     slimmable: bool = True
     head_keys: tuple[str, ...] = ()
 
@@ -44,15 +43,13 @@ def register_backbone(
     in_channels: int = 3,
     family: str = "",
     description: str = "",
-    hub_weights: dict[str, Callable[[], dict]] | None = None,
     slimmable: bool = True,
     head_keys: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., Backbone]], Callable[..., Backbone]]:
     """Register a builder ``fn(spatial_dims, in_channels, **kwargs) -> Backbone`` under ``name``.
 
     ``head_keys`` are the state_dict prefixes of the published classifier (``fc``, ``classifier``...): weight files
-    carry them, backbones do not. ``hub_weights`` maps a weight name (``imagenet``) to a function returning the
-    state_dict through the library hub (it raises when the hub is unreachable).
+    carry them, backbones do not.
     """
 
     def decorator(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
@@ -67,7 +64,6 @@ def register_backbone(
             in_channels=in_channels,
             family=family,
             description=description or (fn.__doc__ or "").strip().splitlines()[0],
-            hub_weights=dict(hub_weights or {}),
             slimmable=slimmable,
             head_keys=tuple(head_keys),
         )

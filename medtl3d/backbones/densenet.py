@@ -23,7 +23,6 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..weights._hub import torchvision_weights
 from ._base import Backbone, Unit
 from ._layers import as_tuple, avg_pool, batch_norm, conv, init_conv_bn_, max_pool, unit_width
 from ._registry import register_backbone
@@ -149,7 +148,7 @@ class DenseNet(Backbone):
 @register_backbone(
     "densenet121", spatial_dims=(2, 3), default_input={2: (224, 224), 3: (64, 128, 128)},
     min_input={2: (32, 32), 3: (32, 32, 32)}, family="densenet",
-    hub_weights={"imagenet": torchvision_weights("DenseNet121_Weights.IMAGENET1K_V1")}, head_keys=("classifier",),
+    head_keys=("classifier",),
 )
 def densenet121(spatial_dims: int = 2, in_channels: int = 3, **kwargs) -> DenseNet:
     """DenseNet-121 (Huang et al. 2017), torchvision layout; 3D twin for inflation."""

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 
-from ..weights._hub import torchvision_weights
 from ._base import Backbone, Unit
 from ._layers import slim
 from ._registry import register_backbone
@@ -201,7 +200,7 @@ class InceptionV3(Backbone):
 
 @register_backbone(
     "inception_v3", spatial_dims=(2,), default_input={2: (299, 299)}, min_input={2: (75, 75)}, family="inception",
-    hub_weights={"imagenet": torchvision_weights("Inception_V3_Weights.IMAGENET1K_V1")}, head_keys=("fc",),
+    head_keys=("fc",),
 )
 def inception_v3(spatial_dims: int = 2, in_channels: int = 3, **kwargs) -> InceptionV3:
     """Inception-v3 (Szegedy et al. 2016), torchvision layout without the auxiliary classifier."""

@@ -20,7 +20,6 @@ from itertools import accumulate
 import torch
 from torch import nn
 
-from ..weights._hub import torchvision_weights
 from ._base import Backbone, Unit
 from ._layers import as_tuple, batch_norm, conv, init_conv_bn_, unit_width
 from ._registry import register_backbone
@@ -137,7 +136,7 @@ class MobileNetV2(Backbone):
 @register_backbone(
     "mobilenet_v2", spatial_dims=(2, 3), default_input={2: (224, 224), 3: (64, 128, 128)},
     min_input={2: (32, 32), 3: (32, 32, 32)}, family="mobilenet",
-    hub_weights={"imagenet": torchvision_weights("MobileNet_V2_Weights.IMAGENET1K_V1")}, head_keys=("classifier",),
+    head_keys=("classifier",),
 )
 def mobilenet_v2(spatial_dims: int = 2, in_channels: int = 3, **kwargs) -> MobileNetV2:
     """MobileNetV2 (Sandler et al. 2018), torchvision layout; 3D twin for inflation."""

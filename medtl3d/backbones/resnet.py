@@ -18,7 +18,6 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..weights._hub import torchvision_weights
 from ._base import Backbone, Unit
 from ._layers import as_tuple, batch_norm, conv, init_conv_bn_, max_pool, unit_width
 from ._registry import register_backbone
@@ -176,7 +175,7 @@ _MIN_2D = {2: (32, 32), 3: (32, 32, 32)}
 
 @register_backbone(
     "resnet18", spatial_dims=(2, 3), default_input=_INPUT_2D, min_input=_MIN_2D, family="resnet",
-    hub_weights={"imagenet": torchvision_weights("ResNet18_Weights.IMAGENET1K_V1")}, head_keys=("fc",),
+    head_keys=("fc",),
 )
 def resnet18(spatial_dims: int = 2, in_channels: int = 3, **kwargs) -> ResNet:
     """ResNet-18 (He et al. 2016), torchvision layout; 3D twin for inflation."""
@@ -185,7 +184,7 @@ def resnet18(spatial_dims: int = 2, in_channels: int = 3, **kwargs) -> ResNet:
 
 @register_backbone(
     "resnet34", spatial_dims=(2, 3), default_input=_INPUT_2D, min_input=_MIN_2D, family="resnet",
-    hub_weights={"imagenet": torchvision_weights("ResNet34_Weights.IMAGENET1K_V1")}, head_keys=("fc",),
+    head_keys=("fc",),
 )
 def resnet34(spatial_dims: int = 2, in_channels: int = 3, **kwargs) -> ResNet:
     """ResNet-34 (He et al. 2016), torchvision layout; 3D twin for inflation."""
@@ -194,10 +193,6 @@ def resnet34(spatial_dims: int = 2, in_channels: int = 3, **kwargs) -> ResNet:
 
 @register_backbone(
     "resnet50", spatial_dims=(2, 3), default_input=_INPUT_2D, min_input=_MIN_2D, family="resnet",
-    hub_weights={
-        "imagenet": torchvision_weights("ResNet50_Weights.IMAGENET1K_V1"),
-        "imagenet_v2": torchvision_weights("ResNet50_Weights.IMAGENET1K_V2"),
-    },
     head_keys=("fc",),
 )
 def resnet50(spatial_dims: int = 2, in_channels: int = 3, **kwargs) -> ResNet:

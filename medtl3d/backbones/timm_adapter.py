@@ -20,7 +20,8 @@ metadata and one shape-only pass of ``forward_features`` on the meta device:
   computes ``forward_features``; whatever the model runs only in ``forward_head`` is the published head.
 
 Weights: a local file in timm layout, or timm's pretrained tags by name: ``weights="d2_in1k"`` (or spelled out,
-``weights="timm/convnext_atto.d2_in1k"``) is timm's ``convnext_atto.d2_in1k``, fetched through timm's hub mechanism.
+``weights="timm/convnext_atto.d2_in1k"``) is timm's ``convnext_atto.d2_in1k``, a weights catalogue entry fetched
+through timm's hub mechanism.
 
 Strategy support (tested in ``tests/test_timm_backbones.py``; block / layer cut points as built there):
 
@@ -63,7 +64,7 @@ import timm
 import torch
 from torch import nn
 
-from ..errors import HubUnavailableError, UnknownBackboneError
+from ..errors import UnknownBackboneError
 from ._base import Backbone, Unit
 from ._registry import BackboneEntry
 
@@ -313,37 +314,12 @@ def build_timm_backbone(model_name: str, spatial_dims: int = 2, in_channels: int
     return model
 
 
-def _pretrained_loader(model_name: str, tag: str):
-    """Loader of timm's ``<model_name>.<tag>`` weights through timm's hub mechanism (and its cache)."""
-    full = f"{model_name}.{tag}"
-
-    def load() -> dict:
-        try:
-            return timm.create_model(full, pretrained=True).state_dict()
-        except Exception as exc:  # socket/HTTP/hub errors all mean "not reachable and not cached"
-            cfg = timm.models.get_pretrained_cfg(full)
-            source = (f"{cfg.hf_hub_filename or 'model.safetensors'} from https://huggingface.co/{cfg.hf_hub_id}"
-                      if cfg.hf_hub_id else cfg.url)
-            raise HubUnavailableError(
-                f"could not fetch timm weights {full!r} (tag {tag!r}): {type(exc).__name__}: {exc}. No model hub "
-                f"seems reachable: download {source} elsewhere and pass weights='/path/to/file.safetensors', or put it "
-                "in the Hugging Face cache ($HF_HOME/hub)"
-            ) from exc
-
-    load.source = f"timm:{full}"
-    return load
-
-
 @lru_cache(maxsize=256)
 def timm_entry(name: str) -> BackboneEntry:
     """Registry entry of ``timm/<model name>``: what ``get_entry`` answers for the ``timm/`` prefix."""
     model_name = name[len(PREFIX):]
     _check_name(model_name)
     layout = _layout(model_name, 3, ())
-    tags = [p.partition(".")[2] for p in timm.list_pretrained(model_name) if p.partition(".")[0] == model_name]
-    hub = {}
-    for tag in tags:
-        hub[tag] = hub[f"{name}.{tag}"] = _pretrained_loader(model_name, tag)
     return BackboneEntry(
         name=name,
         builder=lambda spatial_dims, in_channels, **kwargs: build_timm_backbone(
@@ -353,7 +329,6 @@ def timm_entry(name: str) -> BackboneEntry:
         min_input={2: (layout["min_input"],) * 2},
         family="timm",
         description=f"timm {model_name}",
-        hub_weights=hub,
         slimmable=False,
         head_keys=layout["head"],
     )

@@ -19,7 +19,6 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.swin_transformer import checkpoint_filter_fn as swin_checkpoint_filter
 
-from ..weights._hub import timm_weights
 from ._base import Backbone, Unit
 from ._registry import register_backbone
 
@@ -153,7 +152,7 @@ class SwinTransformer(Backbone):
 
 @register_backbone(
     "deit_small", spatial_dims=(2,), default_input={2: (224, 224)}, min_input={2: (16, 16)}, family="vit",
-    hub_weights={"imagenet": timm_weights("deit_small_patch16_224.fb_in1k")}, slimmable=False, head_keys=("head",),
+    slimmable=False, head_keys=("head",),
 )
 def deit_small(spatial_dims: int = 2, in_channels: int = 3, **kwargs) -> VisionTransformer:
     """DeiT-S/16 (Touvron et al. 2021) in timm ``deit_small_patch16_224`` layout; sides multiples of 16."""
@@ -162,7 +161,7 @@ def deit_small(spatial_dims: int = 2, in_channels: int = 3, **kwargs) -> VisionT
 
 @register_backbone(
     "swin_tiny", spatial_dims=(2,), default_input={2: (224, 224)}, min_input={2: (32, 32)}, family="swin",
-    hub_weights={"imagenet": timm_weights("swin_tiny_patch4_window7_224.ms_in1k")}, slimmable=False,
+    slimmable=False,
     head_keys=("head",),
 )
 def swin_tiny(spatial_dims: int = 2, in_channels: int = 3, **kwargs) -> SwinTransformer:

@@ -14,7 +14,7 @@
 ``pathology``  2D RGB patches: 8-bit range scaled to [0, 1]; resize to ``resize`` then crop to ``size`` (128);
                train: flips, 90-degree rotations and colour jitter (brightness/contrast/saturation/hue, the
                stain-agnostic augmentation of Tellez et al. 2019 minus HED: ``torchvision.ColorJitter`` through
-               MONAI's ``RandTorchVisiond``); ImageNet normalisation by default.
+               MONAI's ``RandTorchVisiond``).
 =============  ==========================================================================================
 
 Input: dictionaries of channel-first ``MetaTensor``s as MONAI's ``LoadImage(ensure_channel_first=True)`` (and
@@ -23,6 +23,12 @@ Input: dictionaries of channel-first ``MetaTensor``s as MONAI's ``LoadImage(ensu
 (PENet-style). :class:`ReverseSpatialAxesd` makes that conversion right after the affine-aware steps (orientation,
 spacing); it updates the affine and is invertible, so MONAI's ``Invertd`` with the same ``Compose`` brings a
 predicted mask back to the original voxel grid (see :mod:`medtl3d.inference`).
+
+``normalize`` (every preset) comes last: ``"auto"`` (the default) applies the normalisation the pretrained
+``weights`` (a catalogue name, see :mod:`medtl3d.weights.catalogue`) were trained with, mapped onto the preset's
+[0, 1] output and its channel count; without weights it does nothing. An explicit value wins. A trained model
+records what ``auto`` resolved to (:func:`effective_options`), so inference needs neither the catalogue nor the
+weights.
 
 ``label_key`` names a segmentation mask: it goes through the same spatial transforms with nearest-neighbour
 interpolation, no intensity transform, and leaves as ``int64``. Random transforms come after all deterministic ones
@@ -38,7 +44,9 @@ from __future__ import annotations
 
 import ast
 import inspect
+import logging
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import numpy as np
@@ -68,6 +76,7 @@ from monai.transforms import (
 )
 
 from ..errors import DataError, Medtl3dError
+from ..weights import entry_for_file, get_weights, is_weights_name
 
 #: PENet's contrast window (``ct_pe_constants.CONTRAST_HU_MIN/MAX``) and the mean it subtracts after scaling.
 PENET_WINDOW = (-100.0, 900.0)
@@ -75,6 +84,8 @@ PENET_MEAN = 0.15897
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _LUMA = (0.299, 0.587, 0.114)
+PRESET_CHANNELS = {"ct": 1, "cxr": 1, "pathology": 3}  # the channels each preset outputs
+logger = logging.getLogger("medtl3d.data")
 
 
 def _source(img) -> str:
@@ -198,23 +209,60 @@ def _range(name: str, value, preset_name: str) -> tuple[float, float]:
     return lo, hi
 
 
-def _normalize_transform(keys, normalize, channels: int, preset_name: str):
-    """``None``, ``"imagenet"`` (gray: the channel mean 0.449 / 0.226, as timm does for 1-channel models),
-    ``"penet"`` (subtract PENet's mean 0.15897), or ``(mean, std)``."""
+def auto_normalization(weights, channels: int, preset_name: str) -> dict | None:
+    """``normalize="auto"``: the normalisation the weights were trained with (:meth:`Preprocessing.normalization`
+    of their catalogue entry, for ``channels`` channels), from a catalogue name or a catalogue entry's file; None
+    without weights (random init has no convention, inputs stay in [0, 1])."""
+    if weights is None:
+        return None
+    entry = entry_for_file(weights) if Path(str(weights)).is_file() else None
+    if entry is None and is_weights_name(weights):
+        entry = get_weights(weights)
+    if entry is None:
+        raise DataError(f"preset {preset_name!r}: normalize='auto' cannot tell how weights {weights!r} expect their "
+                        "input: give their full catalogue name (e.g. densenet121.imagenet; `medtl3d weights list`) "
+                        "or set normalize explicitly (imagenet, penet, zscore or (mean, std))")
+    return {**entry.preprocessing.normalization(channels), "weights": entry.name}
+
+
+def effective_options(name: str, options: Mapping[str, Any]) -> dict:
+    """``options`` of preset ``name`` with ``normalize="auto"`` (the default) replaced by what it resolves to, so
+    the settings saved with a model reproduce its preprocessing without the catalogue (what inference reads)."""
+    options = dict(options)
+    if options.get("normalize", preset_options(name)["normalize"]) == "auto":
+        options["normalize"] = auto_normalization(options.get("weights"), PRESET_CHANNELS[name], name)
+    return options
+
+
+def _normalize_transform(keys, normalize, channels: int, preset_name: str, weights=None):
+    """``"auto"`` (from ``weights``, see :func:`auto_normalization`), ``None``, ``"imagenet"`` (gray: the channel
+    mean 0.449 / 0.226, as timm does for 1-channel models), ``"penet"`` (subtract PENet's mean 0.15897),
+    ``"zscore"`` (each image standardised over its non-zero voxels, as MedicalNet), ``(mean, std)`` or
+    ``{"mean": [...], "std": [...]}`` per channel (what ``auto`` resolves to and a trained model records)."""
+    if normalize == "auto":
+        normalize = auto_normalization(weights, channels, preset_name)
+        logger.info("preset %r: normalize='auto' from weights %r -> %s", preset_name, weights, normalize)
     if normalize is None:
         return []
-    if normalize == "imagenet":
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.449,), (0.226,))
-    elif normalize == "penet":
-        mean, std = (PENET_MEAN,), (1.0,)
-    else:
-        try:
-            mean, std = (float(normalize[0]),), (float(normalize[1]),)
-            if len(normalize) != 2 or std[0] <= 0:
+    if normalize == "zscore" or (isinstance(normalize, Mapping) and normalize.get("zscore") == "nonzero"):
+        return [NormalizeIntensityd(keys, nonzero=True, channel_wise=True)]
+    try:
+        if normalize == "imagenet":
+            mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.449,), (0.226,))
+        elif normalize == "penet":
+            mean, std = (PENET_MEAN,), (1.0,)
+        elif isinstance(normalize, Mapping):
+            mean, std = tuple(map(float, normalize["mean"])), tuple(map(float, normalize["std"]))
+        else:
+            if len(normalize) != 2:
                 raise ValueError
-        except (TypeError, ValueError, IndexError):
-            raise DataError(f"preset {preset_name!r}: option normalize={normalize!r} must be None, 'imagenet', "
-                            "'penet' or (mean, std > 0)") from None
+            mean, std = (float(normalize[0]),), (float(normalize[1]),)
+        if min(std) <= 0 or {len(mean), len(std)} - {1, channels}:
+            raise ValueError
+    except (TypeError, ValueError, IndexError, KeyError):
+        raise DataError(f"preset {preset_name!r}: option normalize={normalize!r} must be 'auto', None, 'imagenet', "
+                        f"'penet', 'zscore', (mean, std > 0) or {{'mean': [...], 'std': [...]}} with 1 or "
+                        f"{channels} values") from None
     return [NormalizeIntensityd(keys, subtrahend=np.array(mean * (channels // len(mean)), dtype=np.float32),
                                 divisor=np.array(std * (channels // len(std)), dtype=np.float32),
                                 channel_wise=True)]
@@ -256,8 +304,8 @@ def _geometric_augmentation(spatial_dims: int, keys: list, label_key, *, rotate:
 
 # ----------------------------------------------------------------------------------------------- presets
 def ct_preset(keys: list, label_key, train: bool, *, window=PENET_WINDOW, orientation: str | None = "RAS",
-              spacing=None, size=192, resize=None, normalize=None, rotate: float = 15.0, zoom: float = 0.1,
-              intensity: float = 0.05, flip=False, prob: float = 0.5) -> Compose:
+              spacing=None, size=192, resize=None, normalize="auto", weights=None, rotate: float = 15.0,
+              zoom: float = 0.1, intensity: float = 0.05, flip=False, prob: float = 0.5) -> Compose:
     """CT volumes -> (1, D, H, W) in [0, 1] (before ``normalize``); ``size``/``resize`` are in-plane (H, W).
     ``orientation="LPS"`` makes each axial slice look as DICOM viewers show it (row 0 anterior, column 0 the
     patient's right); RAS shows it mirrored in both axes."""
@@ -283,11 +331,11 @@ def ct_preset(keys: list, label_key, train: bool, *, window=PENET_WINDOW, orient
         if intensity:
             chain += [RandScaleIntensityd(keys, factors=intensity, prob=prob),
                       RandShiftIntensityd(keys, offsets=intensity, prob=prob)]
-    return _finish(chain, keys, label_key, normalize, 1, "ct")
+    return _finish(chain, keys, label_key, normalize, weights, PRESET_CHANNELS["ct"], "ct")
 
 
-def cxr_preset(keys: list, label_key, train: bool, *, size=224, resize=None, intensity="minmax", normalize=None,
-               rotate: float = 10.0, zoom: float = 0.1, gamma: float = 0.2, flip=False,
+def cxr_preset(keys: list, label_key, train: bool, *, size=224, resize=None, intensity="minmax", normalize="auto",
+               weights=None, rotate: float = 10.0, zoom: float = 0.1, gamma: float = 0.2, flip=False,
                prob: float = 0.5) -> Compose:
     """X-rays -> (1, H, W) in [0, 1] (before ``normalize``). ``intensity``: ``"minmax"`` per image, or a fixed
     ``(low, high)`` range clipped to [0, 1] (e.g. (0, 255) keeps 8-bit brightness)."""
@@ -304,11 +352,11 @@ def cxr_preset(keys: list, label_key, train: bool, *, size=224, resize=None, int
         chain += _geometric_augmentation(2, keys, label_key, rotate=rotate, zoom=zoom, flip=flip, prob=prob)
         if gamma:
             chain.append(RandAdjustContrastd(keys, prob=prob, gamma=(1.0 - gamma, 1.0 + gamma)))
-    return _finish(chain, keys, label_key, normalize, 1, "cxr")
+    return _finish(chain, keys, label_key, normalize, weights, PRESET_CHANNELS["cxr"], "cxr")
 
 
 def pathology_preset(keys: list, label_key, train: bool, *, size=128, resize=None, intensity=(0.0, 255.0),
-                     normalize="imagenet", jitter=(0.25, 0.25, 0.25, 0.05), flip=True,
+                     normalize="auto", weights=None, jitter=(0.25, 0.25, 0.25, 0.05), flip=True,
                      prob: float = 0.8) -> Compose:
     """RGB patches -> (3, H, W). ``jitter`` = ColorJitter's (brightness, contrast, saturation, hue), applied with
     probability ``prob``; ``flip`` adds flips of both axes and random 90-degree rotations (orientation-free tissue)."""
@@ -331,7 +379,7 @@ def pathology_preset(keys: list, label_key, train: bool, *, size=128, resize=Non
             color = RandTorchVisiond(keys, name="ColorJitter", brightness=brightness, contrast=contrast,
                                      saturation=saturation, hue=hue)
             chain.append(_RandApplyd(color, prob))
-    return _finish(chain, keys, label_key, normalize, 3, "pathology")
+    return _finish(chain, keys, label_key, normalize, weights, PRESET_CHANNELS["pathology"], "pathology")
 
 
 class _RandApplyd(RandomizableTransform, MapTransform):
@@ -379,8 +427,8 @@ class PresetCompose(Compose):
             return super().__call__(input_, *args, **kwargs)
 
 
-def _finish(chain: list, keys: list, label_key, normalize, channels: int, preset_name: str) -> PresetCompose:
-    chain += _normalize_transform(keys, normalize, channels, preset_name)
+def _finish(chain: list, keys: list, label_key, normalize, weights, channels: int, preset_name: str) -> PresetCompose:
+    chain += _normalize_transform(keys, normalize, channels, preset_name, weights)
     if label_key:
         chain.append(CastToTyped(label_key, dtype=torch.int64))
     return PresetCompose(chain)

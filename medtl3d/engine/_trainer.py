@@ -262,7 +262,7 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
     if world > 1:  # a different world size changes the batches: such a checkpoint does not resume
         run_config["world_size"] = world
     provenance = None if rank else build_provenance(
-        weights=getattr(getattr(model, "backbone", None), "weights_source", None), config=run_config,
+        weights=_weights_of(getattr(model, "backbone", None)), config=run_config,
         data={"train": data_hash(dataset_items(train_data)), "val": data_hash(dataset_items(val_data))})
     run = _Run(model, opt, evaluator, output_dir, key_metric, task_metrics(task), val_every, initial_state,
                model_config, run_config, provenance=provenance, scheduler=lr_scheduler,
@@ -307,6 +307,11 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
         for closable in closables:
             closable.close()
     return _finish(run, trainer.state.epoch, world)
+
+
+def _weights_of(backbone) -> dict | str | None:
+    """What the backbone was loaded from: its load record (catalogue entry, file, SHA-256, tensors), else its source."""
+    return getattr(backbone, "weights_record", None) or getattr(backbone, "weights_source", None)
 
 
 def _score(value: float) -> float:

@@ -20,6 +20,7 @@ fine-tuning starts from.
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +29,7 @@ from torch import nn
 
 from ..backbones import Backbone, build_backbone, create_backbone, get_entry
 from ..errors import StrategyNotApplicableError
+from ..weights import get_weights, list_weights
 from ._model import TransferModel
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -203,9 +205,15 @@ def create_model(
 ) -> TransferModel:
     """One call from names to a ready model: ``create_backbone`` + ``apply_strategy``.
 
-    ``random`` ignores ``weights`` by definition; every other strategy starts from them.
+    ``random`` ignores ``weights`` by definition; every other strategy starts from them. The cut strategies
+    (truncate, transfusion, lwft, partial) warn loudly without weights: there is nothing to transfer.
     """
     source = None if strategy == "random" else weights
+    if weights is None and strategy in CUT_STRATEGIES:
+        named = [n for n in list_weights() if get_weights(n).architecture == backbone]
+        warnings.warn(f"strategy {strategy!r} on {backbone} WITHOUT pretrained weights: the kept units start random, "
+                      "so nothing is transferred; pass weights (" + (f"e.g. {named[0]}, " if named else "")
+                      + "see `medtl3d weights list`, or a file)", UserWarning, stacklevel=2)
     body = create_backbone(backbone, spatial_dims=spatial_dims, in_channels=in_channels, weights=source)
     return apply_strategy(body, strategy, num_classes, cut=cut, **strategy_kwargs)
 

@@ -1,13 +1,14 @@
-"""Named weights (``imagenet``...) fetched through torchvision's and timm's own hub mechanisms.
+"""timm pretrained tags fetched through timm's own hub mechanism, and how a failed fetch is told.
 
-Both cache downloads (``$TORCH_HOME/hub/checkpoints``, the Hugging Face cache), so a machine that fetched once, or
-whose cache was filled by hand, works offline. A fetch that fails says which of three things went wrong, in one line:
+timm caches downloads (the Hugging Face cache), so a machine that fetched once, or whose cache was filled by hand,
+works offline (the catalogue downloads other files itself: :mod:`.catalogue`). A fetch that fails says which of
+three things went wrong, in one line:
 
 - the hub is **not reachable** (no network, DNS, proxy, timeout): :class:`HubUnavailableError`, saying how to pass a
   local file instead;
 - the **download is corrupt** (hash mismatch, truncated or unreadable file in the cache):
   :class:`CorruptDownloadError`, saying to delete the cached file and fetch again;
-- there is **no such tag** (a torchvision weights enum member or a timm pretrained tag that does not exist):
+- there is **no such tag** (a timm pretrained tag that does not exist):
   :class:`UnknownWeightsTagError`, naming the tags that do.
 """
 
@@ -18,7 +19,6 @@ import zipfile
 from typing import Callable
 
 import timm
-import torchvision.models as tvm
 from timm.models import get_pretrained_cfg, is_model, list_pretrained, split_model_name_tag
 
 from ..errors import CorruptDownloadError, HubUnavailableError, UnknownWeightsTagError, setting
@@ -59,25 +59,6 @@ def _fetch_error(what: str, exc: Exception) -> Exception:
     """The one-line error for a failed fetch: corrupt download, else not reachable (network errors and anything
     else the hub libraries raise while fetching)."""
     return _corrupt_error(what, exc) if _is_corrupt(exc) else _offline_error(what, exc)
-
-
-def torchvision_weights(enum_path: str) -> Callable[[], dict]:
-    """Loader for a torchvision weights enum member such as ``"ResNet50_Weights.IMAGENET1K_V1"``."""
-
-    def load() -> dict:
-        enum_name, _, member = enum_path.partition(".")
-        enum = getattr(tvm, enum_name, None)
-        if enum is None or member not in getattr(enum, "__members__", {}):
-            known = ", ".join(f"{enum_name}.{m}" for m in getattr(enum, "__members__", {})) or "none"
-            raise UnknownWeightsTagError(f"torchvision has no weights {enum_path!r} (known: {known})")
-        weights = enum[member]
-        try:
-            return weights.get_state_dict(progress=False, check_hash=True)
-        except Exception as exc:  # urllib/ssl/socket errors: "not reachable"; hash or zip errors: "corrupt"
-            raise _fetch_error(f"torchvision {enum_path} from {weights.url}", exc) from exc
-
-    load.source = f"torchvision:{enum_path}"
-    return load
 
 
 def timm_weights(model_name: str) -> Callable[[], dict]:

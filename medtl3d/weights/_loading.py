@@ -1,6 +1,7 @@
 """Reading weight files safely and loading them into a backbone (and optionally its published head).
 
-Accepted sources: ``None``; a registered name (``imagenet``) fetched through torchvision/timm; a local
+Accepted sources: ``None``; a catalogue name (:mod:`.catalogue`: ``densenet121.imagenet``, or ``imagenet`` for the
+backbone's own entry; timm tags); a local
 ``.pth/.pt/.bin/.ckpt/.safetensors/.npz`` file in any of the known layouts. Files are read with
 ``torch.load(weights_only=True)`` (never arbitrary unpickling) or ``numpy.load(allow_pickle=False)``; wrappers such as
 ``{"state_dict": ...}`` (Hara), ``{"model_state": ...}`` (PENet) and ``module.`` prefixes are removed; the family's
@@ -11,7 +12,7 @@ are inflated for 3D twins. Anything that still does not fit is an error that lis
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import UnsafeCheckpointError, WeightsError
+from ..provenance import sha256_file
 from ._adapt import adapt_input_channels, inflate_state_dict
+from .catalogue import WeightsEntry, entry_for_file, entry_state, get_weights, list_weights, weights_for
 
 WRAPPER_KEYS = ("state_dict", "model_state", "model_state_dict", "model", "net", "network", "params_ema")
 PREFIXES = ("module.", "_orig_mod.")
@@ -30,12 +33,33 @@ FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".npz", ".tar")
 
 @dataclass
 class LoadReport:
-    """What happened while loading: where from, which tensors were adapted, and the published head."""
+    """What happened while loading: where from, how many tensors loaded, which were adapted (first conv to the
+    input channels, 2D kernels inflated to 3D), and the published head kept aside."""
 
     source: str
     adapted: list[str] = field(default_factory=list)
     inflated: list[str] = field(default_factory=list)
     head_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    loaded: int = 0
+    channels: str | None = None
+
+    def describe(self) -> dict:
+        """The report as plain data, recorded in the model's provenance (loading is strict: a missing tensor stops
+        it, so a finished load has none missing)."""
+        return {"tensors_loaded": self.loaded, "tensors_missing": 0, "adapted": list(self.adapted),
+                "channel_adaptation": self.channels, "inflated_to_3d": len(self.inflated),
+                "published_head": sorted(self.head_state)}
+
+    def summary(self) -> str:
+        """One line for the log."""
+        parts = [f"{self.loaded} tensors loaded, 0 missing"]
+        if self.channels:
+            parts.append(self.channels)
+        if self.inflated:
+            parts.append(f"{len(self.inflated)} kernels inflated 2D->3D")
+        if self.head_state:
+            parts.append(f"published head ({', '.join(sorted(self.head_state))}) kept aside")
+        return "; ".join(parts)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -95,21 +119,30 @@ def _is_state_dict(raw: Mapping) -> bool:
     return len(raw) > 0 and all(isinstance(v, torch.Tensor) for v in raw.values())
 
 
-def resolve_weights(backbone_name: str, weights: str | Path, *,
-                    hub_weights: Mapping[str, Callable[[], Mapping]]) -> tuple[dict[str, torch.Tensor], str]:
-    """State dict and a description of its source, from a registered name (a key of ``hub_weights``, the
-    backbone's registry entry's fetchers) or a file path."""
-    if isinstance(weights, str) and weights in hub_weights:
-        fetch = hub_weights[weights]
-        return flatten_checkpoint(fetch(), weights), getattr(fetch, "source", weights)
+def resolve_weights(backbone_name: str, weights: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """State dict and the record of where it came from, for ``weights``: a file (recognised as a catalogue entry's
+    published file by its name, then checked by hash), or a catalogue name (``densenet121.imagenet``, or short:
+    ``imagenet`` for ``<backbone>.imagenet``; ``timm/<model>.<tag>`` or the tag alone for timm backbones)."""
     path = Path(weights)
     if path.is_file():
-        return read_checkpoint(path), str(path)
-    known = ", ".join(sorted(hub_weights)) or "none"
+        entry = entry_for_file(path)
+        if entry is None:
+            return read_checkpoint(path), {"entry": None, "file": str(path.resolve()), "sha256": sha256_file(path)}
+        return entry_state(_fitting(entry, backbone_name), path, read_checkpoint)
+    entry = weights_for(backbone_name, str(weights))
+    if entry is not None:
+        return entry_state(_fitting(entry, backbone_name), None, read_checkpoint)
+    known = [n for n in list_weights() if get_weights(n).architecture == backbone_name]
     raise WeightsError(
-        f"weights={str(weights)!r} for backbone {backbone_name!r} is neither an existing file nor a registered "
-        f"weight name (registered for {backbone_name}: {known})"
+        f"weights={str(weights)!r} for backbone {backbone_name!r} is neither an existing file nor a catalogue name "
+        f"(for {backbone_name}: {', '.join(known) or 'none'}; `medtl3d weights list` shows all)"
     )
+
+
+def _fitting(entry: WeightsEntry, backbone_name: str) -> WeightsEntry:
+    if entry.architecture != backbone_name:
+        raise WeightsError(f"weights {entry.name!r} are for architecture {entry.architecture!r}, not {backbone_name!r}")
+    return entry
 
 
 def first_conv_key(model: nn.Module, in_channels: int) -> str | None:
@@ -135,8 +168,11 @@ def load_backbone_state(backbone, state: dict[str, torch.Tensor], source: str, *
     body = _normalise_batch_counters(body, target)
     conv_key = first_conv_key(backbone, backbone.in_channels)
     if conv_key in body and conv_key in target and body[conv_key].shape[1] != target[conv_key].shape[1]:
-        body[conv_key] = adapt_input_channels(body[conv_key], target[conv_key].shape[1])
+        have, want = body[conv_key].shape[1], target[conv_key].shape[1]
+        body[conv_key] = adapt_input_channels(body[conv_key], want)
         report.adapted.append(conv_key)
+        report.channels = f"{conv_key}: {have} -> {want} input channels (" + (
+            "kernels summed" if want == 1 else f"kernels repeated, scaled by {have}/{want}") + ")"
     body, report.inflated = inflate_state_dict(body, target)  # after adapting: a 1-channel 3D twin of an RGB net
 
     missing = sorted(set(target) - set(body))
@@ -149,6 +185,7 @@ def load_backbone_state(backbone, state: dict[str, torch.Tensor], source: str, *
     if missing or unexpected or mismatched:
         raise WeightsError(_mismatch_message(backbone.name, source, missing, unexpected, mismatched))
     backbone.load_state_dict({k: v.to(target[k].dtype) for k, v in body.items()}, strict=True)
+    report.loaded = len(body)
     return report
 
 
