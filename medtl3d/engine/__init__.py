@@ -9,22 +9,28 @@ a registered builder (``register_builder(name, fn)`` adds one; any other name in
 
 from ._builders import available_builders, register_builder
 from ._checkpoint import load_checkpoint, load_model
-from ._tasks import TASKS, default_key_metric
-from ._trainer import OPTIMIZERS, EvalResult, TrainResult, evaluate, train
+from ._tasks import TASKS, BatchPreparer, default_key_metric, make_loss
+from ._trainer import OPTIMIZERS, evaluate, train
+from .results import EvalResult, TrainResult
 from .metrics import aggregate_series, classification_metrics, segmentation_metrics
+from .optim import build_scheduler, param_groups
 
 __all__ = [
+    "BatchPreparer",
     "OPTIMIZERS",
     "TASKS",
     "EvalResult",
     "TrainResult",
     "aggregate_series",
     "available_builders",
+    "build_scheduler",
     "classification_metrics",
     "default_key_metric",
     "evaluate",
     "load_checkpoint",
     "load_model",
+    "make_loss",
+    "param_groups",
     "register_builder",
     "segmentation_metrics",
     "train",
