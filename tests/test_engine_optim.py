@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from medtl3d.engine import _trainer, load_checkpoint, train
 import medtl3d.engine.handlers.progress as progress_handler
+from medtl3d.engine import _trainer, load_checkpoint, train
 from medtl3d.engine.optim import build_scheduler, no_weight_decay, param_groups
 from medtl3d.engine.selection import select_epoch
 from medtl3d.errors import TrainingError

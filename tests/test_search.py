@@ -232,7 +232,7 @@ def test_ray_executor_reproduces_local_numbers(searched, tmp_path):
 # ------------------------------------------------------------------------------------------------ bundles, CLI, errors
 def _plain_ids(train: dict) -> set[str]:
     set_by_search = {"imports", "bundle_root", "output_dir", "ckpt_path", "strategy", "cut", "fold", "seed",
-                     "initialize", "run"}
+                     "initialize", "run", "finalize", "checks"}
     return {k for k, v in train.items() if k not in set_by_search and not isinstance(v, dict)
             and not (isinstance(v, str) and v[:1] in "$@" and k != "device")}
 

@@ -5,6 +5,8 @@ state, and bit-exact resume.
 ``train(model, train_data, val_data, task=...)`` fine-tunes and checkpoints, ``evaluate(model, data, task=...)``
 scores (optionally per series), ``load_model(path)`` rebuilds a checkpointed model from its ``model_config`` with
 a registered builder (``register_builder(name, fn)`` adds one; any other name in a file is refused).
+:mod:`medtl3d.engine.components` and :mod:`medtl3d.engine.handlers` are the pieces ``train`` and the bundles'
+``train.yaml`` build a run from.
 """
 
 from ._builders import available_builders, register_builder

@@ -1,16 +1,15 @@
 """``train`` and ``evaluate`` on MONAI's ignite engines (``SupervisedTrainer`` / ``SupervisedEvaluator``).
 
-The engines, ``ValidationHandler``, ignite ``EarlyStopping`` / ``ProgressBar`` and MONAI's TensorBoard / MLflow
-handlers do the work; this module wires them for a task and adds what they lack for this project:
+``train`` assembles, in Python, the run a bundle's ``train.yaml`` assembles in YAML, from the same pieces: the
+components of :mod:`medtl3d.engine.components` (loaders, data checks, initial state, provenance, DDP wrapper,
+metrics), the optimizer over :func:`~medtl3d.engine.optim.param_groups`, a schedule of
+:func:`~medtl3d.engine.optim.build_scheduler`, and the handlers of :mod:`medtl3d.engine.handlers` in the YAML's
+order (MONAI's ``ValidationHandler`` and TensorBoard / MLflow handlers among them). What it adds over the YAML is
+the checking of its keyword options, each error naming the option.
 
-- per-(seed, epoch) deterministic shuffling and augmentation seeds, and RNG states in every checkpoint, so a run
-  killed mid-epoch resumes from ``last.pt`` and ends bit-identical (on CPU) to an uninterrupted run;
-- one checkpoint format holding the model's initial state and the config to rebuild it (see ``_checkpoint``);
-- options and labels checked before the first iteration, with errors naming the option / row;
-- data-parallel training when ``torch.distributed`` is initialised with more than one process (``torchrun``, the
-  bundles' ``multi_gpu_train.yaml``): ``DistributedDataParallel`` around the model, each rank its share of every
-  epoch, rank 0's validation metrics on every rank (identical best-checkpoint and early-stopping decisions), and
-  only rank 0 writing checkpoints, history and logs.
+Resume is bit-identical on CPU (per-(seed, epoch) data seeds, RNG states in every checkpoint); under ``torchrun``
+(the bundles' ``multi_gpu_train.yaml``) training is data-parallel, rank 0's validation metrics decide on every
+rank, and only rank 0 writes.
 """
 
 from __future__ import annotations
