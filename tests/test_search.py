@@ -312,7 +312,7 @@ class _Killed(BaseException):
 def test_interrupted_trial_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
     """A trial killed after its first epoch's checkpoint is continued from it on the re-run (not retrained) and
     ends with exactly the metrics of an uninterrupted search."""
-    import medtl3d.engine._trainer as trainer
+    import medtl3d.engine.handlers.checkpoint as trainer
 
     settings = dict(overrides={**TINY, "epochs": 2}, strategies=["truncate"], cuts=["layer1"], stage2=False, **FAST)
     whole = run_search(CXR, tmp_path / "whole", **settings)

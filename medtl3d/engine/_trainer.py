@@ -28,8 +28,7 @@ from . import components, handlers
 from ._blocks import ID_KEY, _rank_and_world
 from ._builders import plain_config
 from ._checks import _check_options, _device_and_amp, _first_sample, _probe_outputs
-from ._tasks import BatchPreparer, check_labels_upfront, check_task, default_key_metric, make_loss, task_metrics
-from .metrics import AGGREGATIONS
+from ._tasks import BatchPreparer, check_labels_upfront, default_key_metric, make_loss, task_metrics
 from .optim import OPTIMIZERS, build_scheduler, check_scheduler, param_groups
 from .results import EvalResult, TrainResult
 from .runtime import check_num_threads, torch_threads
@@ -188,16 +187,11 @@ def evaluate(model: nn.Module, data, *, task: str, batch_size: int = 8, device="
     ``jaccard`` (segmentation). With ``series_key`` rows and metrics are per series, windows aggregated by
     ``aggregation`` (max or mean) — the CTPA protocol.
     """
-    check_task(task)
-    if aggregation not in AGGREGATIONS:
-        raise TrainingError(f"aggregation={aggregation!r} is not supported; choose one of {', '.join(AGGREGATIONS)}")
-    if series_key is not None and task == "segmentation":
-        raise TrainingError("series_key (window -> series aggregation) applies to classification tasks only")
+    collector = components.case_metrics(task, series_key=series_key, aggregation=aggregation)
     device, use_amp = _device_and_amp(device, amp)
     model.to(device)
     num_outputs = _probe_outputs(model, _first_sample(data, "data"), task, device, "data")
     check_labels_upfront(data, task, num_outputs, "data", series_key or ID_KEY)
-    collector = components.case_metrics(task, series_key=series_key, aggregation=aggregation)
     evaluator = SupervisedEvaluator(
         device=device, network=model, val_data_loader=components.val_loader(data, batch_size, device=device),
         prepare_batch=BatchPreparer(task, num_outputs, series_key or ID_KEY, "data"),

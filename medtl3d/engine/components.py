@@ -21,8 +21,8 @@ from torch.utils.data.distributed import DistributedSampler
 from ..provenance import build_provenance, data_hash, dataset_items
 from ._blocks import ID_KEY, _rank_and_world
 from ._builders import plain_config
-from ._checks import _first_sample, _probe_outputs, resolve_device
-from ._tasks import CaseCollector, check_labels_upfront, make_loss
+from ._checks import _first_sample, _probe_outputs, check_count, check_series, resolve_device
+from ._tasks import CaseCollector, check_labels_upfront, check_task, make_loss
 
 
 def train_loader(dataset, batch_size: int, *, num_workers: int = 0, seed: int = 0, device="cpu") -> DataLoader:
@@ -31,6 +31,8 @@ def train_loader(dataset, batch_size: int, *, num_workers: int = 0, seed: int = 
     earlier epochs consumed a shared generator and each rank gets an equal share; the loader's own generator
     (reseeded per epoch by :class:`~medtl3d.engine.handlers.EpochSeeds`) only seeds workers and transforms. A last
     batch of one sample is dropped: it cannot train batch norm."""
+    check_count("batch_size", batch_size, 1)
+    check_count("num_workers", num_workers, 0)
     rank, world = _rank_and_world()
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     single_last = len(sampler) % batch_size == 1 and len(sampler) > 1
@@ -42,6 +44,8 @@ def train_loader(dataset, batch_size: int, *, num_workers: int = 0, seed: int = 
 def val_loader(dataset, batch_size: int, *, num_workers: int = 0, device="cpu") -> DataLoader:
     """The validation loader, in dataset order; with several ranks each evaluates cases rank, rank + world, ...
     (no padding duplicates; :class:`~medtl3d.engine._tasks.CaseCollector` gathers them back)."""
+    check_count("batch_size", batch_size, 1)
+    check_count("num_workers", num_workers, 0)
     rank, world = _rank_and_world()
     sampler = None if world == 1 else MonaiDistributedSampler(dataset, even_divisible=False, num_replicas=world,
                                                               rank=rank, shuffle=False)
@@ -104,6 +108,8 @@ def run_config(**fields) -> dict:
 
 def case_metrics(task: str, *, series_key: str | None = None, aggregation: str = "max") -> CaseCollector:
     """Every metric of ``task`` from the whole validation epoch (per series with ``series_key``)."""
+    check_task(task)
+    check_series(task, series_key, aggregation)
     return CaseCollector(task, id_key=ID_KEY, series_key=series_key, aggregation=aggregation,
                          world=_rank_and_world()[1])
 

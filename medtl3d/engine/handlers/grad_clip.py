@@ -6,12 +6,15 @@ import torch
 from ignite.engine import Engine
 from monai.engines import IterationEvents
 
+from .._checks import check_grad_clip
+
 
 class GradClip:
     """Clip the norm of the gradients of every parameter the trainer's optimizer steps to ``max_norm``, after the
     backward pass (AMP gradients unscaled first)."""
 
     def __init__(self, max_norm: float) -> None:
+        check_grad_clip(max_norm)
         self.max_norm = max_norm
 
     def attach(self, engine: Engine) -> None:

@@ -6,6 +6,8 @@ from ignite.engine import Engine
 from monai.handlers import LrScheduleHandler
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
+from ...errors import TrainingError
+
 
 class LrSchedule:
     """``ReduceLROnPlateau``: after each validation, on the validation loss (``evaluator.state.metrics["loss"]``);
@@ -14,6 +16,8 @@ class LrSchedule:
     ``per_iteration`` overrides the last two."""
 
     def __init__(self, lr_scheduler, evaluator: Engine | None = None, per_iteration: bool | None = None) -> None:
+        if isinstance(lr_scheduler, ReduceLROnPlateau) and evaluator is None:
+            raise TrainingError("ReduceLROnPlateau steps on the validation loss: give LrSchedule the evaluator")
         self.scheduler, self.evaluator = lr_scheduler, evaluator
         self.per_iteration = getattr(lr_scheduler, "per_iteration", False) if per_iteration is None else per_iteration
 
