@@ -47,7 +47,8 @@ def _check_type(config_id: str, value: Any, expected: type) -> None:
 def check_overrides(config_files: str | Sequence[str], overrides: Mapping[str, Any]) -> None:
     """Refuse overrides that the config files do not define, naming the closest ids (MONAI adds an unknown id as a
     new entry, so ``--epoch 3`` would train with the default), and values that do not fit a numeric or true/false
-    default (``--epochs abc``). Nested ids (``preprocessing#preset_options#size``) are followed level by level."""
+    default (``--epochs abc``). Nested ids (``preprocessing#preset_options#size``) are followed level by level; a
+    component (a mapping with ``_target_``) may get new arguments."""
     files = [config_files] if isinstance(config_files, (str, os.PathLike)) else list(config_files)
     where = ", ".join(Path(f).name for f in files)
     defined = ConfigParser.load_config_files(files)
@@ -56,6 +57,9 @@ def check_overrides(config_files: str | Sequence[str], overrides: Mapping[str, A
         for part in re.split("#|::", config_id):
             if not isinstance(node, dict):
                 node = None  # inside a list or a value: MONAI resolves (or refuses) such paths itself
+                break
+            if part not in node and "_target_" in node:
+                node = None  # a new argument of a component (--optimizer#momentum 0.9): its class checks it
                 break
             if part not in node:
                 close = difflib.get_close_matches(part, [str(k) for k in node if not str(k).startswith("_")], n=3)

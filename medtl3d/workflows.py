@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from contextlib import ExitStack, contextmanager
-from functools import partial
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -33,24 +32,22 @@ from .data.datalists import load_datalist
 from .data.io import LoadCased
 from .data.prepare import PHANTOMS, prepare_datalist  # noqa: F401
 from .data.splits import format_split, holdout_split, kfold_split, split_summary
-from .data.presets import effective_options
 from .engine import load_checkpoint
 from .engine.lr_finder import find_lr
+from .engine.results import settings_path
 from .errors import DataError, Medtl3dError, OutputLockedError, SearchError, UnknownCutPointError, interface
 from .evaluation import case_report, choose_threshold, write_evaluation
 from .inference import infer_folder, load_network
-from .locking import output_lock
 from .models import TruncatedUNet
 from .models.builders import _weights_id, build_classifier, build_segmenter  # noqa: F401
+from .locking import output_lock
 from .provenance import data_hash, dataset_items, sha256_file
-from .reporting import atomic_write, markdown_table, write_csv, write_text
+from .reporting import markdown_table, write_csv, write_text
 from .search import run_search
 from .strategies import CUT_STRATEGIES, STRATEGIES
 from .weights import is_weights_name, weights_for
 
 TASKS = ("binary", "multiclass", "multilabel", "segmentation")
-BUNDLE_CHECKPOINT_KEYS = ("format", "model", "initial_state", "model_config", "key_metric", "best_metric", "best_epoch",
-                          "history", "run_config", "provenance")
 explain_config_security()  # MONAI's warning that bundle configs are code: our one line, once per process
 
 
@@ -224,11 +221,6 @@ def image_dataset(items: Sequence[dict], transform, *, task: str, cache: bool = 
 
 # --------------------------------------------------------------------------------------------- models
 # --------------------------------------------------------------------------------------------- runs
-def settings_path(ckpt_path: str) -> Path:
-    """The JSON next to a checkpoint (``model.pt`` / its ``model.ts`` export) that records its preprocessing."""
-    return Path(ckpt_path).with_suffix(".json")
-
-
 def inference_settings(ckpt_path: str) -> dict:
     """The preprocessing a checkpoint was trained with (written by :func:`train`), so inference matches it: from
     inside ``model.pt`` itself (so weights and settings always come from the same run), else from the JSON beside
@@ -245,62 +237,27 @@ def inference_settings(ckpt_path: str) -> dict:
 
 
 @contextmanager
-def _one_writer(ckpt_path: str, output_dir: str):
-    """The locks of the model's folder and the training folder, held by the rank that writes for the whole run;
-    a run that finds either held by another run stops at once, naming the config id, folder and holder."""
-    with ExitStack() as stack:
-        if not (torch.distributed.is_initialized() and torch.distributed.get_rank() > 0):
-            for config_id, folder in (("ckpt_path", Path(ckpt_path).parent), ("output_dir", Path(output_dir))):
-                _hold(stack, config_id, folder)
-        yield
-
-
-def _hold(stack: ExitStack, config_id: str, folder: Path) -> None:
-    """Hold ``folder``'s output lock on ``stack``; a lock another run holds stops at once, naming the config id."""
+def _locked(config_id: str, folder: str | Path):
+    """Hold ``folder``'s output lock; one that another run holds stops at once, naming the config id."""
     try:
-        stack.enter_context(output_lock(folder))
+        with output_lock(folder):
+            yield
     except OutputLockedError as err:
         raise ConfigIdError(config_id, str(err)) from None
 
 
 def train(model: nn.Module, train_data, val_data, *, task: str, output_dir: str, ckpt_path: str,
           inference: Mapping | None = None, **engine_options: Any) -> dict:
-    """Fine-tune with :func:`medtl3d.engine.train`; the best checkpoint becomes the bundle's ``models/model.pt``,
-    ``inference`` (preset, its options, task, windows) is saved beside it for the inference config, and
-    ``<output_dir>/train_summary.json`` records the run (its split included: :func:`split_summary`).
-
-    One run at a time writes a bundle's model and training folders (a second is refused at once). ``model.pt`` is
-    the run's commit point and self-contained: weights, settings, history, result and provenance in one atomic
-    file, written after ``model.json`` and ``train_summary.json`` (both stamped with the same ``run_id``), so a
-    reader of ``model.pt`` never combines parts of two runs."""
-    with _one_writer(ckpt_path, output_dir):
-        result = engine.train(model, train_data, val_data, task=task, output_dir=output_dir,
-                              model_config=getattr(model, "model_config", None), **engine_options)
-        if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:  # rank 0 writes the files
-            return {"key_metric": result.key_metric, "best_metric": result.best_metric,
-                    "best_epoch": result.best_epoch}
-        source = engine.load_checkpoint(result.best_checkpoint or result.last_checkpoint)
-        target = Path(ckpt_path)
-        run_id = (source.get("provenance") or {}).get("run_id")  # None: a checkpoint older than provenance
-        settings = {"task": task, **dict(inference or {})}
-        if "preset" in settings:  # normalize='auto' recorded as what it resolved to: inference repeats it as is
-            settings["preset_options"] = effective_options(settings["preset"], settings.get("preset_options") or {})
-        describe = model.describe() if hasattr(model, "describe") else {}
-        summary = {"run_id": run_id, "key_metric": result.key_metric, "best_metric": result.best_metric,
-                   "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "checkpoint": str(target),
-                   "model": describe, "history": result.history,
-                   "split": split_summary({"train": dataset_items(train_data) or [],
-                                           "val": dataset_items(val_data) or []})[0]}
-        write_text(settings_path(target), json.dumps({"run_id": run_id, **settings}, indent=2))
-        write_text(Path(output_dir) / "train_summary.json", json.dumps(summary, indent=2, default=str))
-        # the bundle's model: weights, the initial state (for the analyses), how to rebuild it, its settings and
-        # provenance; no optimizer state. Written last: it is what readers trust.
-        model_file = {**{k: source[k] for k in BUNDLE_CHECKPOINT_KEYS if k in source}, "inference": settings,
-                      "epochs_run": result.epochs_run}
-        atomic_write(target, partial(torch.save, model_file), durable=True)
-    print(f"medtl3d: best {result.key_metric} = {result.best_metric:.4f} at epoch {result.best_epoch}; "
-          f"model saved to {target}")
-    return summary
+    """Fine-tune with :func:`medtl3d.engine.train` (the run a bundle's ``train.yaml`` builds); the best
+    checkpoint becomes the bundle's ``models/model.pt``, ``inference`` (preset, its options, task, windows) is
+    saved beside it for the inference config, and ``<output_dir>/train_summary.json`` records the run
+    (:class:`medtl3d.engine.handlers.ExportModel`). One run at a time writes a bundle's model and training
+    folders (a second is refused at once, naming the config id)."""
+    engine.train(model, train_data, val_data, task=task, output_dir=output_dir, ckpt_path=ckpt_path,
+                 inference=inference, model_config=getattr(model, "model_config", None),
+                 lock={"ckpt_path": str(Path(ckpt_path).parent), "output_dir": output_dir}, **engine_options)
+    summary = Path(output_dir) / "train_summary.json"
+    return json.loads(summary.read_text()) if summary.is_file() else {}
 
 
 def _training_record(ckpt_path: str) -> dict:
@@ -330,8 +287,7 @@ def evaluate(ckpt_path: str, data, *, task: str, output_dir: str, val_data=None,
     can pair runs across folds x seeds."""
     out = Path(output_dir)
     model = load_network(ckpt_path)
-    with ExitStack() as stack:
-        _hold(stack, "output_dir", out)
+    with _locked("output_dir", out):
         result = engine.evaluate(model, data, task=task, **engine_options)
         threshold = None
         if task == "binary":

@@ -105,7 +105,7 @@ def lung_segmentation(seed: int, threads: int, root: Path, epochs: int = 10) -> 
             writer.writerow([lungs / row["image"], lungs / row["mask"], patient[Path(row["image"]).stem]])
     settings = {"output_dir": str(root / "run"), "ckpt_path": str(root / "run" / "model.pt"),
                 "datalist": str(datalist), "label_field": "mask", "backbone": "mobilenet_v2", "weights": str(weights),
-                "image_size": 128, "epochs": epochs, "batch_size": 8, "lr": 0.002, "optimizer": "adamw",
+                "image_size": 128, "epochs": epochs, "batch_size": 8, "lr": 0.002,
                 "n_folds": 5, "fold": 0, "test_fraction": 0.2, "seed": seed, "amp": False, "tensorboard": False,
                 "device": "cpu", "num_threads": threads}
     configs = [str(REPO / "bundles" / "cxr_lung_segmentation" / "configs" / f) for f in ("train.yaml", "evaluate.yaml")]

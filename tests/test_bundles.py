@@ -131,24 +131,10 @@ def test_evaluate_scores_the_test_split(bundle):
     assert all((out / "eval" / f).is_file() for f in report["files"].values())
     if name == "cxr_lung_segmentation":
         assert {m["metric"] for m in report["metrics"]} == {"dice", "jaccard", "hd95"} and "hd95" in rows[0]
-    else:
-        assert "not chosen on data" in report["threshold"]["rule"]  # evaluate.yaml passes no val_data (yet)
-
-
-@pytest.mark.slow
-def test_evaluate_chooses_the_threshold_on_validation_data(bundle, tmp_path):
-    """The YAML change that gives the operating point its validation threshold: ``val_data=@val_dataset``."""
-    if bundle["name"] != "cxr_classification":
-        pytest.skip("one binary bundle is enough")
-    override = tmp_path / "evaluate_val.yaml"
-    line = Path(_configs("cxr_classification", "evaluate.yaml")[0]).read_text().split("run:\n")[1].strip()
-    override.write_text("run:\n" + line.replace("task=@task,", "task=@task, val_data=@val_dataset,") + "\n")
-    run(config_file=_configs("cxr_classification", "train.yaml", "evaluate.yaml") + [str(override)],
-        **{**bundle["common"], "output_dir": str(tmp_path / "run")})
-    report = json.loads((tmp_path / "run" / "eval" / "evaluation.json").read_text())
-    threshold = report["threshold"]
-    assert threshold["rule"].startswith("youden on ") and 0.0 < threshold["threshold"] < 1.0
-    assert report["operating_point"]["threshold"] == threshold["threshold"]
+    else:  # evaluate.yaml passes val_data: the operating point's threshold is chosen on the validation split
+        threshold = report["threshold"]
+        assert threshold["rule"].startswith("youden on ") and 0.0 < threshold["threshold"] < 1.0
+        assert report["operating_point"]["threshold"] == threshold["threshold"]
 
 
 def _predictions(csv_path: Path, n_cases: int) -> dict[str, dict]:

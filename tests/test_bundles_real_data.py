@@ -71,7 +71,7 @@ def test_lung_segmentation_evaluates_held_out_patients(tmp_path):
     settings = {"output_dir": str(tmp_path / "run"), "ckpt_path": str(tmp_path / "run" / "model.pt"),
                 "datalist": str(datalist), "label_field": "mask", "backbone": "mobilenet_v2",
                 "weights": _imagenet_mobilenet(), "image_size": 128, "epochs": 10, "batch_size": 8, "lr": 0.002,
-                "optimizer": "adamw", "n_folds": 5, "fold": 0, "test_fraction": 0.2, "seed": 0, "amp": False,
+                "n_folds": 5, "fold": 0, "test_fraction": 0.2, "seed": 0, "amp": False,
                 "tensorboard": False, "device": "cpu"}
     start = time.perf_counter()
     run(config_file=_configs("cxr_lung_segmentation", "train.yaml"), **settings)

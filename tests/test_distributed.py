@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from medtl3d.engine import _trainer, train
+import medtl3d.engine.handlers.checkpoint as checkpoint_handler
+from medtl3d.engine import train
 
 # a constant rate: the run below is extended from 2 to 3 epochs on resume, which would change a cosine's horizon
 OPTIONS = {"task": "binary", "lr": 0.05, "optimizer": "adamw", "weight_decay": 0.01, "seed": 7, "scheduler": "constant",
@@ -79,8 +80,8 @@ def main(out):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     saves = []
-    write = _trainer.save_checkpoint
-    _trainer.save_checkpoint = lambda state, path: (saves.append(Path(path).name), write(state, path))[1]
+    write = checkpoint_handler.save_checkpoint
+    checkpoint_handler.save_checkpoint = lambda state, path: (saves.append(Path(path).name), write(state, path))[1]
     report = {"world": dist.get_world_size(), "val_reads": []}
     # a different init per rank (DDP starts every rank from rank 0's); the second call resumes from last.pt
     for call, (epochs, init_seed) in enumerate(((2, rank), (3, 100 + rank))):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import medtl3d.engine.handlers.progress as progress_handler
 from medtl3d.engine import _trainer, load_checkpoint, train
 from medtl3d.engine.optim import build_scheduler, no_weight_decay, param_groups
 from medtl3d.engine.selection import select_epoch
@@ -244,7 +245,7 @@ def test_progress_bar_only_on_a_terminal(tmp_path, capsys, monkeypatch):
     options = {"task": "binary", "epochs": 1, "batch_size": 4, "tensorboard": False, "progress": True}
     train(cbr(), rows(8, 0), rows(4, 1), output_dir=tmp_path / "log", **options)
     assert "\r" not in capsys.readouterr().err  # stderr is not a terminal under pytest
-    monkeypatch.setattr(_trainer, "on_terminal", lambda: True)
+    monkeypatch.setattr(progress_handler, "on_terminal", lambda: True)
     train(cbr(), rows(8, 0), rows(4, 1), output_dir=tmp_path / "tty", **options)
     assert "\r" in capsys.readouterr().err
 

@@ -232,7 +232,7 @@ def test_ray_executor_reproduces_local_numbers(searched, tmp_path):
 # ------------------------------------------------------------------------------------------------ bundles, CLI, errors
 def _plain_ids(train: dict) -> set[str]:
     set_by_search = {"imports", "bundle_root", "output_dir", "ckpt_path", "strategy", "cut", "fold", "seed",
-                     "initialize", "run"}
+                     "initialize", "run", "finalize", "checks"}
     return {k for k, v in train.items() if k not in set_by_search and not isinstance(v, dict)
             and not (isinstance(v, str) and v[:1] in "$@" and k != "device")}
 
@@ -312,7 +312,7 @@ class _Killed(BaseException):
 def test_interrupted_trial_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
     """A trial killed after its first epoch's checkpoint is continued from it on the re-run (not retrained) and
     ends with exactly the metrics of an uninterrupted search."""
-    import medtl3d.engine._trainer as trainer
+    import medtl3d.engine.handlers.checkpoint as trainer
 
     settings = dict(overrides={**TINY, "epochs": 2}, strategies=["truncate"], cuts=["layer1"], stage2=False, **FAST)
     whole = run_search(CXR, tmp_path / "whole", **settings)

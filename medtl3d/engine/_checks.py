@@ -64,23 +64,38 @@ def _check_options(task, epochs, lr, weight_decay, optimizer, batch_size, num_wo
                             f"{', '.join(task_metrics(task))}")
     if optimizer not in OPTIMIZERS:
         raise TrainingError(f"optimizer={optimizer!r} is not supported; choose one of {', '.join(OPTIMIZERS)}")
-    if aggregation not in AGGREGATIONS:
-        raise TrainingError(f"aggregation={aggregation!r} is not supported; choose one of {', '.join(AGGREGATIONS)}")
     for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("val_every", val_every, 1),
                              ("num_workers", num_workers, 0)):
-        if not isinstance(value, int) or value < low:
-            raise TrainingError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_count(name, value, low)
     if early_stop_patience is not None and (not isinstance(early_stop_patience, int) or early_stop_patience < 1):
         raise TrainingError(f"early_stop_patience must be None or an integer >= 1, got {early_stop_patience!r}")
     if not lr > 0:
         raise TrainingError(f"lr must be > 0, got {lr!r}")
     if weight_decay < 0:
         raise TrainingError(f"weight_decay must be >= 0, got {weight_decay!r}")
-    if grad_clip is not None and not grad_clip > 0:
-        raise TrainingError(f"grad_clip must be None or > 0, got {grad_clip!r}")
+    if grad_clip is not None:
+        check_grad_clip(grad_clip)
+    check_series(task, series_key, aggregation)
+    return key_metric
+
+
+def check_count(name: str, value, low: int) -> None:
+    """An integer option (epochs, batch size, workers, ...) of at least ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise TrainingError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def check_grad_clip(max_norm) -> None:
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
+        raise TrainingError(f"grad_clip must be None or > 0, got {max_norm!r}")
+
+
+def check_series(task: str, series_key: str | None, aggregation: str) -> None:
+    """Window -> series aggregation: a known rule, for classification tasks only."""
+    if aggregation not in AGGREGATIONS:
+        raise TrainingError(f"aggregation={aggregation!r} is not supported; choose one of {', '.join(AGGREGATIONS)}")
     if series_key is not None and task == "segmentation":
         raise TrainingError("series_key (window -> series aggregation) applies to classification tasks only")
-    return key_metric
 
 
 def resolve_device(device) -> torch.device:

@@ -183,6 +183,11 @@ class CaseCollector(Metric):
         self.rows: list[dict] = []
         super().__init__(metrics_result_mode="flatten")
 
+    def completed(self, engine, name: str) -> None:
+        """Each metric under its own name; ``name`` may be one of them (the evaluator's key metric), which
+        ignite's own flattening refuses."""
+        engine.state.metrics.update(self.compute())
+
     def reset(self) -> None:
         self._scores: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []

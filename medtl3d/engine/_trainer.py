@@ -1,174 +1,43 @@
 """``train`` and ``evaluate`` on MONAI's ignite engines (``SupervisedTrainer`` / ``SupervisedEvaluator``).
 
-The engines, ``ValidationHandler``, ignite ``EarlyStopping`` / ``ProgressBar`` and MONAI's TensorBoard / MLflow
-handlers do the work; this module wires them for a task and adds what they lack for this project:
+``train`` assembles, in Python, the run a bundle's ``train.yaml`` assembles in YAML, from the same pieces: the
+components of :mod:`medtl3d.engine.components` (loaders, data checks, initial state, provenance, DDP wrapper,
+metrics), the optimizer over :func:`~medtl3d.engine.optim.param_groups`, a schedule of
+:func:`~medtl3d.engine.optim.build_scheduler`, and the handlers of :mod:`medtl3d.engine.handlers` in the YAML's
+order (MONAI's ``ValidationHandler`` and TensorBoard / MLflow handlers among them). What it adds over the YAML is
+the checking of its keyword options, each error naming the option.
 
-- per-(seed, epoch) deterministic shuffling and augmentation seeds, and RNG states in every checkpoint, so a run
-  killed mid-epoch resumes from ``last.pt`` and ends bit-identical (on CPU) to an uninterrupted run;
-- one checkpoint format holding the model's initial state and the config to rebuild it (see ``_checkpoint``);
-- options and labels checked before the first iteration, with errors naming the option / row;
-- data-parallel training when ``torch.distributed`` is initialised with more than one process (``torchrun``, the
-  bundles' ``multi_gpu_train.yaml``): ``DistributedDataParallel`` around the model, each rank its share of every
-  epoch, rank 0's validation metrics on every rank (identical best-checkpoint and early-stopping decisions), and
-  only rank 0 writing checkpoints, history and logs.
+Resume is bit-identical on CPU (per-(seed, epoch) data seeds, RNG states in every checkpoint); under ``torchrun``
+(the bundles' ``multi_gpu_train.yaml``) training is data-parallel, rank 0's validation metrics decide on every
+rank, and only rank 0 writes.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
-import math
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from ignite.engine import Events
-from ignite.handlers import EarlyStopping
-from monai.data import DataLoader
-from monai.engines import IterationEvents, SupervisedEvaluator, SupervisedTrainer
-from monai.handlers import ValidationHandler
-from monai.utils import set_determinism
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.handlers import MLFlowHandler, TensorBoardStatsHandler, ValidationHandler
+from monai.utils import optional_import, set_determinism
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data.distributed import DistributedSampler
 
 from ..errors import TrainingError
-from ..locking import output_lock
-from ..provenance import build_provenance, data_hash, dataset_items
-from ..reporting import write_text
-from ._blocks import (ID_KEY, _attach_trackers, _EpochLoss, _EpochSeeds, _evaluator, _GradClip, _json_safe,
-                      _rank_and_world, _resume_check, _SameMetrics, _SyncBuffers, _write_history)
+from . import components, handlers
+from ._blocks import ID_KEY, _rank_and_world
 from ._builders import plain_config
-from ._checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ._checks import _check_options, _device_and_amp, _first_sample, _probe_outputs
-from ._tasks import BatchPreparer, check_labels_upfront, check_task, make_loss, task_metrics
-from .metrics import AGGREGATIONS
-from .optim import OPTIMIZERS, attach_scheduler, build_scheduler, check_scheduler, param_groups
-from .runtime import check_num_threads, on_terminal, torch_threads
-from .selection import ModelSelection, check_select
+from ._tasks import BatchPreparer, check_labels_upfront, default_key_metric, make_loss, task_metrics
+from .optim import OPTIMIZERS, build_scheduler, check_scheduler, param_groups
+from .results import EvalResult, TrainResult
+from .runtime import check_num_threads, torch_threads
+from .selection import check_select
 
 logger = logging.getLogger("medtl3d.engine")
 
 
-@dataclass
-class TrainResult:
-    """What a training run produced (``best_metric`` is nan when no validation had a defined key metric)."""
-
-    best_metric: float
-    best_epoch: int
-    key_metric: str
-    history: list[dict] = field(default_factory=list)
-    best_checkpoint: Path | None = None
-    last_checkpoint: Path | None = None
-    epochs_run: int = 0
-    select: str = "key_metric"
-
-
-@dataclass
-class EvalResult:
-    """Metrics of an evaluation and one prediction row per case (per series with ``series_key``)."""
-
-    metrics: dict[str, float]
-    predictions: list[dict]
-
-
-@dataclass
-class _Run:
-    """Bookkeeping of one run, written into every checkpoint at the end of each epoch."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    evaluator: SupervisedEvaluator
-    output_dir: Path
-    key_metric: str
-    metric_names: tuple[str, ...]
-    val_every: int
-    initial_state: dict
-    model_config: dict | None
-    run_config: dict
-    provenance: dict | None = None  # built by the writing rank only
-    early_stopping: EarlyStopping | None = None
-    scheduler: object = None  # a torch learning-rate scheduler (its state goes into every checkpoint)
-    selection: ModelSelection = field(default_factory=ModelSelection)
-    writes: bool = True  # False on the ranks > 0 of a distributed run: bookkeeping only
-    history: list = field(default_factory=list)
-    best_metric: float = math.nan
-    best_epoch: int = 0
-    stopped_early: bool = False
-
-    def state(self, trainer) -> dict:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else None,
-            "engine": {"epoch": trainer.state.epoch, "iteration": trainer.state.iteration,
-                       "epoch_length": trainer.state.epoch_length},
-            "key_metric": self.key_metric,
-            "best_metric": self.best_metric,
-            "best_epoch": self.best_epoch,
-            "early_stopping": dict(self.early_stopping.state_dict()) if self.early_stopping else None,
-            "stopped_early": self.stopped_early,
-            "history": self.history,
-            "rng": rng_state(),
-            "initial_state": self.initial_state,
-            "model_config": self.model_config,
-            "run_config": self.run_config,
-            "provenance": self.provenance,
-        }
-
-    def epoch_completed(self, trainer) -> None:
-        epoch = trainer.state.epoch
-        record = {"epoch": epoch, "train_loss": trainer.state.metrics["train_loss"],
-                  "seconds": round(trainer.state.metrics["epoch_seconds"], 3)}
-        improved = False
-        if epoch % self.val_every == 0:
-            metrics = self.evaluator.state.metrics
-            record.update({f"val_{name}": float(metrics[name]) for name in self.metric_names})
-            record["val_loss"] = float(metrics["loss"])
-            improved = self.selection.update(record)
-            if improved:
-                self.best_metric, self.best_epoch = record[f"val_{self.key_metric}"], epoch
-        self.history.append(record)
-        self.stopped_early = bool(trainer.should_terminate) and epoch < trainer.state.max_epochs
-        if not self.writes:
-            return
-        state = self.state(trainer)
-        if improved:  # best first: a kill between the two writes replays this epoch and rewrites both
-            save_checkpoint(state, self.output_dir / "best.pt")
-        save_checkpoint(state, self.output_dir / "last.pt")
-        _write_history(self.history, self.output_dir / "history.csv")
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("epoch", "seconds"))
-        logger.info("epoch %d/%d: %s%s", epoch, trainer.state.max_epochs, shown,
-                    " (best)" if improved else "")
-
-    def result(self, epochs_run: int) -> TrainResult:
-        best = self.output_dir / "best.pt"
-        return TrainResult(
-            best_metric=self.best_metric, best_epoch=self.best_epoch, key_metric=self.key_metric,
-            history=list(self.history), best_checkpoint=best if best.exists() else None,
-            last_checkpoint=self.output_dir / "last.pt", epochs_run=epochs_run, select=self.selection.select,
-        )
-
-
 # ----------------------------------------------------------------------------------------------- public API
-def _one_writer(train_fn):
-    """Hold ``output_dir``'s lock for the whole run on the rank that writes (rank 0; the other ranks of a
-    distributed run write nothing and take no lock, so they cannot deadlock on it)."""
-
-    @functools.wraps(train_fn)
-    def locked(model, train_data, val_data, *, output_dir, **options):
-        writes = _rank_and_world()[0] == 0
-        with output_lock(output_dir) if writes else nullcontext():
-            return train_fn(model, train_data, val_data, output_dir=output_dir, **options)
-
-    return locked
-
-
-@_one_writer
 def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epochs: int = 10, lr: float = 1e-3,
           weight_decay: float = 0.0, optimizer: str = "adamw", batch_size: int = 8, num_workers: int = 0,
           amp: bool = False, grad_clip: float | None = None, key_metric: str | None = None,
@@ -176,7 +45,8 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
           tensorboard: bool = True, mlflow_uri: str | None = None, progress: bool = True, val_every: int = 1,
           series_key: str | None = None, aggregation: str = "max", model_config: dict | None = None,
           scheduler: str = "cosine", warmup_epochs: float = 0, scheduler_options: dict | None = None,
-          select: str = "key_metric", num_threads: int | None = None) -> TrainResult:
+          select: str = "key_metric", num_threads: int | None = None, ckpt_path=None,
+          inference: Mapping | None = None, lock: Mapping | None = None) -> TrainResult:
     """Fine-tune ``model`` on ``train_data``, validating on ``val_data`` every ``val_every`` epochs.
 
     Samples are dicts with ``"image"`` (C, *spatial) and ``"label"`` (class index; 0/1 vector for multilabel;
@@ -190,9 +60,16 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
     last, ema; ties broken by the validation loss, see :mod:`medtl3d.engine.selection`). ``num_threads`` sets
     torch's CPU thread count for the run (restored afterwards). A progress bar is shown only on a terminal.
     One run writes to ``output_dir`` at a time (:func:`medtl3d.locking.output_lock`: another one is refused at
-    once), and every checkpoint carries a ``provenance`` record (:func:`medtl3d.provenance.build_provenance`:
-    versions, pretrained weights, content hashes of the train/val data, the run's configuration).
-    The model is trained in place (it ends with the last epoch's weights; :func:`load_model` reads ``best.pt``).
+    once; ``lock`` maps config ids to the folders to hold instead, so the error names the id), and every
+    checkpoint carries a ``provenance`` record (:func:`medtl3d.provenance.build_provenance`: versions,
+    pretrained weights, content hashes of the train/val data, the run's configuration). With ``ckpt_path`` the
+    best checkpoint also becomes a bundle model there, with its ``inference`` settings
+    (:class:`~medtl3d.engine.handlers.ExportModel`). The model is trained in place (it ends with the last
+    epoch's weights; :func:`load_model` reads ``best.pt``).
+
+    This is the run a bundle's ``train.yaml`` builds: the components of :mod:`medtl3d.engine.components`, MONAI's
+    ``SupervisedTrainer`` / ``SupervisedEvaluator`` and the handlers of :mod:`medtl3d.engine.handlers`, in the
+    same order.
 
     When ``torch.distributed`` is initialised with more than one process, every rank calls ``train`` with the same
     arguments (``device`` its own GPU, or ``"cpu"`` with gloo): training is data-parallel with ``batch_size`` per
@@ -208,146 +85,98 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
     device, use_amp = _device_and_amp(device, amp)
     model_config = None if model_config is None else plain_config(dict(model_config), "model_config")
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     set_determinism(seed=seed)
-    rank, world = _rank_and_world()
 
     model.to(device)
-    _first_sample(train_data, "train_data")
-    num_outputs = _probe_outputs(model, _first_sample(val_data, "val_data"), task, device, "val_data")
-    check_labels_upfront(train_data, task, num_outputs, "train_data", series_key or ID_KEY)
-    check_labels_upfront(val_data, task, num_outputs, "val_data", series_key or ID_KEY)
-
-    initial = getattr(model, "initial_state", None)  # a TransferModel's own detached copy, else a snapshot now
-    initial_state = ({k: v.detach().cpu() for k, v in initial.items()} if initial
-                     else {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+    num_outputs = components.check_data(model, train_data, val_data, task=task, device=device, series_key=series_key)
+    initial = components.initial_state(model)
     if val_every > epochs:
         logger.warning("val_every=%d > epochs=%d: no validation will run, so no best.pt", val_every, epochs)
-    groups = param_groups(model, lr, weight_decay)
-    opt = OPTIMIZERS[optimizer](groups, lr=lr, weight_decay=weight_decay)
-    # the trainer steps through the DDP wrapper; checkpoints, evaluation and param groups use the model itself
-    network = model if world == 1 else DistributedDataParallel(
-        model, device_ids=[device] if device.type == "cuda" else None)
-
-    # A DistributedSampler (one replica per rank; a single one without a process group) shuffles with seed + epoch
-    # (MONAI's Workflow calls its set_epoch), so an epoch's order never depends on how earlier epochs consumed a
-    # shared generator, and each rank gets an equal share; the loader's own generator (reseeded per epoch) only
-    # seeds the workers.
-    sampler = DistributedSampler(train_data, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    generator = torch.Generator()
-    # a last batch of one sample cannot train batch norm ("expected more than 1 value per channel"): drop it
-    single_last = len(sampler) % batch_size == 1 and len(sampler) > 1
-    loader = DataLoader(train_data, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        generator=generator, pin_memory=device.type == "cuda", drop_last=single_last)
+    opt = OPTIMIZERS[optimizer](param_groups(model, lr, weight_decay), lr=lr, weight_decay=weight_decay)
+    loader = components.train_loader(train_data, batch_size, num_workers=num_workers, seed=seed, device=device)
     lr_scheduler = build_scheduler(scheduler, opt, epochs=epochs, steps_per_epoch=len(loader),
                                    warmup_epochs=warmup_epochs, **scheduler_options)
     if warmup_epochs >= epochs:
         logger.warning("warmup_epochs=%g covers the whole run (epochs=%d): the learning rate only rises",
                        warmup_epochs, epochs)
-    evaluator, _ = _evaluator(model, val_data, task, num_outputs, batch_size, num_workers, device, use_amp,
-                              series_key, aggregation, "val_data", rank, world)
-    trainer = SupervisedTrainer(
-        device=device, max_epochs=epochs, train_data_loader=loader, network=network, optimizer=opt,
-        loss_function=make_loss(task), prepare_batch=BatchPreparer(task, num_outputs, series_key or ID_KEY,
-                                                                   "train_data"),
-        amp=use_amp, decollate=False, optim_set_to_none=True,
+    run_config = components.run_config(
+        task=task, lr=lr, weight_decay=weight_decay, optimizer=optimizer, batch_size=batch_size, amp=bool(amp),
+        grad_clip=grad_clip, key_metric=key_metric, seed=seed, val_every=val_every, series_key=series_key,
+        aggregation=aggregation, model_config=model_config, train_size=len(train_data), val_size=len(val_data),
+        scheduler=scheduler, warmup_epochs=warmup_epochs, scheduler_options=scheduler_options, select=select)
+    trackers = _trackers(output_dir, tensorboard, mlflow_uri, run_config)
+    evaluator = SupervisedEvaluator(
+        device=device, network=model,
+        val_data_loader=components.val_loader(val_data, batch_size, num_workers=num_workers, device=device),
+        prepare_batch=BatchPreparer(task, num_outputs, series_key or ID_KEY, "val_data"),
+        key_val_metric={key_metric: components.case_metrics(task, series_key=series_key, aggregation=aggregation)},
+        additional_metrics={"loss": components.val_loss(task, device)}, amp=use_amp, decollate=False,
+        val_handlers=[handlers.SameMetrics(), *trackers["validate"]],
     )
-    run_config = {
-        "task": task, "lr": lr, "weight_decay": weight_decay, "optimizer": optimizer, "batch_size": batch_size,
-        "amp": bool(amp), "grad_clip": grad_clip, "key_metric": key_metric, "seed": seed, "val_every": val_every,
-        "series_key": series_key, "aggregation": aggregation, "model_config": model_config,
-        "train_size": len(train_data), "val_size": len(val_data), "scheduler": scheduler,
-        "warmup_epochs": warmup_epochs, "scheduler_options": scheduler_options, "select": select,
-    }
-    if world > 1:  # a different world size changes the batches: such a checkpoint does not resume
-        run_config["world_size"] = world
-    provenance = None if rank else build_provenance(
-        weights=_weights_of(getattr(model, "backbone", None)), config=run_config,
-        data={"train": data_hash(dataset_items(train_data)), "val": data_hash(dataset_items(val_data))})
-    run = _Run(model, opt, evaluator, output_dir, key_metric, task_metrics(task), val_every, initial_state,
-               model_config, run_config, provenance=provenance, scheduler=lr_scheduler,
-               selection=ModelSelection(select, key_metric), writes=rank == 0)
-    if early_stop_patience is not None:
-        score = lambda e: _score(e.state.metrics[key_metric])  # noqa: E731
-        run.early_stopping = EarlyStopping(patience=early_stop_patience, score_function=score, trainer=trainer)
-
-    saved = None
-    if resume and (output_dir / "last.pt").exists():
-        saved = _restore(run, trainer, output_dir / "last.pt")
-        if run.stopped_early or trainer.state.epoch >= epochs:
-            logger.info("%s: run already finished at epoch %d; nothing to train", output_dir, trainer.state.epoch)
-            return _finish(run, trainer.state.epoch, world)
-        if saved["scaler"] is not None and use_amp:  # the trainer creates its GradScaler when it starts
-            trainer.add_event_handler(Events.STARTED, lambda e: e.scaler.load_state_dict(saved["scaler"]))
-        logger.info("resuming %s after epoch %d", output_dir, trainer.state.epoch)
-
-    trainer.add_event_handler(Events.EPOCH_STARTED, _EpochSeeds(generator, train_data, seed, num_workers, rank))
-    _EpochLoss(device if world > 1 else None).attach(trainer)
-    if grad_clip is not None:
-        params = [p for g in groups for p in g["params"]]
-        trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, _GradClip(params, grad_clip))
-    if world > 1:
-        trainer.add_event_handler(Events.EPOCH_COMPLETED, _SyncBuffers(model))  # before validation
-        evaluator.add_event_handler(Events.EPOCH_COMPLETED, _SameMetrics((*task_metrics(task), "loss"), device))
-    attach_scheduler(lr_scheduler, trainer, evaluator)  # after _SameMetrics: plateau steps on rank 0's loss
-    ValidationHandler(interval=val_every, validator=evaluator, epoch_level=True).attach(trainer)
-    if run.early_stopping is not None:
-        evaluator.add_event_handler(Events.COMPLETED, run.early_stopping)
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, run.epoch_completed)
-    closables = (_attach_trackers(trainer, evaluator, output_dir, tensorboard, mlflow_uri,
-                                  progress and on_terminal(), run_config) if rank == 0 else [])
-
+    train_handlers = [
+        handlers.OutputLock(lock or [output_dir]),
+        handlers.TrainingCheckpoint(output_dir, model, opt, lr_scheduler, initial_state=initial,
+                                    run_config=run_config, model_config=model_config, key_metric=key_metric,
+                                    provenance=components.run_provenance(model, train_data, val_data, run_config),
+                                    resume=resume),
+        handlers.EpochSeeds(loader, seed),
+        handlers.EpochLoss(),
+        *([handlers.GradClip(grad_clip)] if grad_clip is not None else []),
+        handlers.SyncBuffers(model),
+        handlers.LrSchedule(lr_scheduler, evaluator),
+        ValidationHandler(interval=val_every, validator=evaluator, epoch_level=True),
+        handlers.History(evaluator, output_dir),
+        handlers.SelectModel(select, key_metric),
+        *([handlers.EarlyStop(early_stop_patience, key_metric)] if early_stop_patience is not None else []),
+        *trackers["train"],
+        *([handlers.Progress()] if progress else []),
+        handlers.ExportModel(output_dir, key_metric, select, ckpt_path=ckpt_path, task=task, inference=inference,
+                             model=model, train_data=train_data, val_data=val_data),
+    ]
+    trainer = SupervisedTrainer(
+        device=device, max_epochs=epochs, train_data_loader=loader, network=components.data_parallel(model, device),
+        optimizer=opt, loss_function=make_loss(task),
+        prepare_batch=BatchPreparer(task, num_outputs, series_key or ID_KEY, "train_data"), amp=use_amp,
+        decollate=False, optim_set_to_none=True, train_handlers=train_handlers,
+    )
     model.train()
-    if saved is not None:
-        set_rng_state(saved["rng"])  # last: nothing may draw random numbers between this and the first batch
     try:
         with torch_threads(num_threads):
             trainer.run()
     finally:
-        for closable in closables:
+        for closable in trackers["close"]:
             closable.close()
-    return _finish(run, trainer.state.epoch, world)
+    return trainer.state.result
 
 
-def _weights_of(backbone) -> dict | str | None:
-    """What the backbone was loaded from: its load record (catalogue entry, file, SHA-256, tensors), else its source."""
-    return getattr(backbone, "weights_record", None) or getattr(backbone, "weights_source", None)
-
-
-def _score(value: float) -> float:
-    """Early-stopping score: an undefined metric (nan) never counts as an improvement."""
-    return -math.inf if math.isnan(value) else value
-
-
-def _restore(run: _Run, trainer: SupervisedTrainer, last: Path) -> dict:
-    """Load ``last.pt`` of the same run into the model, optimizer, bookkeeping and engine counters."""
-    saved = load_checkpoint(last)
-    _resume_check(saved["run_config"], run.run_config, last)
-    try:
-        run.model.load_state_dict(saved["model"])
-        run.optimizer.load_state_dict(saved["optimizer"])
-        run.scheduler.load_state_dict(saved["scheduler"])
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise TrainingError(f"{last} does not fit this model/optimizer: {err}") from err
-    run.history, run.best_metric, run.best_epoch = saved["history"], saved["best_metric"], saved["best_epoch"]
-    run.initial_state, run.stopped_early = saved["initial_state"], saved["stopped_early"]
-    for record in run.history:  # the selection rule's state (best score, EMA) is a function of the history
-        if "val_loss" in record:
-            run.selection.update(record)
-    if run.early_stopping is not None and saved["early_stopping"] is not None:
-        run.early_stopping.load_state_dict(saved["early_stopping"])
-    trainer.state.epoch, trainer.state.iteration = saved["engine"]["epoch"], saved["engine"]["iteration"]
-    return saved
-
-
-def _finish(run: _Run, epochs_run: int, world: int = 1) -> TrainResult:
-    if world > 1:
-        dist.barrier()  # rank 0 has written its checkpoints: every rank sees them from here on
-    result = run.result(epochs_run)
-    if run.writes:
-        summary = {**asdict(result), "stopped_early": run.stopped_early, "run_id": run.provenance["run_id"]}
-        write_text(run.output_dir / "result.json", json.dumps(_json_safe(summary), indent=2))
-    return result
+def _trackers(output_dir: Path, tensorboard: bool, mlflow_uri: str | None, run_config: dict) -> dict:
+    """MONAI's TensorBoard / MLflow handlers (per-epoch train loss and validation metrics, rank 0 only) for the
+    trainer and the evaluator, and what must be closed when training ends."""
+    out: dict = {"train": [], "validate": [], "close": []}
+    if _rank_and_world()[0] > 0:
+        return out
+    if tensorboard:
+        writer_cls, has_tb = optional_import("torch.utils.tensorboard", name="SummaryWriter")
+        if has_tb:
+            writer = writer_cls(log_dir=str(output_dir / "tensorboard"))
+            quiet = {"summary_writer": writer, "iteration_log": False, "output_transform": lambda _: None}
+            out["train"].append(TensorBoardStatsHandler(**quiet))
+            out["validate"].append(TensorBoardStatsHandler(**quiet))
+            out["close"].append(writer)
+        else:
+            logger.warning("tensorboard is not installed (pip install tensorboard): no TensorBoard logs written")
+    if mlflow_uri:
+        _, has_mlflow = optional_import("mlflow")
+        if not has_mlflow:
+            raise TrainingError(f"mlflow_uri={mlflow_uri!r} but mlflow is not installed (pip install mlflow)")
+        common = {"tracking_uri": str(mlflow_uri), "experiment_name": "medtl3d", "run_name": output_dir.name,
+                  "iteration_log": False, "output_transform": lambda _: None}
+        try:
+            out["train"].append(MLFlowHandler(**common, experiment_param={k: str(v) for k, v in run_config.items()}))
+            out["validate"].append(MLFlowHandler(**common))
+        except ValueError as err:
+            raise TrainingError(f"mlflow_uri={mlflow_uri!r}: {err}") from err
+    return out
 
 
 def evaluate(model: nn.Module, data, *, task: str, batch_size: int = 8, device="cpu", series_key: str | None = None,
@@ -358,17 +187,15 @@ def evaluate(model: nn.Module, data, *, task: str, batch_size: int = 8, device="
     ``jaccard`` (segmentation). With ``series_key`` rows and metrics are per series, windows aggregated by
     ``aggregation`` (max or mean) — the CTPA protocol.
     """
-    check_task(task)
-    if aggregation not in AGGREGATIONS:
-        raise TrainingError(f"aggregation={aggregation!r} is not supported; choose one of {', '.join(AGGREGATIONS)}")
-    if series_key is not None and task == "segmentation":
-        raise TrainingError("series_key (window -> series aggregation) applies to classification tasks only")
+    collector = components.case_metrics(task, series_key=series_key, aggregation=aggregation)
     device, use_amp = _device_and_amp(device, amp)
     model.to(device)
     num_outputs = _probe_outputs(model, _first_sample(data, "data"), task, device, "data")
     check_labels_upfront(data, task, num_outputs, "data", series_key or ID_KEY)
-    evaluator, collector = _evaluator(model, data, task, num_outputs, batch_size, 0, device, use_amp, series_key,
-                                      aggregation, "data")
+    evaluator = SupervisedEvaluator(
+        device=device, network=model, val_data_loader=components.val_loader(data, batch_size, device=device),
+        prepare_batch=BatchPreparer(task, num_outputs, series_key or ID_KEY, "data"),
+        key_val_metric={default_key_metric(task): collector}, amp=use_amp, decollate=False)
     evaluator.run()
     metrics = {name: float(evaluator.state.metrics[name]) for name in task_metrics(task)}
     return EvalResult(metrics=metrics, predictions=collector.rows)

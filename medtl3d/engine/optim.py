@@ -4,7 +4,7 @@ tables (composed with a model's own LWFT learning-rate groups), and learning-rat
 ``cosine`` (the default for fine-tuning), ``step`` and ``constant`` are closed-form functions of the iteration
 (``torch.optim.lr_scheduler.LambdaLR``) after an optional linear warm-up, stepped once per iteration; ``plateau`` is
 torch's ``ReduceLROnPlateau`` on the validation loss, stepped after each validation. MONAI's ``LrScheduleHandler``
-steps them. Only the iteration count (and the plateau bookkeeping) is state, so a resumed run continues exactly.
+steps them (:class:`medtl3d.engine.handlers.LrSchedule`). Only the iteration count (and the plateau bookkeeping) is state, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from functools import partial
 
 import torch
-from monai.handlers import LrScheduleHandler
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
@@ -139,14 +138,6 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, *, epochs: int,
             return gamma ** (step // steps_per_epoch // step_size)
         return 1.0
 
-    return LambdaLR(optimizer, factor)
-
-
-def attach_scheduler(scheduler, trainer, evaluator) -> None:
-    """Step ``scheduler`` with MONAI's ``LrScheduleHandler``: after every training iteration, or (plateau) after
-    every validation with the validation loss (the evaluator's ``loss`` metric)."""
-    if isinstance(scheduler, ReduceLROnPlateau):
-        LrScheduleHandler(scheduler, print_lr=False, epoch_level=True,
-                          step_transform=lambda engine: engine.state.metrics["loss"]).attach(evaluator)
-    else:
-        LrScheduleHandler(scheduler, print_lr=False, epoch_level=False).attach(trainer)
+    schedule = LambdaLR(optimizer, factor)
+    schedule.per_iteration = True  # stepped after every iteration (medtl3d.engine.handlers.LrSchedule)
+    return schedule

@@ -38,3 +38,10 @@ def on_terminal(stream=None) -> bool:
     with carriage-return lines."""
     stream = sys.stderr if stream is None else stream
     return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def set_threads(num_threads: int | None) -> None:
+    """``torch.set_num_threads`` for the rest of the process (a bundle run's ``initialize``); None keeps torch's."""
+    check_num_threads(num_threads)
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)

@@ -1,0 +1,107 @@
+"""The bundles' model-zoo layout: train.yaml's components can be changed one at a time (a torch scheduler instead
+of ours, a handler removed, the trainer's epochs), the engine block is the same in every bundle, and the
+history-based handlers (early stopping, model selection) follow their rules on constructed histories."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser, run
+
+from medtl3d.engine import load_checkpoint
+from medtl3d.engine.handlers import EarlyStop, LrSchedule, SelectModel
+from medtl3d.engine.optim import build_scheduler
+
+BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
+NAMES = ("ctpa_pe_classification", "cxr_lung_segmentation", "cxr_classification", "pathology_mitosis_classification")
+MARK = "# ==== components"
+TINY = {"backbone": "cbr_tiny", "phantom_cases": 16, "phantom_size": 64, "image_size": 64, "batch_size": 4,
+        "n_folds": 2, "device": "cpu", "amp": False, "tensorboard": False, "lr": 0.01}
+
+
+def _train_yaml(name: str) -> str:
+    return str(BUNDLES / name / "configs" / "train.yaml")
+
+
+def test_the_engine_block_is_the_same_in_every_bundle():
+    blocks = {name: Path(_train_yaml(name)).read_text().split(MARK, 1) for name in NAMES}
+    assert all(len(parts) == 2 for parts in blocks.values())
+    assert len({parts[1] for parts in blocks.values()}) == 1
+
+
+def test_a_torch_scheduler_steps_per_epoch_and_a_removed_handler_is_gone(tmp_path):
+    """StepLR (step 1, gamma 0.5) replaces ours: after 2 epochs (the trainer's max_epochs, not ``epochs``) the
+    learning rate is lr / 4 (stepped per iteration it would be lr / 2**iterations); without SelectModel no epoch is
+    selected: no best.pt, the bundle model comes from last.pt."""
+    handlers = ConfigParser.load_config_file(_train_yaml("cxr_classification"))["train"]["handlers"]
+    kept = [h for h in handlers if h["_target_"] != "medtl3d.engine.handlers.SelectModel"]
+    assert len(kept) == len(handlers) - 1
+    run(config_file=_train_yaml("cxr_classification"), output_dir=str(tmp_path), ckpt_path=str(tmp_path / "m.pt"),
+        **TINY, **{"train#trainer#max_epochs": 2, "train#handlers": kept,
+                   "lr_scheduler": {"_target_": "torch.optim.lr_scheduler.StepLR", "optimizer": "@optimizer",
+                                    "step_size": 1, "gamma": 0.5}})
+    last = load_checkpoint(tmp_path / "train" / "last.pt")
+    assert last["engine"]["epoch"] == 2 and len(last["history"]) == 2
+    assert last["scheduler"]["step_size"] == 1 and last["scheduler"]["last_epoch"] == 2
+    assert [g["lr"] for g in last["optimizer"]["param_groups"]] == pytest.approx([0.01 / 4] *
+                                                                                 len(last["optimizer"]["param_groups"]))
+    assert not (tmp_path / "train" / "best.pt").exists() and not (tmp_path / "train" / "tensorboard").exists()
+    result = json.loads((tmp_path / "train" / "result.json").read_text())
+    assert result["best_epoch"] == 0 and result["epochs_run"] == 2
+    assert torch.equal(load_checkpoint(tmp_path / "m.pt")["model"]["head.weight"], last["model"]["head.weight"])
+
+
+def test_lr_schedule_steps_ours_per_iteration_and_torch_schedulers_per_epoch():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    assert LrSchedule(build_scheduler("cosine", opt, epochs=2, steps_per_epoch=3)).per_iteration
+    assert not LrSchedule(torch.optim.lr_scheduler.StepLR(opt, 1)).per_iteration
+    assert LrSchedule(torch.optim.lr_scheduler.StepLR(opt, 1), per_iteration=True).per_iteration
+
+
+class _State:
+    def __init__(self, history, epoch):
+        self.history, self.epoch = history, epoch
+
+
+class _Engine:
+    def __init__(self, history):
+        self.state, self.terminated = _State(history, history[-1]["epoch"]), False
+
+    def terminate(self):
+        self.terminated = True
+
+
+def _history(*scores, loss=None):
+    return [{"epoch": i + 1, "val_auroc": s, "val_loss": (loss or [1.0] * len(scores))[i]} for i, s in enumerate(scores)]
+
+
+@pytest.mark.parametrize("scores, patience, stops", [
+    ((0.5, 0.6, 0.6, 0.6), 2, True),       # two validations without a strict improvement
+    ((0.5, 0.6, 0.6, 0.7), 2, False),      # the count resets on an improvement
+    ((math.nan, math.nan), 1, True),       # an undefined metric never improves
+    ((0.5, 0.6, 0.55), 2, False),
+])
+def test_early_stop_counts_validations_without_improvement(scores, patience, stops):
+    engine = _Engine(_history(*scores))
+    EarlyStop(patience, "auroc")(engine)
+    assert engine.terminated is stops
+
+
+def test_early_stop_ignores_epochs_without_validation():
+    history = _history(0.5, 0.5)
+    history.insert(1, {"epoch": 2, "train_loss": 0.3})
+    history[2]["epoch"] = 3
+    assert EarlyStop(1, "auroc").waited(history) == 1
+
+
+def test_select_model_replays_the_history_and_marks_the_new_best():
+    engine = _Engine(_history(0.7, 0.8, 0.8, loss=[1.0, 0.9, 0.5]))
+    SelectModel("key_metric", "auroc")(engine)  # tie on AUROC: the lower validation loss wins
+    assert (engine.state.best_epoch, engine.state.best_metric, engine.state.best_improved) == (3, 0.8, True)
+    engine = _Engine(_history(0.7, 0.9, 0.8))
+    SelectModel("key_metric", "auroc")(engine)
+    assert (engine.state.best_epoch, engine.state.best_improved) == (2, False)
