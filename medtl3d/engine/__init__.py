@@ -10,7 +10,7 @@ a registered builder (``register_builder(name, fn)`` adds one; any other name in
 from ._builders import available_builders, register_builder
 from ._checkpoint import load_checkpoint, load_model
 from ._tasks import TASKS, default_key_metric
-from ._trainer import OPTIMIZERS, EvalResult, TrainResult, evaluate, train
+from ._trainer import OPTIMIZERS, EvalResult, TrainResult, evaluate, pause_after, train
 from .metrics import aggregate_series, classification_metrics, segmentation_metrics
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "evaluate",
     "load_checkpoint",
     "load_model",
+    "pause_after",
     "register_builder",
     "segmentation_metrics",
     "train",

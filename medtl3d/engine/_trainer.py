@@ -19,7 +19,8 @@ import functools
 import json
 import logging
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,22 @@ from .runtime import check_num_threads, on_terminal, torch_threads
 from .selection import ModelSelection, check_select
 
 logger = logging.getLogger("medtl3d.engine")
+
+_PAUSE_AFTER: ContextVar[int | None] = ContextVar("medtl3d_pause_after", default=None)
+
+
+@contextmanager
+def pause_after(epoch: int | None):
+    """Runs of :func:`train` started inside stop after ``epoch`` (None: no pause) and keep ``last.pt``: a pause,
+    not an early stop. The schedule still spans the run's ``epochs``, and a later run of the same configuration
+    outside the pause (or with a later one) resumes from ``last.pt`` as if it had never stopped. A context rather
+    than an argument: the caller that pauses (the cutoff search's early termination) runs bundles whose fixed
+    ``run`` expressions cannot forward a search-only option."""
+    token = _PAUSE_AFTER.set(None if epoch is None else int(epoch))
+    try:
+        yield
+    finally:
+        _PAUSE_AFTER.reset(token)
 
 
 @dataclass
@@ -272,10 +289,11 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
         run.early_stopping = EarlyStopping(patience=early_stop_patience, score_function=score, trainer=trainer)
 
     saved = None
+    pause = _PAUSE_AFTER.get()
     if resume and (output_dir / "last.pt").exists():
         saved = _restore(run, trainer, output_dir / "last.pt")
-        if run.stopped_early or trainer.state.epoch >= epochs:
-            logger.info("%s: run already finished at epoch %d; nothing to train", output_dir, trainer.state.epoch)
+        if run.stopped_early or trainer.state.epoch >= min(epochs, pause or epochs):
+            logger.info("%s: run already at epoch %d; nothing to train", output_dir, trainer.state.epoch)
             return _finish(run, trainer.state.epoch, world)
         if saved["scaler"] is not None and use_amp:  # the trainer creates its GradScaler when it starts
             trainer.add_event_handler(Events.STARTED, lambda e: e.scaler.load_state_dict(saved["scaler"]))
@@ -294,6 +312,9 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir, epoc
     if run.early_stopping is not None:
         evaluator.add_event_handler(Events.COMPLETED, run.early_stopping)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, run.epoch_completed)
+    if pause is not None:  # after epoch_completed: a pause is not recorded as an early stop
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(event_filter=lambda _, epoch: epoch == pause),
+                                  lambda engine: engine.terminate())
     closables = (_attach_trackers(trainer, evaluator, output_dir, tensorboard, mlflow_uri,
                                   progress and on_terminal(), run_config) if rank == 0 else [])
 
