@@ -153,9 +153,9 @@ class StageRunner:
                                    "n": len(records), "key_metric": records[0]["key_metric"] if records else None}
             complete = len(records) == len(self.folds) * len(self.seeds) and not any(r["paused"] for r in records)
             epochs = self.max_epochs if complete else min((r["epochs_run"] for r in records), default=0)
-            row.update(complete=complete, epochs=epochs, status="complete" if complete else (
-                f"stopped at rung {self.rungs.index(epochs) + 1} ({epochs} epochs)" if epochs in self.rungs
-                else f"not finished ({epochs} epochs)"),
+            row.update(complete=complete, epochs=epochs, status="complete" if complete else "not started" if not
+                       records else f"stopped at rung {self.rungs.index(epochs) + 1} ({epochs} epochs)"
+                       if epochs in self.rungs else f"not finished ({epochs} epochs)",
                 epochs_trained=sum(r["epochs_run"] for r in records))
             for split in ("val", "test"):
                 for metric in dict.fromkeys(m for r in records for m in r[split]):
