@@ -20,6 +20,14 @@ def _pm(mean, std) -> str:
     return f"{mean:.4f} ± {std:.4f}" if std is not None and not math.isnan(std) else f"{mean:.4f}"
 
 
+def _flat(row: Mapping) -> dict:
+    """The row with its comparisons as columns (``vs_reference_verdict``, ``vs_next_relation``, ...) for the CSV."""
+    flat = {k: v for k, v in row.items() if k not in ("vs_reference", "vs_next")}
+    for key in ("vs_reference", "vs_next"):
+        flat.update({f"{key}_{name}": value for name, value in (row.get(key) or {}).items()})
+    return flat
+
+
 def _interval(low, high) -> str:
     return "-" if low is None else f"[{low:.4f}, {high:.4f}]"
 
@@ -93,7 +101,7 @@ def write_search_report(output_dir: str | Path, rows: Sequence[dict], picks: Map
     """``search_report.{csv,json,md}``, ``search_pareto.png`` and ``search_cuts.png`` under ``output_dir``."""
     out = Path(output_dir)
     metric = f"val_{key_metric}_mean"
-    paths = {"csv": write_csv(out / "search_report.csv", rows),
+    paths = {"csv": write_csv(out / "search_report.csv", [_flat(r) for r in rows]),
              "json": write_json(out / "search_report.json", {"metadata": dict(metadata), "picks": dict(picks),
                                                                "rows": list(rows)})}
     test_key = f"test_{key_metric}_mean"

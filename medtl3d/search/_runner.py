@@ -62,8 +62,15 @@ class StageRunner:
         self.evaluate_test, self.keep_checkpoints = evaluate_test, keep_checkpoints
         self.rungs, self.eta, self.budget = rungs, eta, budget
         self.max_epochs = rungs[-1]
-        self.trained = self.reused = self.epochs_trained = 0
+        self.trained = self.epochs_trained = 0
         self.budget_reached = False
+        self._found: set[str] = set()  # trials found already at a target epoch ...
+        self._continued: set[str] = set()  # ... and trials this call trained
+
+    @property
+    def reused(self) -> int:
+        """Trials this call found already trained as far as it needed and did not train further."""
+        return len(self._found - self._continued)
 
     # ------------------------------------------------------------------------------------------------ records
     def records(self, candidate: Candidate) -> list[dict]:
@@ -89,9 +96,9 @@ class StageRunner:
                     record = self.store.trial(trial_key(candidate, fold, seed))
                     if record is not None and reached(record, epoch):
                         ready += 1
+                        self._found.add(record["key"])
                     else:
                         specs.append(self._spec(candidate, fold, seed, epoch))
-        self.reused += ready
         if not specs:
             return
         if self.budget.spent(list(self.store.of_kind("trial"))):
@@ -110,6 +117,7 @@ class StageRunner:
             record["train_seconds_total"] = round(record["train_seconds"] + (before or {}).get("train_seconds_total",
                                                                                               0.0), 3)
             self.store.add(record)
+            self._continued.add(record["key"])
             self.trained += 1
             self.epochs_trained += record["epochs_trained"]
             done[0] += 1
