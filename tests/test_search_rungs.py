@@ -24,10 +24,11 @@ from medtl3d.search.cli import _budget
 def test_rung_epochs():
     assert rung_epochs(9, None, 3) == [1, 3, 9]  # default first rung: epochs // eta^2
     assert rung_epochs(27, None, 3) == [3, 9, 27]
-    assert rung_epochs(20, None, 3) == [2, 6, 18, 20]  # the last rung is always the trials' epochs
+    assert rung_epochs(20, None, 3) == [2, 6, 20]  # the last rung is always the trials' epochs ...
+    assert rung_epochs(10, None, 3) == [1, 3, 10]  # ... reached by a factor >= eta (no 9 -> 10 rung)
     assert rung_epochs(3, None, 3) == [1, 3]
-    assert rung_epochs(1, None, 3) == [1]  # nothing to stop early
-    assert rung_epochs(10, 2, 2) == [2, 4, 8, 10]
+    assert rung_epochs(2, None, 3) == [2] and rung_epochs(1, None, 3) == [1]  # nothing to stop early
+    assert rung_epochs(10, 2, 2) == [2, 4, 10]
     assert rung_epochs(9, 9, 3) == [9]
     with pytest.raises(SearchError, match="eta must be an integer >= 2"):
         rung_epochs(9, None, 1)

@@ -24,7 +24,8 @@ from ..errors import SearchError
 
 
 def rung_epochs(max_epochs: int, min_epochs: int | None, eta: int) -> list[int]:
-    """``[r, r*eta, r*eta^2, ..., R]`` (every rung below ``R``, then ``R``); ``min_epochs`` None: ``R / eta^2``
+    """``[r, r*eta, r*eta^2, ..., R]``: the rungs ``r*eta^i`` whose next one still fits in ``R`` (so the last
+    step to ``R`` is at least a factor ``eta``, not 9 -> 10 epochs), then ``R``; ``min_epochs`` None: ``R / eta^2``
     rounded down, at least 1 (three rungs when ``R >= eta^2``)."""
     if int(eta) != eta or eta < 2:
         raise SearchError(f"eta must be an integer >= 2, got {eta!r}")
@@ -33,7 +34,7 @@ def rung_epochs(max_epochs: int, min_epochs: int | None, eta: int) -> list[int]:
     if int(min_epochs) != min_epochs or not 1 <= min_epochs <= max_epochs:
         raise SearchError(f"min_epochs must be an integer in [1, epochs={max_epochs}], got {min_epochs!r}")
     rungs, epoch = [], int(min_epochs)
-    while epoch < max_epochs:
+    while epoch * eta <= max_epochs:
         rungs.append(epoch)
         epoch *= int(eta)
     return rungs + [int(max_epochs)]
