@@ -50,9 +50,10 @@ def _weights() -> str:
 
 
 def _covid_datalist(folder: Path, n: int | None, size: int) -> Path:
-    """COVID-19 (any finding naming it) = 1 vs every other labelled finding = 0, grouped by patient; the first
-    ``n`` labelled rows, their images reduced once to ``size`` px on the long side (PNG in ``folder``: decoding the
-    512-px JPEGs every epoch would dominate a CPU run)."""
+    """COVID-19 (any finding naming it) = 1 vs every other labelled finding = 0, grouped by patient: the first
+    ``n / 2`` of each class in the metadata's order (all when None; balanced, as 80 % are COVID-19), their images
+    reduced once to ``size`` px on the long side (PNG in ``folder``: decoding the 512-px JPEGs every epoch would
+    dominate a CPU run)."""
     from PIL import Image
 
     if not COVID.is_dir():
@@ -60,19 +61,21 @@ def _covid_datalist(folder: Path, n: int | None, size: int) -> Path:
     images = folder / f"images{size}"
     images.mkdir(parents=True, exist_ok=True)
     with open(COVID / "metadata.csv", newline="") as src:
-        rows = [r for r in csv.DictReader(src) if r["finding"] != "todo"][:n]
-    path = folder / "covid.csv"
+        rows = [(r, int("COVID-19" in r["finding"])) for r in csv.DictReader(src) if r["finding"] != "todo"]
+    if n is not None:
+        rows = [p for p in rows if p[1] == 0][:n // 2] + [p for p in rows if p[1] == 1][:n - n // 2]
+    path = folder / f"covid{n or 'all'}.csv"
     with open(path, "w", newline="") as dst:
         writer = csv.writer(dst)
         writer.writerow(["image", "label", "patient"])
-        for r in rows:
+        for r, label in rows:
             small = images / (Path(r["filename"]).stem + ".png")
             if not small.is_file():
                 with Image.open(COVID / r["filename"]) as image:
                     image = image.convert("L")
                     image.thumbnail((size, size), Image.Resampling.LANCZOS)
                     image.save(small)
-            writer.writerow([small, int("COVID-19" in r["finding"]), r["patientid"]])
+            writer.writerow([small, label, r["patientid"]])
     return path
 
 
@@ -162,8 +165,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per trial")
     parser.add_argument("--image-size", type=int, default=48, help="2D tasks' input size")
-    parser.add_argument("--covid-cases", type=int, default=240,
-                        help="the first N labelled COVID rows (0: all 531)")
+    parser.add_argument("--covid-cases", type=int, default=80,
+                        help="N labelled COVID rows, half of each class (0: all 531, 80 %% COVID-19)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
 

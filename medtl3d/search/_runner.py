@@ -83,8 +83,8 @@ class StageRunner:
                          ids=self.task.trial_ids(candidate, fold, seed, folder), strategy=candidate.strategy,
                          cut=candidate.cut, fold=fold, seed=seed, stage=candidate.stage, threads=self.threads,
                          processes=self.processes, evaluate_test=self.evaluate_test,
-                         keep_checkpoints=self.keep_checkpoints, meta={"unit": candidate.unit, "level": candidate.level},
-                         stop_at=None if epoch >= self.max_epochs else epoch)
+                         keep_checkpoints=self.keep_checkpoints, stop_at=None if epoch >= self.max_epochs else epoch,
+                         meta={"unit": candidate.unit, "level": candidate.level})
 
     # ------------------------------------------------------------------------------------------------ training
     def _train(self, candidates: Sequence[Candidate], epoch: int, title: str) -> None:

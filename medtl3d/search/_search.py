@@ -205,9 +205,12 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
                 top = sorted(points, key=lambda c: -score.get(c.unit, -math.inf))[:probe_top_m]
                 plan1[strategy] = sorted(top, key=lambda c: c.unit)
 
-    # the prior order of a bracket: probe score (best first) when probing, else cheaper first
     prior = {r["unit"]: -r[f"{probe_rank_by}_auroc"] for r in probes if not math.isnan(r[f"{probe_rank_by}_auroc"])}
-    ordered = lambda cands: sorted(cands, key=lambda c: (prior.get(c.unit, math.inf), c.unit))  # noqa: E731
+
+    def ordered(candidates) -> list[Candidate]:
+        """A bracket's prior order: best probe score first when probing, else cheaper (earlier unit) first."""
+        return sorted(candidates, key=lambda c: (prior.get(c.unit, math.inf), c.unit))
+
     search = StageRunner(task, store, make_executor(executor, address=ray_address, num_cpus=ray_num_cpus,
                                                     gpus_per_trial=gpus_per_trial),
                          folds, seeds, out, threads=cpus_per_trial, processes=processes_per_trial,
