@@ -275,7 +275,12 @@ def test_budget_stops_the_search_and_a_larger_budget_continues_it(searched_es, t
     assert {r["status"] for r in short.rows if r["stage"] == 2} == {"not started"}
     assert "The budget was reached" in (tmp_path / "search_report.md").read_text()
     longer = run_search(CXR, tmp_path, overrides=ES, strategies=["truncate"], probe=True, **FAST)
-    assert longer.cost["epochs"] == result.cost["epochs"]  # nothing trained twice
+    assert longer.cost["epochs"] == result.cost["epochs"]
+    seen = set()
+    for record in [r for r in map(json.loads, (tmp_path / "trials.jsonl").read_text().splitlines()[1:])
+                   if r["kind"] == "trial"]:  # every later record of a trial continued it from its checkpoint
+        assert record["resumed"] == (record["key"] in seen), record["key"]
+        seen.add(record["key"])
     assert _decisions(longer.rows) == _decisions(result.rows)
     assert _metrics_table(longer.rows) == _metrics_table(result.rows) and longer.picks == result.picks
 
