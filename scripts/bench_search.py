@@ -16,7 +16,7 @@ it is the exhaustive pick, and its gap to it measured in the *exhaustive* table 
 ``gap`` = exhaustive pick's mean validation AUROC minus this pick's, ``in CI`` = this pick's score lies inside the
 exhaustive pick's 95% interval. Writes ``bench_search.{csv,md}`` and ``bench_search.png`` (epochs trained as a
 fraction of exhaustive vs the gap) to ``--output``. Each search keeps its results store, so an interrupted bench
-continues where it stopped and a finished one only rebuilds the table.
+continues where it stopped; ``--table-only`` rebuilds the table from the finished searches' reports.
 
     python scripts/bench_search.py                                  # everything (2 shared CPUs: hours)
     python scripts/bench_search.py --tasks cxr,covid --searches exhaustive,early-stopping
@@ -112,24 +112,29 @@ SEARCHES = {
 }
 
 
-def _row(name: str, search: str, result, exhaustive) -> dict:
-    picks, cost = result.picks, result.cost
+def _number(value) -> float:
+    return math.nan if value is None else round(value, 4)
+
+
+def _row(name: str, search: str, report: dict, exhaustive: dict | None) -> dict:
+    """One table row from a search's ``search_report.json`` (and the exhaustive search's, to compare with)."""
+    picks, cost = report["picks"], report["metadata"]["cost"]
+    rows = {r["label"]: r for r in report["rows"]}
     picked = picks.get("TTL-2") or picks.get("TTL-1")
-    best = result.row(picked)
+    best = rows[picked]
     row = {"task": name, "search": search, "trainings": cost["trainings"], "epochs": cost["epochs"],
            "epochs_vs_exhaustive": round(cost["epochs_fraction"], 3), "wall_min": round(cost["wall_hours"] * 60, 1),
            "train_min": round(cost["device_hours"] * 60, 1), "picked": picked.split("@")[-1],
-           "ni_pick": picks.get("TTL-NI", "-").split("@")[-1], "val_auroc": round(best["val_auroc_mean"], 4),
-           "test_auroc": round(best.get("test_auroc_mean", math.nan), 4)}
+           "ni_pick": picks.get("TTL-NI", "-").split("@")[-1], "val_auroc": _number(best["val_auroc_mean"]),
+           "test_auroc": _number(best.get("test_auroc_mean"))}
     if exhaustive is None:
         return {**row, "same_as_exhaustive": "-", "gap": 0.0, "in_ci": "-"}
-    reference = exhaustive.row(exhaustive.picks["TTL-1"])
-    mine = next(r for r in exhaustive.rows if r["unit"] == best["unit"] and r["strategy"] == best["strategy"])
-    low = reference.get("val_auroc_low")
+    reference = next(r for r in exhaustive["rows"] if r["label"] == exhaustive["picks"]["TTL-1"])
+    mine = next(r for r in exhaustive["rows"] if r["unit"] == best["unit"] and r["strategy"] == best["strategy"])
+    low, high = reference.get("val_auroc_low"), reference.get("val_auroc_high")
     return {**row, "same_as_exhaustive": "yes" if mine is reference else "no",
             "gap": round(reference["val_auroc_mean"] - mine["val_auroc_mean"], 4),
-            "in_ci": "-" if low is None else ("yes" if low <= mine["val_auroc_mean"] <= reference["val_auroc_high"]
-                                              else "no")}
+            "in_ci": "-" if low is None else ("yes" if low <= mine["val_auroc_mean"] <= high else "no")}
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -168,6 +173,8 @@ def main() -> None:
     parser.add_argument("--covid-cases", type=int, default=80,
                         help="N labelled COVID rows, half of each class (0: all 531, 80 %% COVID-19)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--table-only", action="store_true",
+                        help="only rebuild the table from the searches' reports (trains nothing, takes no lock)")
     args = parser.parse_args()
 
     import torch
@@ -183,15 +190,19 @@ def main() -> None:
         overrides = {**task["overrides"], **task["data"](out / name / "data"),
                      "device": "cuda" if torch.cuda.is_available() else "cpu"}
         exhaustive = None
-        for search in ["exhaustive", *(s for s in searches if s != "exhaustive")]:
-            if search not in searches and not (out / name / search / "trials.jsonl").is_file():
-                continue  # the exhaustive search is the yardstick: rebuilt from its store when it was run
-            result = run_search(REPO / "bundles" / task["bundle"], out / name / search, overrides=overrides,
-                                strategies=["truncate"], seeds=args.seeds, efficiency_runs=3,
-                                cpus_per_trial=args.threads, **SEARCHES[search])
-            exhaustive = exhaustive or (result if search == "exhaustive" else None)
+        for search in SEARCHES:
+            report_file = out / name / search / "search_report.json"
+            if search in searches and not args.table_only:
+                run_search(REPO / "bundles" / task["bundle"], out / name / search, overrides=overrides,
+                           strategies=["truncate"], seeds=args.seeds, efficiency_runs=3, cpus_per_trial=args.threads,
+                           **SEARCHES[search])
+            if not report_file.is_file():
+                continue
+            report = json.loads(report_file.read_text())
+            if search == "exhaustive":
+                exhaustive = report
             if search in searches:
-                rows.append(_row(name, search, result, exhaustive if search != "exhaustive" else None))
+                rows.append(_row(name, search, report, exhaustive if search != "exhaustive" else None))
                 print(json.dumps(rows[-1]), flush=True)
     columns = list(rows[0])
     buffer = io.StringIO()
