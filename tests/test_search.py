@@ -1,8 +1,9 @@
 """Cutoff search: the plan (Stage 1 block cuts, Stage 2 neighbourhoods at the first, middle and last blocks), the
-results store (resume, torn lines, foreign configurations refused), a whole hierarchical search on tiny phantom
-CXRs through the real bundle (expected candidates, picks, report files, probes), kill-and-resume ending with the
-same table, a trial interrupted mid-training continuing from its checkpoint, the Ray executor reproducing the local
-one, the bundle's search.yaml and the bad-input errors."""
+results store (resume, torn lines, foreign configurations refused), a whole hierarchical search on tiny phantom CXRs
+through the real bundle (expected candidates, picks, report files, probes), kill-and-resume ending with the same
+table, a trial interrupted mid-training continuing from its checkpoint, early termination (who continues at each
+rung, a budget and a larger one continuing it, the Ray executor making the same decisions), the bundle's search.yaml
+and the bad-input errors."""
 
 from __future__ import annotations
 
@@ -215,16 +216,86 @@ def test_killed_search_resumes_to_the_same_table(searched, tmp_path):
     assert resumed.picks == result.picks
 
 
+# ------------------------------------------------------------------------------------------------ early termination
+ES = {**TINY, "epochs": 3}  # eta 3: rungs at 1 and 3 epochs
+
+
+@pytest.fixture(scope="module")
+def searched_es(tmp_path_factory):
+    out = tmp_path_factory.mktemp("search_es")
+    return out, run_search(CXR, out, overrides=ES, strategies=["truncate"], probe=True, **FAST)
+
+
+def _decisions(rows):
+    return {r["label"]: (r["status"], r["epochs"]) for r in rows}
+
+
 @pytest.mark.slow
-def test_ray_executor_reproduces_local_numbers(searched, tmp_path):
+def test_early_stopping_keeps_the_top_third_at_each_rung(searched_es):
+    out, result = searched_es
+    records = [r for r in map(json.loads, (out / "trials.jsonl").read_text().splitlines()[1:]) if r["kind"] == "trial"]
+    first = {}  # each trial's record at rung 1 (its first record)
+    for record in records:
+        first.setdefault(record["key"], record)
+    latest = {r["key"]: r for r in records}
+    linear = {p["cut"]: p["linear_auroc"] for p in result.probes}
+    # stage 1: FTL straight to the end; the 4 block cuts to epoch 1, then the top ceil(4/3) = 2 on the mean over
+    # both folds of the epoch-1 validation AUROC (ties to the better probe score) continue to epoch 3
+    assert [first[f"full/fold{f}/seed0"]["epochs_run"] for f in (0, 1)] == [3, 3]
+    blocks = ["stem", "layer1", "layer2", "layer3"]
+    rung1 = {c: sum(first[f"truncate@{c}/fold{f}/seed0"]["history"][0]["val_auroc"] for f in (0, 1)) / 2
+             for c in blocks}
+    assert all(first[f"truncate@{c}/fold{f}/seed0"]["epochs_run"] == 1 for c in blocks for f in (0, 1))
+    promoted = sorted(blocks, key=lambda c: (-rung1[c], -linear[c]))[:2]
+    for cut in blocks:
+        row = result.row(f"truncate@{cut}")
+        folder = out / "trials" / f"truncate_{cut}" / "fold0_seed0" / "train"
+        if cut in promoted:
+            assert row["status"] == "complete" and latest[f"truncate@{cut}/fold0/seed0"]["resumed"]
+            assert not (folder / "last.pt").exists()  # finished: the engine state is dropped
+        else:
+            assert row["status"] == "stopped at rung 1 (1 epochs)" and row["epochs"] == 1
+            assert (folder / "last.pt").is_file()  # kept: a larger budget continues it
+    assert result.picks["TTL-1"] in {f"truncate@{c}" for c in promoted}
+    # cost: every epoch counted once; FTL 2 x 3, stage 1 rung 1: 4 x 2 x 1, rung 2: 2 x 2 x 2, then stage 2
+    assert result.cost["epochs"] == sum(r["epochs_trained"] for r in records)
+    assert sum(r["epochs_trained"] for r in records if r["stage"] == 1) == 6 + 8 + 8
+    assert result.cost["exhaustive_epochs"] == 9 * 2 * 3 and result.cost["epochs_fraction"] < 1
+    markdown = (out / "search_report.md").read_text()
+    assert "successive halving at 1, 3 epochs" in markdown and "TTL-NI" in markdown
+
+
+@pytest.mark.slow
+def test_budget_stops_the_search_and_a_larger_budget_continues_it(searched_es, tmp_path):
+    out, result = searched_es
+    # FTL (2 x 3 epochs) and rung 1 (4 x 2 x 1) spend 14 epochs: nothing more starts
+    short = run_search(CXR, tmp_path, overrides=ES, strategies=["truncate"], probe=True, budget_epochs=14, **FAST)
+    assert short.cost["epochs"] == 14 and short.trained == 10
+    assert {r["status"] for r in short.rows if r["stage"] == 1 and r["cut"]} == {"stopped at rung 1 (1 epochs)"}
+    assert {r["status"] for r in short.rows if r["stage"] == 2} == {"not started"}
+    assert "The budget was reached" in (tmp_path / "search_report.md").read_text()
+    longer = run_search(CXR, tmp_path, overrides=ES, strategies=["truncate"], probe=True, **FAST)
+    assert longer.cost["epochs"] == result.cost["epochs"]
+    seen = set()
+    for record in [r for r in map(json.loads, (tmp_path / "trials.jsonl").read_text().splitlines()[1:])
+                   if r["kind"] == "trial"]:  # every later record of a trial continued it from its checkpoint
+        assert record["resumed"] == (record["key"] in seen), record["key"]
+        seen.add(record["key"])
+    assert _decisions(longer.rows) == _decisions(result.rows)
+    assert _metrics_table(longer.rows) == _metrics_table(result.rows) and longer.picks == result.picks
+
+
+@pytest.mark.slow
+def test_ray_executor_makes_the_same_decisions(searched_es, tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is the optional 'distributed' extra")
-    out, result = searched
+    out, result = searched_es
     try:
-        remote = run_search(CXR, tmp_path, overrides=TINY, strategies=["truncate"], probe=True, executor="ray",
+        remote = run_search(CXR, tmp_path, overrides=ES, strategies=["truncate"], probe=True, executor="ray",
                             ray_num_cpus=2, **FAST)
     finally:
         ray.shutdown()
-    assert remote.trained == result.trained
+    assert remote.trained == result.trained and remote.cost["epochs"] == result.cost["epochs"]
+    assert _decisions(remote.rows) == _decisions(result.rows)
     assert _metrics_table(remote.rows) == _metrics_table(result.rows)
     assert remote.picks == result.picks
 

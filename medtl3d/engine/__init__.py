@@ -15,6 +15,7 @@ from ._tasks import TASKS, BatchPreparer, default_key_metric, make_loss
 from ._trainer import OPTIMIZERS, evaluate, train
 from .results import EvalResult, TrainResult
 from .metrics import aggregate_series, classification_metrics, segmentation_metrics
+from .handlers import pause_after
 from .optim import build_scheduler, param_groups
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "load_model",
     "make_loss",
     "param_groups",
+    "pause_after",
     "register_builder",
     "segmentation_metrics",
     "train",

@@ -7,8 +7,12 @@ request), picks the best block cut on the mean validation key metric over k fold
 TruncatedTL paper (``TTL-1`` best after Stage 1, ``TTL-2`` after Stage 2) and joins params / MACs / latency from
 :mod:`medtl3d.efficiency`. Optional kNN / linear probes on frozen pretrained features rank every cut point before
 any fine-tuning (and can restrict Stage 1 to the top-m); their Spearman correlation with the fine-tuned result is
-reported. Each finished trial is appended to ``trials.jsonl`` at once, and a trial in flight continues from its
-last epoch's checkpoint: a killed search resumes losing at most one epoch per running trial. Trials run in-process
+reported. Trials stop early by successive halving on epochs (:mod:`._rungs`, run by :mod:`._runner`; the probe
+ranking orders the candidates), within an optional budget. The report (:mod:`._verdicts`) gives each cut's interval
+across folds x seeds and ``TTL-NI``, the cheapest cut non-inferior to the best (or to FTL) at a margin, with the
+search's cost next to an exhaustive one's. Each finished trial is appended to ``trials.jsonl`` at once, and a trial
+in flight continues from its last epoch's checkpoint: a killed search resumes losing at most one epoch per running
+trial. Trials run in-process
 or as Ray tasks (``executor="ray"``), each on one process or data-parallel under torchrun
 (``processes_per_trial``).
 

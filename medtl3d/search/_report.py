@@ -1,6 +1,8 @@
 """The search's final table (CSV, JSON, Markdown) and plots: a Pareto plot (validation metric against MACs and
 latency, the non-dominated candidates joined) and a per-cut curve (validation metric mean ± std per strategy, probe
-scores beside it, FTL as a line)."""
+scores beside it, FTL as a line). The Markdown states the non-inferior pick with its margin and cost saving, which
+cuts cannot be told apart from their neighbour, where early termination stopped each candidate, and what the
+search cost next to an exhaustive one."""
 
 from __future__ import annotations
 
@@ -9,12 +11,80 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..reporting import pyplot, markdown_table, save_figure, write_csv, write_json, write_text
+from ._verdicts import LEVEL
 
 
 def _pm(mean, std) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "-"
     return f"{mean:.4f} ± {std:.4f}" if std is not None and not math.isnan(std) else f"{mean:.4f}"
+
+
+def _flat(row: Mapping) -> dict:
+    """The row with its comparisons as columns (``vs_reference_verdict``, ``vs_next_relation``, ...) for the CSV."""
+    flat = {k: v for k, v in row.items() if k not in ("vs_reference", "vs_next")}
+    for key in ("vs_reference", "vs_next"):
+        flat.update({f"{key}_{name}": value for name, value in (row.get(key) or {}).items()})
+    return flat
+
+
+def _interval(low, high) -> str:
+    return "-" if low is None else f"[{low:.4f}, {high:.4f}]"
+
+
+def _versus(comparison) -> str:
+    if not comparison:
+        return "-"
+    if comparison["verdict"] == "reference":
+        return "reference"
+    return f"{comparison['verdict']} ({comparison['difference']:+.4f}, [{comparison['low']:+.4f}, " \
+           f"{comparison['high']:+.4f}])"
+
+
+def _next(comparison) -> str:
+    return "-" if not comparison else f"{comparison['relation']} {comparison['next']}"
+
+
+def _statements(rows: Sequence[Mapping], picks: Mapping[str, str], metadata: Mapping, key_metric: str) -> list[str]:
+    """The non-inferior pick per strategy in words, with its cost saving against the reference, and a warning
+    where the best cut cannot be told apart from the next deeper one."""
+    by_label = {r["label"]: r for r in rows}
+    reference = "the best fully trained candidate" if metadata["noninferior_to"] == "best" else "FTL"
+    lines = [f"Intervals: {LEVEL:.0%}, across folds x seeds with the corrected resampled t-test (Nadeau & Bengio "
+             "2003); differences paired by fold and seed, against the reference: "
+             f"{reference}. Non-inferiority margin: {metadata['margin']:g} {key_metric}.", ""]
+    for name, label in picks.items():
+        row = by_label[label]
+        if name.endswith("-NI"):
+            versus = row["vs_reference"]
+            anchor = by_label[versus["reference"]]
+            saving = (f"; {row['macs_g']:.3g} GMACs, {row['macs_g'] / anchor['macs_g']:.0%} of "
+                      f"{anchor['label']}'s" if row.get("macs_g") and anchor.get("macs_g") else "")
+            how = "is the reference itself" if versus["verdict"] == "reference" else (
+                f"is {versus['verdict']} to {anchor['label']} (difference {versus['difference']:+.4f}, "
+                f"interval [{versus['low']:+.4f}, {versus['high']:+.4f}])")
+            lines.append(f"- **{name}** = {label}: the cheapest fully trained cut non-inferior to {reference} at "
+                         f"margin {metadata['margin']:g}; it {how}{saving}.")
+        elif name.endswith("-2") or (name.endswith("-1") and f"{name[:-2]}-2" not in picks):
+            near = row.get("vs_next")
+            if near and near["relation"] == "indistinguishable from":
+                lines.append(f"- {name} = {label} has the best mean, but it is not distinguishable from the next "
+                             f"deeper cut {near['next']} (difference {near['difference']:+.4f}, interval "
+                             f"[{near['low']:+.4f}, {near['high']:+.4f}]): not a winner over it.")
+    return lines + [""]
+
+
+def _cost_lines(metadata: Mapping) -> list[str]:
+    cost = metadata["cost"]
+    rungs = metadata["rungs"]
+    stopping = (f"Early termination: successive halving at {', '.join(map(str, rungs))} epochs, top 1/"
+                f"{metadata['eta']} continue." if len(rungs) > 1 else "No early termination.")
+    budget = " The budget was reached: candidates stopped where it ran out." if metadata["budget_reached"] else ""
+    return [f"{stopping}{budget} Cost so far: {cost['trainings']} trainings ({cost['trial_runs']} trial runs), "
+            f"{cost['epochs']} epochs, {cost['wall_hours'] * 60:.1f} min wall, {cost['device_hours'] * 60:.1f} min "
+            f"summed train time; an exhaustive search: {cost['exhaustive_trainings']} trainings, "
+            f"{cost['exhaustive_epochs']} epochs (~{cost['exhaustive_device_hours_estimate'] * 60:.0f} min at this "
+            f"search's time per epoch): this search trained {cost['epochs_fraction']:.0%} of its epochs."]
 
 
 def pareto_front(rows: Sequence[Mapping], cost: str, metric: str) -> list[Mapping]:
@@ -31,7 +101,7 @@ def write_search_report(output_dir: str | Path, rows: Sequence[dict], picks: Map
     """``search_report.{csv,json,md}``, ``search_pareto.png`` and ``search_cuts.png`` under ``output_dir``."""
     out = Path(output_dir)
     metric = f"val_{key_metric}_mean"
-    paths = {"csv": write_csv(out / "search_report.csv", rows),
+    paths = {"csv": write_csv(out / "search_report.csv", [_flat(r) for r in rows]),
              "json": write_json(out / "search_report.json", {"metadata": dict(metadata), "picks": dict(picks),
                                                                "rows": list(rows)})}
     test_key = f"test_{key_metric}_mean"
@@ -42,7 +112,9 @@ def write_search_report(output_dir: str | Path, rows: Sequence[dict], picks: Map
                         f"test {second}": _pm(r.get(f"test_{second}_mean"), r.get(f"test_{second}_std"))}) \
         if second else (lambda r: {})
     shown = [{"pick": r["pick"], "candidate": r["label"], "stage": r["stage"], "level": r["level"], "trials": r["n"],
-              f"val {key_metric}": _pm(r[metric], r[f"val_{key_metric}_std"]),
+              "trained": r["status"], f"val {key_metric}": _pm(r[metric], r[f"val_{key_metric}_std"]),
+              f"{LEVEL:.0%} interval": _interval(r.get(f"val_{key_metric}_low"), r.get(f"val_{key_metric}_high")),
+              "vs reference": _versus(r["vs_reference"]), "vs next deeper cut": _next(r["vs_next"]),
               f"test {key_metric}": _pm(r.get(test_key), r.get(f"test_{key_metric}_std")), **extra(r),
               "params (M)": r["params_m"], "GMACs": r["macs_g"], "latency (ms)": r["latency_ms"],
               "MACs vs FTL": r["macs_ratio"], "probe kNN": r.get("probe_knn_auroc"),
@@ -51,7 +123,8 @@ def write_search_report(output_dir: str | Path, rows: Sequence[dict], picks: Map
              f"Selection by **validation {key_metric}** (mean over {metadata['n_folds']} fold(s) x "
              f"{len(metadata['seeds'])} seed(s)); the test split is reported, never used to select. Costs from "
              "medtl3d.efficiency at the bundle's input size, batch 1.", "",
-             "Picks: " + ", ".join(f"**{name}** = {label}" for name, label in picks.items()), ""]
+             "Picks: " + ", ".join(f"**{name}** = {label}" for name, label in picks.items()), "",
+             *_statements(rows, picks, metadata, key_metric), *_cost_lines(metadata), ""]
     if metadata.get("spearman"):
         lines += ["Rank correlation (Spearman) of the probe scores with the fine-tuned validation metric: "
                   + "; ".join(f"{s}: kNN {v['knn']:.3f}, linear {v['linear']:.3f}" for s, v in

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-import statistics
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -15,20 +14,25 @@ from typing import Any, Sequence
 from ..errors import OutputLockedError, SearchError
 from ..locking import output_lock
 from ..provenance import sha256_file
+from ..stats import DEFAULT_MARGINS
 from ._bundle import BundleTask
 from ._executors import make_executor
-from ._plan import (REFERENCES, SEARCH_STRATEGIES, SHORT_NAMES, Candidate, candidates_for, stage1_cuts,
-                    stage2_cuts)
+from ._plan import (REFERENCES, SEARCH_STRATEGIES, SHORT_NAMES, Candidate, applicable_cuts, candidates_for,
+                    stage1_cuts, stage2_cuts)
+from ._plan import neighbourhood as neighbourhood_cuts
 from ._probes import PROBES, probe_ranking, spearman
 from ._report import write_search_report
+from ._rungs import rung_epochs
+from ._runner import Budget, StageRunner
 from ._store import ResultsStore
-from ._trial import TrialSpec
+from ._verdicts import annotate
 
 
 @dataclass
 class SearchResult:
-    """The aggregated table (one row per candidate), the named picks (``TTL-1``, ``TTL-2``, ``FTL``, ...), the
-    probe rows, how many trials this call trained and how many it found finished, and the report files."""
+    """The aggregated table (one row per candidate), the named picks (``TTL-1``, ``TTL-2``, ``TTL-NI``, ``FTL``,
+    ...), the probe rows, how many trial runs this call trained (a trial continued to a later rung counts once per
+    rung) and how many it found already there, the cost summary, and the report files."""
 
     rows: list[dict]
     picks: dict[str, str]
@@ -36,85 +40,19 @@ class SearchResult:
     trained: int
     reused: int
     seconds: float
+    cost: dict = field(default_factory=dict)
     paths: dict[str, Path] = field(default_factory=dict)
 
     def row(self, label: str) -> dict:
         return next(r for r in self.rows if r["label"] == label)
 
 
-def _trial_key(candidate: Candidate, fold: int, seed: int) -> str:
-    return f"{candidate.label}/fold{fold}/seed{seed}"
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    finite = [v for v in values if v is not None and not math.isnan(v)]
-    if not finite:
-        return math.nan, math.nan
-    return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else 0.0)
-
-
-class _Search:
-    def __init__(self, task: BundleTask, store: ResultsStore, executor, folds: list[int], seeds: list[int],
-                 out: Path, threads: int | None, processes: int, evaluate_test: bool, keep_checkpoints: bool) -> None:
-        self.task, self.store, self.executor = task, store, executor
-        self.folds, self.seeds, self.out = folds, seeds, out
-        self.threads, self.processes = threads, processes
-        self.evaluate_test, self.keep_checkpoints = evaluate_test, keep_checkpoints
-        self.trained = self.reused = 0
-
-    def run(self, candidates: Sequence[Candidate], title: str) -> None:
-        specs = []
-        for candidate in candidates:
-            for fold in self.folds:
-                for seed in self.seeds:
-                    key = _trial_key(candidate, fold, seed)
-                    if self.store.trial(key) is not None:
-                        self.reused += 1
-                        continue
-                    folder = self.out / "trials" / candidate.label.replace("@", "_").replace("/", "_") / \
-                        f"fold{fold}_seed{seed}"
-                    specs.append(TrialSpec(key=key, bundle_dir=str(self.task.dir),
-                                           ids=self.task.trial_ids(candidate, fold, seed, folder),
-                                           strategy=candidate.strategy, cut=candidate.cut, fold=fold, seed=seed,
-                                           stage=candidate.stage, threads=self.threads, processes=self.processes,
-                                           evaluate_test=self.evaluate_test, keep_checkpoints=self.keep_checkpoints,
-                                           meta={"unit": candidate.unit, "level": candidate.level}))
-        total = len(candidates) * len(self.folds) * len(self.seeds)
-        print(f"medtl3d search: {title}: {len(candidates)} candidates x {len(self.folds)} fold(s) x "
-              f"{len(self.seeds)} seed(s) = {total} trials, {total - len(specs)} already finished", flush=True)
-        done = [0]
-
-        def finished(record: dict) -> None:
-            self.store.add(record)
-            self.trained += 1
-            done[0] += 1
-            value = record["val"].get(record["key_metric"], math.nan)
-            print(f"medtl3d search: [{done[0]}/{len(specs)}] {record['key']}: val {record['key_metric']} "
-                  f"{value:.4f} ({record['train_seconds']:.1f} s)", flush=True)
-
-        if specs:
-            self.executor.map(specs, finished)
-
-    def aggregate(self, candidates: Sequence[Candidate]) -> list[dict]:
-        rows = []
-        for candidate in candidates:
-            records = [self.store.trial(_trial_key(candidate, f, s)) for f in self.folds for s in self.seeds]
-            records = [r for r in records if r is not None]
-            row: dict[str, Any] = {"label": candidate.label, "strategy": candidate.strategy, "cut": candidate.cut,
-                                   "unit": candidate.unit, "level": candidate.level, "stage": candidate.stage,
-                                   "n": len(records), "key_metric": records[0]["key_metric"] if records else None}
-            for split in ("val", "test"):
-                for metric in dict.fromkeys(m for r in records for m in r[split]):
-                    row[f"{split}_{metric}_mean"], row[f"{split}_{metric}_std"] = _mean_std(
-                        [r[split].get(metric, math.nan) for r in records])
-            row["train_seconds_mean"] = _mean_std([r["train_seconds"] for r in records])[0]
-            rows.append(row)
-        return rows
-
-
 def _best(rows: Sequence[dict], key: str) -> dict | None:
-    """Highest ``key``; ties go to the smaller model (earlier unit)."""
+    """Highest ``key`` among the rows trained furthest (a candidate stopped at a rung is not compared with one
+    trained longer); ties go to the smaller model (earlier unit)."""
     usable = [r for r in rows if not math.isnan(r.get(key, math.nan))]
+    furthest = max((r["epochs"] for r in usable), default=0)
+    usable = [r for r in usable if r["epochs"] == furthest]
     return max(usable, key=lambda r: (r[key], -(r["unit"] if r["unit"] is not None else 1 << 30)), default=None)
 
 
@@ -161,7 +99,10 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
                probe_top_m: int | None = None, probe_rank_by: str = "linear", evaluate_test: bool = True,
                executor: str = "local", ray_address: str | None = None, ray_num_cpus: int | None = None,
                cpus_per_trial: int | None = None, gpus_per_trial: float = 0, processes_per_trial: int = 1,
-               efficiency_runs: int = 10, efficiency_warmup: int = 3, keep_checkpoints: bool = False) -> SearchResult:
+               efficiency_runs: int = 10, efficiency_warmup: int = 3, keep_checkpoints: bool = False,
+               early_stop: bool = True, eta: int = 3, min_epochs: int | None = None,
+               budget_epochs: float | None = None, budget_device_hours: float | None = None,
+               margin: float | None = None, noninferior_to: str = "best") -> SearchResult:
     """Hierarchical cutoff search over a bundle; see :mod:`medtl3d.search`.
 
     ``overrides`` are bundle ids every trial shares (epochs, image size, weights, dataset_dir, ...). Each candidate
@@ -175,6 +116,15 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
     ``processes_per_trial`` > 1 trains each trial
     data-parallel under torchrun with the bundle's ``multi_gpu_train.yaml`` (one GPU per process: give as many
     ``gpus_per_trial``; ``cpus_per_trial`` threads are shared among the processes).
+
+    ``early_stop`` (default) makes each stage a successive-halving bracket (:mod:`._rungs`): rungs at
+    ``min_epochs`` (default ``epochs // eta**2``), x ``eta``, ..., ``epochs``; the top ``1/eta`` continue from
+    their checkpoints. The probe ranking (when probing) orders the candidates and breaks rung ties; it discards
+    none unless ``probe_top_m`` is given. ``budget_epochs`` / ``budget_device_hours`` cap the search's cost over
+    all its runs (a re-run with a larger budget continues). The picks: ``TTL-1`` / ``TTL-2`` the best of Stage 1
+    / of both stages on mean validation score; ``TTL-NI`` the cheapest fully trained cut non-inferior at
+    ``margin`` (default :data:`medtl3d.stats.DEFAULT_MARGINS` for the key metric) to ``noninferior_to``:
+    ``best`` (the best fully trained candidate) or ``full`` (FTL).
     """
     start = time.perf_counter()
     out = Path(output_dir).resolve()
@@ -198,6 +148,12 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
     if processes_per_trial > 1 and 0 < gpus_per_trial < processes_per_trial:
         raise SearchError(f"processes_per_trial={processes_per_trial} needs a GPU per process; gpus_per_trial is "
                           f"{gpus_per_trial:g}")
+    if noninferior_to not in ("best", "full"):
+        raise SearchError(f"noninferior_to must be best or full, got {noninferior_to!r}")
+    for name, value in (("margin", margin), ("budget_epochs", budget_epochs),
+                        ("budget_device_hours", budget_device_hours)):
+        if value is not None and not value > 0:
+            raise SearchError(f"{name} must be > 0, got {value!r}")
     seeds = list(range(int(seeds))) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seeds:
         raise SearchError("search seeds: give at least one seed")
@@ -209,13 +165,18 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
         raise SearchError(f"processes_per_trial={processes_per_trial}: bundle {task.name} has no "
                           "configs/multi_gpu_train.yaml to train data-parallel with")
     folds = list(range(max(task.n_folds, 1)))
+    max_epochs = int(task.parser["epochs"])
+    rungs = rung_epochs(max_epochs, min_epochs, eta) if early_stop else [max_epochs]
+    if len(rungs) > 1 and processes_per_trial > 1:
+        raise SearchError("early stopping pauses trials in this process: it does not reach torchrun's ranks; "
+                          "use processes_per_trial=1 or early_stop=False")
     body = task.backbone()
     plan1 = {s: stage1_cuts(body, s, cuts) for s in strategies}
     for reference in references:
         task.check_strategy(reference, None)
     for strategy, points in plan1.items():
         task.check_strategy(strategy, points[0].name)
-    task.split(0)  # a k the data cannot support stops here (data resolved now), before anything trains
+    split = task.split(0)  # a k the data cannot support stops here (data resolved now), before anything trains
     probing = probe or probe_top_m is not None
     config = {"bundle": task.name, "bundle_configs": _configs_hash(task),
               "overrides": _fingerprinted_overrides(task.overrides), "data": task.data_hash(),
@@ -244,14 +205,24 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
                 top = sorted(points, key=lambda c: -score.get(c.unit, -math.inf))[:probe_top_m]
                 plan1[strategy] = sorted(top, key=lambda c: c.unit)
 
-    search = _Search(task, store, make_executor(executor, address=ray_address, num_cpus=ray_num_cpus,
-                                                gpus_per_trial=gpus_per_trial),
-                     folds, seeds, out, cpus_per_trial, processes_per_trial, evaluate_test, keep_checkpoints)
+    prior = {r["unit"]: -r[f"{probe_rank_by}_auroc"] for r in probes if not math.isnan(r[f"{probe_rank_by}_auroc"])}
+
+    def ordered(candidates) -> list[Candidate]:
+        """A bracket's prior order: best probe score first when probing, else cheaper (earlier unit) first."""
+        return sorted(candidates, key=lambda c: (prior.get(c.unit, math.inf), c.unit))
+
+    search = StageRunner(task, store, make_executor(executor, address=ray_address, num_cpus=ray_num_cpus,
+                                                    gpus_per_trial=gpus_per_trial),
+                         folds, seeds, out, threads=cpus_per_trial, processes=processes_per_trial,
+                         evaluate_test=evaluate_test, keep_checkpoints=keep_checkpoints, rungs=rungs, eta=eta,
+                         budget=Budget(budget_epochs, budget_device_hours))
     stage1 = [Candidate(r, None, 1) for r in references] + \
-        [c for s, points in plan1.items() for c in candidates_for(s, points, 1)]
+        ordered(c for s, points in plan1.items() for c in candidates_for(s, points, 1))
     search.run(stage1, "stage 1 (block cut points)" if cuts == "block" else "stage 1")
     rows1 = search.aggregate(stage1)
-    key_metric = next(r["key_metric"] for r in rows1 if r["key_metric"])
+    key_metric = next((r["key_metric"] for r in rows1 if r["key_metric"]), None)
+    if key_metric is None:
+        raise SearchError(f"budget {search.budget} spent before any trial of this search finished")
     metric = f"val_{key_metric}_mean"
     best1 = {s: _best([r for r in rows1 if r["strategy"] == s], metric) for s in strategies}
 
@@ -261,10 +232,18 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
             if row is None:
                 continue
             evaluated = {c.unit for c in plan1[strategy]}
-            stage2_candidates += candidates_for(strategy, stage2_cuts(body, strategy, row["cut"], evaluated,
-                                                                      neighbourhood), 2)
-        search.run(stage2_candidates, f"stage 2 (cut points within {neighbourhood} block(s) of the best)")
+            new = candidates_for(strategy, stage2_cuts(body, strategy, row["cut"], evaluated, neighbourhood), 2)
+            near = {c.unit for c in applicable_cuts(body, strategy, neighbourhood_cuts(body, row["cut"],
+                                                                                        neighbourhood))}
+            stage2_candidates += new
+            # the bracket: the new cut points and the Stage 1 ones among them (trained epochs are reused)
+            search.run(ordered([*new, *(c for c in stage1 if c.strategy == strategy and c.unit in near)]),
+                       f"stage 2 {SHORT_NAMES[strategy]} (cut points within {neighbourhood} block(s) of "
+                       f"{row['cut']})")
     rows = rows1 + search.aggregate(stage2_candidates)
+    for row in rows:
+        row.setdefault(metric, math.nan)
+        row.setdefault(f"val_{key_metric}_std", math.nan)
 
     picks = {"FTL": "full"}
     for strategy in strategies:
@@ -274,19 +253,47 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
         best2 = _best([r for r in rows if r["strategy"] == strategy], metric)
         if stage2 and best2 is not None:
             picks[f"{short}-2"] = best2["label"]
+    _add_costs(task, store, rows, strategies, efficiency_runs, efficiency_warmup)
+    margin = margin if margin is not None else DEFAULT_MARGINS.get(key_metric, 0.02)
+    chosen = annotate(rows, {r["label"]: search.records(c) for r, c in zip(rows, [*stage1, *stage2_candidates])},
+                      key_metric, margin=margin, reference=noninferior_to, n_train=len(split["train"]),
+                      n_test=len(split["val"]), strategies=strategies)
+    picks.update({f"{SHORT_NAMES[s]}-NI": label for s, label in chosen.items()})
     for row in rows:
         row["pick"] = ", ".join(name for name, label in picks.items() if label == row["label"])
-
-    _add_costs(task, store, rows, strategies, efficiency_runs, efficiency_warmup)
     correlations = _add_probes(rows, probes, strategies, metric)
+    seconds = time.perf_counter() - start
+    store.add({"kind": "run", "seconds": round(seconds, 3), "trained": search.trained})
+    cost = _cost_summary(store, body, strategies, references, len(folds) * len(seeds), max_epochs)
     metadata = {**config, "key_metric": key_metric, "n_folds": len(folds), "executor": executor,
                 "trials_total": sum(r["n"] for r in rows), "trained_this_run": search.trained,
-                "reused": search.reused, "spearman": correlations}
+                "reused": search.reused, "spearman": correlations, "rungs": rungs, "eta": eta, "margin": margin,
+                "noninferior_to": noninferior_to, "budget": {"epochs": budget_epochs,
+                                                             "device_hours": budget_device_hours},
+                "budget_reached": search.budget_reached, "cost": cost}
     paths = write_search_report(out, rows, picks, metadata, key_metric)
-    seconds = time.perf_counter() - start
-    print(f"medtl3d search: {search.trained} trial(s) trained, {search.reused} reused, {seconds / 60:.1f} min; "
-          f"picks: " + ", ".join(f"{k}={v}" for k, v in picks.items()) + f"; report: {paths['md']}", flush=True)
-    return SearchResult(rows, picks, probes, search.trained, search.reused, seconds, paths)
+    print(f"medtl3d search: {search.trained} trial run(s) trained ({search.epochs_trained} epochs), "
+          f"{search.reused} reused, {seconds / 60:.1f} min; search total {cost['epochs']} epochs = "
+          f"{cost['epochs_fraction']:.0%} of exhaustive; picks: " + ", ".join(f"{k}={v}" for k, v in picks.items())
+          + f"; report: {paths['md']}", flush=True)
+    return SearchResult(rows, picks, probes, search.trained, search.reused, seconds, cost, paths)
+
+
+def _cost_summary(store: ResultsStore, body, strategies: Sequence[str], references: Sequence[str], runs: int,
+                  max_epochs: int) -> dict:
+    """What the search spent over all its runs, next to an exhaustive search's cost (every layer-level cut point
+    of each strategy plus the references, every fold x seed, all epochs; its time estimated at this search's
+    seconds per epoch)."""
+    trials = list(store.of_kind("trial"))
+    epochs = sum(r["epochs_trained"] for r in trials)
+    device = sum(r["device_seconds"] for r in trials)
+    candidates = len(references) + sum(len(stage1_cuts(body, s, "all")) for s in strategies)
+    exhaustive = candidates * runs * max_epochs
+    return {"trainings": len({r["key"] for r in trials}), "trial_runs": len(trials), "epochs": epochs,
+            "device_hours": device / 3600, "wall_hours": sum(r["seconds"] for r in store.of_kind("run")) / 3600,
+            "exhaustive_trainings": candidates * runs, "exhaustive_epochs": exhaustive,
+            "exhaustive_device_hours_estimate": exhaustive * device / epochs / 3600 if epochs else math.nan,
+            "epochs_fraction": epochs / exhaustive}
 
 
 def _add_costs(task: BundleTask, store: ResultsStore, rows: list[dict], strategies: Sequence[str], runs: int,

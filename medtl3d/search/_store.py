@@ -1,11 +1,11 @@
 """The results store of one search: a JSON-lines file, appended and fsync'ed as each trial finishes.
 
 Line 1 is the search's header (its configuration and that configuration's fingerprint); every other line is one
-record (a finished trial, the probe scores, the cost table). Re-opening the store with the same configuration
-returns the finished records so that they are not run again; a different configuration is refused rather than
-mixed in. A line cut short by a kill (the only one that can be: each record is one ``write`` of a whole line) is
-dropped when the store is opened. JSON lines rather than SQLite: one appending writer (the driver), records read
-back whole, and a file a person can ``tail``.
+record (a trial at a rung or finished, the probe scores, the cost table, one summary per search call). Re-opening
+the store with the same configuration returns the finished records so that they are not run again; a different
+configuration is refused rather than mixed in. A line cut short by a kill (the only one that can be: each record is
+one ``write`` of a whole line) is dropped when the store is opened. JSON lines rather than SQLite: one appending
+writer (the driver), records read back whole, and a file a person can ``tail``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 from ..errors import SearchError
 
-FORMAT = "medtl3d-search/1"
+FORMAT = "medtl3d-search/2"
 
 
 def fingerprint(config: dict) -> str:
@@ -83,4 +83,5 @@ class ResultsStore:
         return (r for r in self.records if r.get("kind") == kind)
 
     def trial(self, key: str) -> dict | None:
-        return next((r for r in self.of_kind("trial") if r["key"] == key), None)
+        """The latest record of trial ``key`` (a trial paused at a rung gets a new record at each rung)."""
+        return next((r for r in reversed(self.records) if r.get("kind") == "trial" and r["key"] == key), None)

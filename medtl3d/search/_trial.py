@@ -7,6 +7,10 @@ anything a search trained can be evaluated, exported or analysed like any bundle
 The trial pins torch's thread count and the bundle seeds everything, so a trial gives the same numbers in-process
 and in a Ray worker.
 
+A trial with ``stop_at`` pauses after that epoch (:func:`medtl3d.engine.pause_after`: the learning-rate schedule
+still spans the trial's ``epochs``) and keeps its engine checkpoint; the same trial run again with a later
+``stop_at`` (or none) continues from it, so the successive-halving rungs of a search never retrain an epoch.
+
 With ``processes > 1`` the training is data-parallel: ``torchrun --standalone`` starts that many ranks on the
 bundle's ``multi_gpu_train.yaml`` (one GPU each where CUDA is available, gloo on the CPU otherwise), with the
 trial's ids in a config file merged last; the test scoring that follows runs in this process.
@@ -26,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..engine import pause_after
 from ..reporting import write_text
 
 
@@ -46,6 +51,11 @@ class TrialSpec:
     evaluate_test: bool = True
     keep_checkpoints: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
+    stop_at: int | None = None  # pause after this epoch (a rung); not part of the trial's identity
+
+    def identity(self) -> str:
+        """What makes a folder this trial's: everything but where it pauses."""
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "stop_at"}, sort_keys=True, default=str)
 
 
 def run_trial(spec: TrialSpec) -> dict:
@@ -53,13 +63,15 @@ def run_trial(spec: TrialSpec) -> dict:
 
     A folder left by an interrupted run of the same spec (``trial_spec.json`` equal) whose training had written a
     checkpoint is resumed: the engine continues from ``train/last.pt`` exactly where it stopped (bit-identical on
-    CPU), so a killed search loses at most the epoch in progress. Any other folder is cleared first.
+    CPU), so a killed search loses at most the epoch in progress; a trial paused at a rung continues the same way.
+    Any other folder is cleared first. The record's ``paused`` is true when the trial stopped at ``stop_at`` before
+    its last epoch (its checkpoints are kept to continue from); ``history`` holds every epoch's validation metrics.
     """
     import monai.bundle  # noqa: F401  (creates MONAI's bundle loggers before they are redirected)
     import torch
 
     out = Path(spec.ids["output_dir"])
-    identity = json.dumps(asdict(spec), sort_keys=True, default=str)
+    identity = spec.identity()
     stamp = out / "trial_spec.json"
     resumed = (out / "train" / "last.pt").is_file() and stamp.is_file() and stamp.read_text() == identity
     if out.exists() and not resumed:
@@ -86,7 +98,7 @@ def run_trial(spec: TrialSpec) -> dict:
                 handler.close()
         root.handlers[:] = handlers
         root.setLevel(level)
-    if not spec.keep_checkpoints:  # the bundle's models/model.pt-style export stays; the resumable engine state goes
+    if not spec.keep_checkpoints and not record["paused"]:  # the bundle's model.pt stays; the engine state goes
         for name in ("best.pt", "last.pt"):
             (out / "train" / name).unlink(missing_ok=True)
     return record
@@ -142,15 +154,18 @@ def _train_and_score(spec: TrialSpec, out: Path, configs: Path, common: dict) ->
     from monai.bundle import run
 
     start = time.perf_counter()
-    if spec.processes > 1:
-        _train_data_parallel(spec, out, configs, common)
-    else:
-        run(config_file=str(configs / "train.yaml"), **common, **spec.ids)
+    with pause_after(spec.stop_at):
+        if spec.processes > 1:
+            _train_data_parallel(spec, out, configs, common)
+        else:
+            run(config_file=str(configs / "train.yaml"), **common, **spec.ids)
     seconds = time.perf_counter() - start
     summary = json.loads((out / "train" / "train_summary.json").read_text())
     best = next((row for row in summary["history"] if row["epoch"] == summary["best_epoch"]), {})
+    stopped_early = json.loads((out / "train" / "result.json").read_text())["stopped_early"]
+    paused = spec.stop_at is not None and summary["epochs_run"] == spec.stop_at and not stopped_early
     test: dict[str, float] = {}
-    if spec.evaluate_test:
+    if spec.evaluate_test and not paused:
         run(config_file=[str(configs / "train.yaml"), str(configs / "evaluate.yaml")], **common, **spec.ids)
         test = json.loads((out / "eval" / "metrics.json").read_text())
     return {
@@ -158,6 +173,8 @@ def _train_and_score(spec: TrialSpec, out: Path, configs: Path, common: dict) ->
         "seed": spec.seed, "stage": spec.stage, "key_metric": summary["key_metric"],
         "val": {k[4:]: v for k, v in best.items() if k.startswith("val_")}, "test": test,
         "best_epoch": summary["best_epoch"], "epochs_run": summary["epochs_run"], "train_seconds": round(seconds, 3),
+        "paused": paused, "history": [{k: v for k, v in row.items() if k == "epoch" or k.startswith("val_")}
+                                      for row in summary["history"]],
         "output_dir": str(out), **spec.meta,
     }
 

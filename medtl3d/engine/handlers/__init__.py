@@ -9,7 +9,7 @@ history. :class:`TrainingCheckpoint` saves after every other ``EPOCH_COMPLETED``
 optimizer and scheduler is a function of ``trainer.state.history``.
 """
 
-from .checkpoint import TrainingCheckpoint
+from .checkpoint import TrainingCheckpoint, pause_after
 from .distributed import SameMetrics, SyncBuffers
 from .early_stopping import EarlyStop
 from .epoch_loss import EpochLoss
@@ -23,6 +23,7 @@ from .progress import Progress
 from .selection import SelectModel
 
 __all__ = [
+    "pause_after",
     "EarlyStop",
     "EpochLoss",
     "EpochSeeds",

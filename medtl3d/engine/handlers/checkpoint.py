@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from ignite.engine import Engine, Events
@@ -19,6 +21,22 @@ from .._blocks import _rank_and_world, _resume_check
 from .._checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 logger = logging.getLogger("medtl3d.engine")
+
+_PAUSE_AFTER: ContextVar[int | None] = ContextVar("medtl3d_pause_after", default=None)
+
+
+@contextmanager
+def pause_after(epoch: int | None):
+    """Training runs started inside stop after ``epoch`` (None: no pause) and keep ``last.pt``: a pause, not an
+    early stop. The schedule still spans the trainer's ``max_epochs``, and a later run of the same configuration
+    outside the pause (or with a later one) resumes from ``last.pt`` as if it had never stopped. A context rather
+    than an argument: the caller that pauses (the cutoff search's early termination) runs bundles whose fixed
+    ``run`` expressions cannot forward a search-only option."""
+    token = _PAUSE_AFTER.set(None if epoch is None else int(epoch))
+    try:
+        yield
+    finally:
+        _PAUSE_AFTER.reset(token)
 
 
 class TrainingCheckpoint:
@@ -63,9 +81,9 @@ class TrainingCheckpoint:
         engine.state.history, engine.state.stopped_early = saved["history"], saved["stopped_early"]
         self.initial_state = saved["initial_state"]
         engine.state.epoch, engine.state.iteration = saved["engine"]["epoch"], saved["engine"]["iteration"]
-        if engine.state.stopped_early or engine.state.epoch >= engine.state.max_epochs:
-            logger.info("%s: run already finished at epoch %d; nothing to train", self.output_dir,
-                        engine.state.epoch)
+        pause = _PAUSE_AFTER.get()
+        if engine.state.stopped_early or engine.state.epoch >= min(engine.state.max_epochs, pause or math.inf):
+            logger.info("%s: run already at epoch %d; nothing to train", self.output_dir, engine.state.epoch)
             engine.terminate()
             return
         logger.info("resuming %s after epoch %d", self.output_dir, engine.state.epoch)
@@ -92,6 +110,9 @@ class TrainingCheckpoint:
 
     def save(self, engine: Engine) -> None:
         engine.state.stopped_early = bool(engine.should_terminate) and engine.state.epoch < engine.state.max_epochs
+        pause = _PAUSE_AFTER.get()
+        if pause is not None and engine.state.epoch >= pause:  # after stopped_early: a pause is not an early stop
+            engine.terminate()
         if _rank_and_world()[0] > 0:
             return
         state = self.state(engine)
