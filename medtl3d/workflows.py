@@ -112,9 +112,12 @@ def check_ids(**ids: Any) -> bool:
         entry = weights_for(backbone, str(weights)) if backbone else None
         if entry is None and not (backbone is None and is_weights_name(weights)):
             raise ConfigIdError("weights", f"{weights!r} is neither a file nor a catalogue name"
-                                + (f" for {backbone}" if backbone else "") + " (`medtl3d weights list` shows them)")
+                                + (f" for {backbone}" if backbone else "") + " (`medtl3d weights list` shows them; "
+                                "null: random initialisation)")
         if entry is not None and entry.architecture != backbone:
-            raise ConfigIdError("weights", f"{entry.name} are weights for {entry.architecture}, not {backbone}")
+            raise ConfigIdError("weights", f"{entry.name} are weights for {entry.architecture}, not {backbone}: "
+                                f"name {backbone}'s (`medtl3d weights list --architecture {backbone}`), a file, "
+                                "or null for random initialisation")
     for key in ("ckpt_path", "datalist"):
         value = ids.get(key)
         if value not in (None, "") and not Path(str(value)).exists():
