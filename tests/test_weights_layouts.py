@@ -8,10 +8,11 @@ Where the publisher's file is not available offline, its layout is built from th
 - MedicalNet (Tencent/MedicalNet ``models/resnet.py``): MONAI's ``monai.networks.nets.resnet18/50``, which MONAI
   keeps key-compatible with MedicalNet (its ``pretrained=True`` path loads MedicalNet's files), saved the way
   MedicalNet's ``train.py`` saves (``{"state_dict": DataParallel state}``) with the ``conv_seg`` head.
-- RadImageNet (BMEII-AI/RadImageNet README, PyTorch example; no commit could be checked offline): a
-  ``Backbone(nn.Module)`` holding ``self.backbone = nn.Sequential(*list(torchvision_model.children())[:-1])``.
-- Models Genesis (MrGiovanni/ModelsGenesis ``pytorch/unet3d.py``, rewritten below from the published code as
-  remembered; no commit could be checked offline): ``UNet3D`` saved as ``{"state_dict": DataParallel state}``.
+- RadImageNet (BMEII-AI/RadImageNet ``acl/acl_pytorch_train.ipynb``, commit 02af7c5c): a ``Backbone(nn.Module)``
+  holding ``self.backbone = nn.Sequential(*list(resnet50().children())[:9])`` (the children but ``fc``).
+- Models Genesis (MrGiovanni/ModelsGenesis ``pytorch/unet3d.py``, commit 104f487b, rewritten below):
+  ``UNet3D`` (``down_tr64`` .. ``down_tr512``, ``up_tr256`` .. ``up_tr64``, ``out_tr``) saved as
+  ``{"state_dict": DataParallel state}``.
 - Hara et al. and PENet: ``../shared/fixtures/checkpoint_layouts`` (sources and commits in its JSON).
 """
 

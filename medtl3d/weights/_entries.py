@@ -18,6 +18,9 @@ from .catalogue import Preprocessing, WeightsEntry, register_weights, timm_entry
 IMAGENET = Preprocessing((224, 224), 3, (0.0, 1.0), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 TORCHVISION_LICENCE = "BSD-3-Clause (torchvision); ImageNet terms of use apply"
 RADIMAGENET_URL = "https://github.com/BMEII-AI/RadImageNet (README: pretrained models)"
+# BMEII-AI/RadImageNet acl/acl_pytorch_train.ipynb (commit 02af7c5c): Backbone().backbone = nn.Sequential of the
+# torchvision model's children, fed 224 px BGR images scaled by (x - 127.5) * 2 / 255, i.e. [-1, 1], no mean/std
+RADIMAGENET_INPUT = Preprocessing((224, 224), 3, (-1.0, 1.0))
 RADIMAGENET = ("RadImageNet terms: non-commercial academic research (github.com/BMEII-AI/RadImageNet)",
                "Mei et al., RadImageNet, Radiology: Artificial Intelligence 2022")
 XRV = ("Apache-2.0 (mlmed/torchxrayvision)", "Cohen et al., TorchXRayVision, MIDL 2022 (arXiv:2111.00595)")
@@ -140,21 +143,21 @@ for _entry in (
         name="resnet50.radimagenet", architecture="resnet50", file="RadImageNet-ResNet50.pt",
         url=RADIMAGENET_URL, download=False, licence=RADIMAGENET[0], paper=RADIMAGENET[1],
         layout="nn.Sequential of torchvision resnet50 children: backbone.<i>.<key>",
-        convert=sequential_to_torchvision(RESNET_CHILDREN), preprocessing=IMAGENET,
-        notes="PyTorch export of the RadImageNet ResNet-50 (no published head); layout and ImageNet mean/std "
-              "follow the repository's PyTorch example, not checked against a file"),
+        convert=sequential_to_torchvision(RESNET_CHILDREN), preprocessing=RADIMAGENET_INPUT,
+        notes="PyTorch export of the RadImageNet ResNet-50 (no published head); layout and [-1, 1] input follow "
+              "the repository's PyTorch notebook (acl/acl_pytorch_train.ipynb), not checked against a file"),
     WeightsEntry(
         name="densenet121.radimagenet", architecture="densenet121", file="RadImageNet-DenseNet121.pt",
         url=RADIMAGENET_URL, download=False, licence=RADIMAGENET[0], paper=RADIMAGENET[1],
         layout="nn.Sequential of torchvision densenet121 children: backbone.0.<features key>",
-        convert=sequential_to_torchvision(DENSENET_CHILDREN), preprocessing=IMAGENET,
+        convert=sequential_to_torchvision(DENSENET_CHILDREN), preprocessing=RADIMAGENET_INPUT,
         notes="as resnet50.radimagenet"),
     WeightsEntry(
         name="inception_v3.radimagenet", architecture="inception_v3", file="RadImageNet-InceptionV3.pt",
         url=RADIMAGENET_URL, download=False, licence=RADIMAGENET[0], paper=RADIMAGENET[1],
         layout="nn.Sequential of torchvision inception_v3 children: backbone.<i>.<key>",
         convert=sequential_to_torchvision(INCEPTION_CHILDREN), preprocessing=Preprocessing(
-            (299, 299), 3, (0.0, 1.0), IMAGENET.mean, IMAGENET.std), notes="as resnet50.radimagenet"),
+            (299, 299), 3, (-1.0, 1.0)), notes="as resnet50.radimagenet"),
     WeightsEntry(
         name="densenet121.xrv_all", architecture="densenet121", file="xrv-densenet121-res224-all.pth",
         url="https://github.com/mlmed/torchxrayvision/releases/download/v1/nih-pc-chex-mimic_ch-google-openi-kaggle-"
