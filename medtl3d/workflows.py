@@ -45,7 +45,7 @@ from .provenance import data_hash, dataset_items, sha256_file
 from .reporting import markdown_table, write_csv, write_text
 from .search import run_search
 from .strategies import CUT_STRATEGIES, STRATEGIES
-from .weights import is_weights_name, weights_for
+from .weights import is_weights_name, weights_for, weights_or_none
 
 TASKS = ("binary", "multiclass", "multilabel", "segmentation")
 explain_config_security()  # MONAI's warning that bundle configs are code: our one line, once per process
@@ -107,8 +107,8 @@ def check_ids(**ids: Any) -> bool:
                 body.cut_point(name)
             except UnknownCutPointError as err:
                 raise ConfigIdError(key, str(err)) from None
-    weights = ids.get("weights")
-    if weights not in (None, "") and not Path(str(weights)).exists():
+    weights = weights_or_none(ids.get("weights"))
+    if weights is not None and not Path(str(weights)).exists():
         entry = weights_for(backbone, str(weights)) if backbone else None
         if entry is None and not (backbone is None and is_weights_name(weights)):
             raise ConfigIdError("weights", f"{weights!r} is neither a file nor a catalogue name"

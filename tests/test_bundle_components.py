@@ -19,7 +19,8 @@ from medtl3d.engine.optim import build_scheduler
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 NAMES = ("ctpa_pe_classification", "cxr_lung_segmentation", "cxr_classification", "pathology_mitosis_classification")
 MARK = "# ==== components"
-TINY = {"backbone": "cbr_tiny", "weights": None, "phantom_cases": 16, "phantom_size": 64, "image_size": 64, "batch_size": 4,
+TINY = {"backbone": "cbr_tiny", "weights": "null", "phantom_cases": 16, "phantom_size": 64, "image_size": 64,
+        "batch_size": 4,
         "n_folds": 2, "device": "cpu", "amp": False, "tensorboard": False, "lr": 0.01}
 
 

@@ -19,7 +19,8 @@ from test_bundles import REPO, _bundle_cli, _cli_args, _configs  # tests/test_bu
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-_TINY = {"backbone": "cbr_tiny", "weights": None, "cut": "cbr3", "amp": False, "n_folds": 2, "tensorboard": False,
+_TINY = {"backbone": "cbr_tiny", "weights": "null", "cut": "cbr3", "amp": False, "n_folds": 2,
+         "tensorboard": False,
          "phantom_size": 64, "image_size": 64, "batch_size": 4}
 TINY = {
     "cxr_classification": {**_TINY, "strategy": "truncate", "epochs": 1, "phantom_cases": 20},

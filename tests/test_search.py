@@ -28,7 +28,8 @@ from medtl3d.search import (ResultsStore, neighbourhood, pareto_front, run_searc
 
 REPO = Path(__file__).resolve().parents[1]
 CXR = REPO / "bundles" / "cxr_classification"
-TINY = {"backbone": "resnet18", "weights": None, "epochs": 1, "phantom_cases": 20, "phantom_size": 32, "image_size": 32,
+TINY = {"backbone": "resnet18", "weights": "null", "epochs": 1, "phantom_cases": 20, "phantom_size": 32,
+        "image_size": 32,
         "batch_size": 8, "amp": False, "tensorboard": False, "device": "cpu", "n_folds": 2}
 FAST = dict(efficiency_runs=1, efficiency_warmup=0, evaluate_test=False, cpus_per_trial=1)
 # resnet18 cut points by unit: stem 0 | layer1.0 1, layer1(.1) 2 | layer2.0 3, layer2 4 | layer3.0 5, layer3 6 |

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..weights import load_backbone_state, resolve_weights
+from ..weights import load_backbone_state, resolve_weights, weights_or_none
 from . import (  # noqa: F401  (each registers its family)
     cbr, densenet, genesis, i3d, inception, mobilenet, penet, resnet, transformers,
 )
@@ -35,6 +35,7 @@ def create_backbone(
     full model can reuse it; the load report is on ``backbone.weights_report`` and what was loaded (entry, file,
     SHA-256, tensors loaded and adapted), logged in one line, on ``backbone.weights_record``.
     """
+    weights = weights_or_none(weights)
     state, record = resolve_weights(name, weights) if weights is not None else (None, None)  # bad names fail fast
     backbone = build_backbone(name, spatial_dims, in_channels, **kwargs)
     backbone.weights_source = None

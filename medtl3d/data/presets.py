@@ -76,7 +76,7 @@ from monai.transforms import (
 )
 
 from ..errors import DataError, Medtl3dError
-from ..weights import entry_for_file, get_weights, is_weights_name
+from ..weights import entry_for_file, get_weights, is_weights_name, weights_or_none
 
 #: PENet's contrast window (``ct_pe_constants.CONTRAST_HU_MIN/MAX``) and the mean it subtracts after scaling.
 PENET_WINDOW = (-100.0, 900.0)
@@ -213,6 +213,7 @@ def auto_normalization(weights, channels: int, preset_name: str) -> dict | None:
     """``normalize="auto"``: the normalisation the weights were trained with (:meth:`Preprocessing.normalization`
     of their catalogue entry, for ``channels`` channels), from a catalogue name or a catalogue entry's file; None
     without weights (random init has no convention, inputs stay in [0, 1])."""
+    weights = weights_or_none(weights)
     if weights is None:
         return None
     entry = entry_for_file(weights) if Path(str(weights)).is_file() else None

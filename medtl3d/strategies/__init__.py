@@ -29,7 +29,7 @@ from torch import nn
 
 from ..backbones import Backbone, build_backbone, create_backbone, get_entry
 from ..errors import StrategyNotApplicableError
-from ..weights import get_weights, list_weights
+from ..weights import get_weights, list_weights, weights_or_none
 from ._model import TransferModel
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -208,6 +208,7 @@ def create_model(
     ``random`` ignores ``weights`` by definition; every other strategy starts from them. The cut strategies
     (truncate, transfusion, lwft, partial) warn loudly without weights: there is nothing to transfer.
     """
+    weights = weights_or_none(weights)
     source = None if strategy == "random" else weights
     if weights is None and strategy in CUT_STRATEGIES:
         named = [n for n in list_weights() if get_weights(n).architecture == backbone]

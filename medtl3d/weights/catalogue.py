@@ -142,6 +142,17 @@ def list_weights(*, timm_tags: bool = False) -> list[str]:
     return names + [TIMM_PREFIX + n for n in timm.list_pretrained()] if timm_tags else names
 
 
+NO_WEIGHTS = ("", "none", "null")
+
+
+def weights_or_none(weights):
+    """``weights``, or None where it asks for no pretrained weights: None, ``""``, ``"none"`` or ``"null"`` (any
+    case). A bundle's command line needs a spelling other than None: MONAI drops overrides whose value is None."""
+    if weights is None or (isinstance(weights, str) and weights.strip().lower() in NO_WEIGHTS):
+        return None
+    return weights
+
+
 def is_weights_name(name: object) -> bool:
     """Whether ``name`` is a catalogue name (hand-listed or a timm tag)."""
     if not isinstance(name, str):
@@ -171,6 +182,18 @@ def weights_for(architecture: str, name: str) -> WeightsEntry | None:
         if is_weights_name(candidate):
             return get_weights(candidate)
     return None
+
+
+def full_name(architecture: str, weights):
+    """``weights`` with a short catalogue name spelled out for ``architecture`` (``imagenet`` ->
+    ``densenet121.imagenet``), so what follows the weights (``normalize: auto``) knows the entry; a file, a full
+    name or an unknown name as given; None for no weights (:func:`weights_or_none`)."""
+    weights = weights_or_none(weights)
+    if isinstance(weights, str) and not Path(weights).exists():
+        entry = weights_for(architecture, weights)
+        if entry is not None:
+            return entry.name
+    return weights
 
 
 @lru_cache(maxsize=256)
