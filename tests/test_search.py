@@ -263,7 +263,9 @@ def test_early_stopping_keeps_the_top_third_at_each_rung(searched_es):
     assert sum(r["epochs_trained"] for r in records if r["stage"] == 1) == 6 + 8 + 8
     assert result.cost["exhaustive_epochs"] == 9 * 2 * 3 and result.cost["epochs_fraction"] < 1
     markdown = (out / "search_report.md").read_text()
-    assert "successive halving at 1, 3 epochs" in markdown and "TTL-NI" in markdown
+    assert "successive halving at 1, 3 epochs" in markdown
+    # the non-inferior pick is stated either way (which one it is depends on learned scores)
+    assert ("**TTL-NI**" in markdown) if "TTL-NI" in result.picks else ("so there is no TTL-NI" in markdown)
 
 
 @pytest.mark.slow

@@ -71,6 +71,10 @@ def _statements(rows: Sequence[Mapping], picks: Mapping[str, str], metadata: Map
                 lines.append(f"- {name} = {label} has the best mean, but it is not distinguishable from the next "
                              f"deeper cut {near['next']} (difference {near['difference']:+.4f}, interval "
                              f"[{near['low']:+.4f}, {near['high']:+.4f}]): not a winner over it.")
+    for prefix in sorted({n[:-2] for n in picks if n.endswith("-1")} - {n[:-3] for n in picks if n.endswith("-NI")}):
+        lines.append(f"- No fully trained {prefix} cut is shown non-inferior to {reference} at margin "
+                     f"{metadata['margin']:g} with {metadata['n_folds']} fold(s) x {len(metadata['seeds'])} seed(s): "
+                     f"each is inferior or inconclusive at this sample size, so there is no {prefix}-NI.")
     return lines + [""]
 
 
