@@ -22,7 +22,7 @@ from monai.transforms import Compose, Randomizable
 
 from ..errors import DataError
 from .io import LoadCased
-from .presets import monai_errors_unwrapped
+from .transforms import monai_errors_unwrapped
 
 LABEL_SOURCES = ("series", "mask")
 

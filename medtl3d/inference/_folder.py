@@ -42,7 +42,8 @@ from monai.transforms import Compose, InvertibleTransform, Invertd
 from torch import nn
 
 from ..data.io import decoded_size_limit, find_cases, load_image
-from ..data.presets import medtl3d_cause, preset as make_preset
+from ..data.presets import preset as make_preset
+from ..data.transforms import medtl3d_cause
 from ..data.windows import slice_windows, take_window
 from ..engine import TASKS
 from ..engine._checks import resolve_device
