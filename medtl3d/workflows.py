@@ -67,7 +67,7 @@ def check_ids(**ids: Any) -> bool:
     """Validate the bundle's ids before anything is built; each problem names its id.
 
     Known ids: backbone, spatial_dims, in_channels, strategy, cut, freeze_up_to, weights, dataset_dir, datalist,
-    task, num_classes, n_folds, fold, lr, epochs, batch_size, num_slices, overlap, aggregation, cuts, ckpt_path.
+    task, key_metric, num_classes, n_folds, fold, lr, epochs, batch_size, num_slices, overlap, aggregation, cuts, ckpt_path.
     Inside a ``monai.bundle run`` call the overrides it was given are checked first (:func:`check_overrides`).
     """
     if interface() == "bundle":
@@ -128,6 +128,10 @@ def check_ids(**ids: Any) -> bool:
     task = ids.get("task")
     if task is not None and task not in TASKS:
         raise ConfigIdError("task", f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    key_metric = ids.get("key_metric")
+    if key_metric is not None and task is not None and key_metric not in engine.task_metrics(task):
+        raise ConfigIdError("key_metric", f"{key_metric!r} is not a metric of task {task!r}; choose one of "
+                                          f"{', '.join(engine.task_metrics(task))}")
     n_folds, fold = ids.get("n_folds"), ids.get("fold")
     if n_folds is not None and n_folds < 2 and n_folds != 1:
         raise ConfigIdError("n_folds", f"needs n_folds >= 2 (or 1: no cross-validation), got {n_folds}")

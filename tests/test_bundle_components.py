@@ -1,20 +1,30 @@
 """The bundles' model-zoo layout: train.yaml's components can be changed one at a time (a torch scheduler instead
-of ours, a handler removed, the trainer's epochs), the engine block is the same in every bundle, and the
-history-based handlers (early stopping, model selection) follow their rules on constructed histories."""
+of ours, a handler removed, the trainer's epochs, the metrics' post-transform), the engine block is the same in
+every bundle, a wrong key metric or a locked folder stops the run before it writes anything, an old ``last.pt`` is
+refused with its reason, and the history-based handlers (early stopping, model selection) follow their rules on
+constructed histories."""
 
 from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 from pathlib import Path
 
 import pytest
 import torch
 from monai.bundle import ConfigParser, run
 
-from medtl3d.engine import load_checkpoint
-from medtl3d.engine.handlers import EarlyStop, LrSchedule, SelectModel
+from ignite.engine import Engine
+
+from medtl3d.engine import load_checkpoint, post_transform
+from medtl3d.engine._checkpoint import FORMAT
+from medtl3d.engine.components import case_metrics
+from medtl3d.engine.handlers import EarlyStop, LrSchedule, SelectModel, TrainingCheckpoint
 from medtl3d.engine.optim import build_scheduler
+from medtl3d.errors import TrainingError
+from medtl3d.locking import output_lock
+from medtl3d.workflows import ConfigIdError
 
 BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 NAMES = ("ctpa_pe_classification", "cxr_lung_segmentation", "cxr_classification", "pathology_mitosis_classification")
@@ -106,3 +116,62 @@ def test_select_model_replays_the_history_and_marks_the_new_best():
     engine = _Engine(_history(0.7, 0.9, 0.8))
     SelectModel("key_metric", "auroc")(engine)
     assert (engine.state.best_epoch, engine.state.best_improved) == (2, False)
+
+
+def test_a_wrong_key_metric_stops_with_one_line_naming_it(tmp_path):
+    with pytest.raises(ConfigIdError, match="config id 'key_metric': 'dcie' is not a metric of task 'binary'; "
+                                            "choose one of auroc, "):
+        run(config_file=_train_yaml("cxr_classification"), output_dir=str(tmp_path), key_metric="dcie", **TINY)
+    assert not (tmp_path / "phantoms").exists()  # checked before any data is made
+
+
+def _hold(folder, held, stop):
+    with output_lock(folder):
+        held.set()
+        stop.wait(120)
+
+
+def test_a_run_refused_on_a_locked_folder_writes_no_tensorboard_file(tmp_path):
+    """The TensorBoard writer is a component parsed before the trainer starts; its event file must wait for the
+    output lock, or a refused second run leaves one in the first run's folder."""
+    fork = multiprocessing.get_context("fork")
+    held, stop = fork.Event(), fork.Event()
+    holder = fork.Process(target=_hold, args=(tmp_path / "train", held, stop))
+    holder.start()
+    try:
+        assert held.wait(60)
+        with pytest.raises(ConfigIdError, match="config id 'output_dir': output folder .* is being written by "):
+            run(config_file=_train_yaml("cxr_classification"), output_dir=str(tmp_path),
+                ckpt_path=str(tmp_path / "m.pt"), **{**TINY, "tensorboard": True})
+        assert not (tmp_path / "train" / "tensorboard").exists()
+    finally:
+        holder.kill()
+        holder.join()
+
+
+def test_post_transforms_are_monai_activations_and_feed_the_metrics():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    torch.testing.assert_close(post_transform("multiclass")(logits), torch.softmax(logits, 1))
+    torch.testing.assert_close(post_transform("binary")(logits[:, :1]), torch.sigmoid(logits[:, :1]))
+    seg = torch.zeros(1, 3, 2, 2)
+    seg[0, 2, 0, 0] = seg[0, 1, 1, 1] = 5.0
+    assert post_transform("segmentation")(seg).long().tolist() == [[[[2, 0], [0, 1]]]]
+    labels, scores = torch.tensor([0, 0, 1, 1]), torch.tensor([[-2.0], [-1.0], [1.0], [2.0]])
+    default, flipped = case_metrics("binary"), case_metrics("binary", postprocessing=lambda x: 1 - torch.sigmoid(x))
+    for collector in (default, flipped):
+        collector.reset()
+        collector.update((scores, labels, None))
+    assert default.compute()["auroc"] == 1.0 and flipped.compute()["auroc"] == 0.0  # the component is what is scored
+    assert flipped.rows[0]["probabilities"] == pytest.approx([1 - torch.sigmoid(torch.tensor(-2.0)).item()])
+
+
+def test_an_old_last_pt_is_refused_with_what_it_lacks(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    torch.save({"format": FORMAT, "model": model.state_dict(), "run_config": {}}, tmp_path / "last.pt")
+    handler = TrainingCheckpoint(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                 initial_state=model.state_dict(), run_config={})
+    engine = Engine(lambda *_: None)
+    handler.attach(engine)
+    with pytest.raises(TrainingError, match=r"last.pt cannot be resumed: it lacks scaler, engine, history, "
+                                            r"stopped_early, initial_state, rng \(written by an older medtl3d"):
+        handler.started(engine)

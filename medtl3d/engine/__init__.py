@@ -11,7 +11,7 @@ a registered builder (``register_builder(name, fn)`` adds one; any other name in
 
 from ._builders import available_builders, register_builder
 from ._checkpoint import load_checkpoint, load_model
-from ._tasks import TASKS, BatchPreparer, default_key_metric, make_loss
+from ._tasks import TASKS, BatchPreparer, default_key_metric, make_loss, post_transform, task_metrics
 from ._trainer import OPTIMIZERS, evaluate, train
 from .results import EvalResult, TrainResult
 from .metrics import aggregate_series, classification_metrics, segmentation_metrics
@@ -35,7 +35,9 @@ __all__ = [
     "make_loss",
     "param_groups",
     "pause_after",
+    "post_transform",
     "register_builder",
     "segmentation_metrics",
+    "task_metrics",
     "train",
 ]

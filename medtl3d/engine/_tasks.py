@@ -12,6 +12,7 @@ import torch.distributed as dist
 from ignite.metrics import Metric
 from monai.data import MetaTensor
 from monai.losses import DiceCELoss
+from monai.transforms import Activations, AsDiscrete
 from monai.utils import CommonKeys
 from torch import nn
 
@@ -36,6 +37,15 @@ def check_task(task: str) -> None:
 
 def task_metrics(task: str) -> tuple[str, ...]:
     return SEGMENTATION_METRICS if task == "segmentation" else CLASSIFICATION_METRICS
+
+
+def post_transform(task: str):
+    """What the metrics score, from a batch of logits (MONAI's ``Activations`` / ``AsDiscrete``): sigmoid (binary,
+    multilabel), softmax over the classes (multiclass), the arg-max mask (segmentation)."""
+    check_task(task)
+    if task == "segmentation":
+        return AsDiscrete(argmax=True, dim=1, keepdim=True)
+    return Activations(softmax=True, dim=1) if task == "multiclass" else Activations(sigmoid=True)
 
 
 def default_key_metric(task: str) -> str:
@@ -167,9 +177,10 @@ def check_labels_upfront(dataset, task: str, num_outputs: int, where: str, id_ke
 class CaseCollector(Metric):
     """Collects per-case outputs of an evaluator epoch and computes every metric of the task at its end.
 
-    Classification keeps probabilities (sigmoid / softmax of the logits) and labels; with ``series_key`` the rows
-    are aggregated per series (max or mean) first. Segmentation keeps per-case Dice, Jaccard and HD95 of the
-    arg-max mask, never the masks. ``rows`` holds the per-case (or per-series) predictions after ``compute``.
+    ``postprocessing`` turns a batch of logits into what is scored (default :func:`post_transform`: probabilities,
+    or the arg-max mask). Classification keeps the probabilities and labels; with ``series_key`` the rows are
+    aggregated per series (max or mean) first. Segmentation keeps per-case Dice, Jaccard and HD95 of the mask,
+    never the masks. ``rows`` holds the per-case (or per-series) predictions after ``compute``.
     Attached in ``flatten`` mode, so each metric lands in ``engine.state.metrics`` under its own name. With ``world > 1``
     each rank has seen the cases ``rank, rank + world, ...`` (MONAI's ``DistributedSampler`` without padding):
     ``compute`` gathers every rank's cases back into dataset order first, so the metrics are the single-process
@@ -177,8 +188,9 @@ class CaseCollector(Metric):
     """
 
     def __init__(self, task: str, id_key: str | None = None, series_key: str | None = None,
-                 aggregation: str = "max", world: int = 1) -> None:
+                 aggregation: str = "max", world: int = 1, postprocessing=None) -> None:
         self.task, self.id_key, self.series_key, self.aggregation = task, id_key, series_key, aggregation
+        self.postprocessing = postprocessing or post_transform(task)
         self.world = world
         self.rows: list[dict] = []
         super().__init__(metrics_result_mode="flatten")
@@ -203,12 +215,11 @@ class CaseCollector(Metric):
         pred, label, ids = output
         pred, label = pred.detach().float(), label.detach()
         if self.task == "segmentation":
-            masks = pred.argmax(dim=1, keepdim=True).cpu()
+            masks = torch.as_tensor(self.postprocessing(pred)).cpu()
             self._scores.append(torch.stack(segmentation_case_scores(masks, label.cpu(), pred.shape[1]), dim=1))
         else:
             check_outputs(self.task, pred.shape[1])
-            probs = torch.softmax(pred, dim=1) if self.task == "multiclass" else torch.sigmoid(pred)
-            self._scores.append(probs.cpu())
+            self._scores.append(torch.as_tensor(self.postprocessing(pred)).float().cpu())
             self._labels.append(label.cpu())
         if self.series_key and ids is None:
             raise TrainingError(f"series_key={self.series_key!r} is not a key of the evaluation samples")

@@ -156,9 +156,9 @@ def _trackers(output_dir: Path, tensorboard: bool, mlflow_uri: str | None, run_c
     if _rank_and_world()[0] > 0:
         return out
     if tensorboard:
-        writer_cls, has_tb = optional_import("torch.utils.tensorboard", name="SummaryWriter")
+        _, has_tb = optional_import("torch.utils.tensorboard", name="SummaryWriter")
         if has_tb:
-            writer = writer_cls(log_dir=str(output_dir / "tensorboard"))
+            writer = components.DeferredSummaryWriter(output_dir / "tensorboard")
             quiet = {"summary_writer": writer, "iteration_log": False, "output_transform": lambda _: None}
             out["train"].append(TensorBoardStatsHandler(**quiet))
             out["validate"].append(TensorBoardStatsHandler(**quiet))

@@ -108,12 +108,34 @@ def run_config(**fields) -> dict:
     return {**fields, **({"world_size": world} if world > 1 else {})}
 
 
-def case_metrics(task: str, *, series_key: str | None = None, aggregation: str = "max") -> CaseCollector:
-    """Every metric of ``task`` from the whole validation epoch (per series with ``series_key``)."""
+def case_metrics(task: str, *, series_key: str | None = None, aggregation: str = "max",
+                 postprocessing=None) -> CaseCollector:
+    """Every metric of ``task`` from the whole validation epoch (per series with ``series_key``), scoring what
+    ``postprocessing`` makes of the logits (default :func:`~medtl3d.engine._tasks.post_transform`)."""
     check_task(task)
     check_series(task, series_key, aggregation)
     return CaseCollector(task, id_key=ID_KEY, series_key=series_key, aggregation=aggregation,
-                         world=_rank_and_world()[1])
+                         world=_rank_and_world()[1], postprocessing=postprocessing)
+
+
+class DeferredSummaryWriter:
+    """A TensorBoard ``SummaryWriter`` for ``log_dir`` made on its first use, not when the config is parsed: the
+    event file then appears only once the run holds its output folder's lock
+    (:class:`~medtl3d.engine.handlers.OutputLock`), so a run refused on a locked folder writes nothing there."""
+
+    def __init__(self, log_dir: str) -> None:
+        self.log_dir, self._writer = str(log_dir), None
+
+    def __getattr__(self, name: str):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # optional dependency (tensorboard)
+
+            self._writer = SummaryWriter(log_dir=self.log_dir)
+        return getattr(self._writer, name)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
 
 
 def val_loss(task: str, device="cpu") -> Loss:

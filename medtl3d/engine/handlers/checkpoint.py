@@ -22,6 +22,8 @@ from .._checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_s
 
 logger = logging.getLogger("medtl3d.engine")
 
+#: what resuming reads from ``last.pt`` besides the model, optimizer and scheduler states
+RESUME_KEYS = ("run_config", "scaler", "engine", "history", "stopped_early", "initial_state", "rng")
 _PAUSE_AFTER: ContextVar[int | None] = ContextVar("medtl3d_pause_after", default=None)
 
 
@@ -69,6 +71,11 @@ class TrainingCheckpoint:
         if not (self.resume and last.exists()):
             return
         saved = load_checkpoint(last)
+        missing = [key for key in RESUME_KEYS if key not in saved]
+        if missing:
+            raise TrainingError(f"{last} cannot be resumed: it lacks {', '.join(missing)} (written by an older "
+                                "medtl3d or another program); delete it to train from the start, or use another "
+                                "output folder")
         _resume_check(saved["run_config"], self.run_config, last)
         try:
             for name, target in self.objects.items():
