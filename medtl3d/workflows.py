@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -35,14 +34,10 @@ from .data.splits import format_split, holdout_split, kfold_split, split_summary
 from .engine import load_checkpoint
 from .engine.lr_finder import find_lr
 from .engine.results import settings_path
-from .errors import DataError, Medtl3dError, OutputLockedError, SearchError, UnknownCutPointError, interface
-from .evaluation import case_report, choose_threshold, write_evaluation
+from .errors import DataError, Medtl3dError, SearchError, UnknownCutPointError, interface
 from .inference import infer_folder, load_network
 from .models import TruncatedUNet
 from .models.builders import _weights_id, build_classifier, build_segmenter  # noqa: F401
-from .locking import output_lock
-from .provenance import data_hash, dataset_items, sha256_file
-from .reporting import markdown_table, write_csv, write_text
 from .search import run_search
 from .strategies import CUT_STRATEGIES, STRATEGIES
 from .weights import is_weights_name, weights_for, weights_or_none
@@ -243,16 +238,6 @@ def inference_settings(ckpt_path: str) -> dict:
     return {k: v for k, v in json.loads(path.read_text()).items() if k != "run_id"}
 
 
-@contextmanager
-def _locked(config_id: str, folder: str | Path):
-    """Hold ``folder``'s output lock; one that another run holds stops at once, naming the config id."""
-    try:
-        with output_lock(folder):
-            yield
-    except OutputLockedError as err:
-        raise ConfigIdError(config_id, str(err)) from None
-
-
 def train(model: nn.Module, train_data, val_data, *, task: str, output_dir: str, ckpt_path: str,
           inference: Mapping | None = None, **engine_options: Any) -> dict:
     """Fine-tune with :func:`medtl3d.engine.train` (the run a bundle's ``train.yaml`` builds); the best
@@ -267,73 +252,15 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir: str,
     return json.loads(summary.read_text()) if summary.is_file() else {}
 
 
-def _training_record(ckpt_path: str) -> dict:
-    """What the evaluated model's checkpoint says about its training run: run id, seed, training-set size and the
-    content hashes of its training and validation data (empty for a TorchScript export, which keeps none)."""
-    if Path(ckpt_path).suffix != ".pt":
-        return {}
-    state = load_checkpoint(ckpt_path)
-    run_config, provenance = state.get("run_config") or {}, state.get("provenance") or {}
-    data = provenance.get("data") or {}
-    return {"run_id": provenance.get("run_id"), "seed": run_config.get("seed"),
-            "train_cases": run_config.get("train_size"),
-            "train_sha256": (data.get("train") or {}).get("sha256"),
-            "val_sha256": (data.get("val") or {}).get("sha256")}
-
-
-def evaluate(ckpt_path: str, data, *, task: str, output_dir: str, val_data=None,
-             target_sensitivity: float | None = None, fold: int | None = None, data_seed: int | None = None,
-             n_resamples: int = 2000, level: float = 0.95, bootstrap_seed: int = 0, **engine_options: Any) -> dict:
-    """Score the checkpoint on ``data`` (the test split) with case-level uncertainty.
-
-    Writes ``predictions.csv`` (one row per case, per series for CTPA), ``metrics.json`` / ``metrics.md`` (point
-    estimates) and the report of :mod:`medtl3d.evaluation`: every metric with its interval over cases,
-    ``evaluation.csv/json/md`` and PNGs. For binary tasks the decision threshold is chosen on ``val_data`` (Youden,
-    or the highest reaching ``target_sensitivity``) and applied unchanged to the test cases; without ``val_data`` it
-    is 0.5 and the report says it was not chosen on data. ``fold`` and ``data_seed`` are recorded so a comparison
-    can pair runs across folds x seeds."""
-    out = Path(output_dir)
-    model = load_network(ckpt_path)
-    with _locked("output_dir", out):
-        result = engine.evaluate(model, data, task=task, **engine_options)
-        threshold = None
-        if task == "binary":
-            val_rows = None if val_data is None else engine.evaluate(model, val_data, task=task,
-                                                                     **engine_options).predictions
-            threshold = choose_threshold(val_rows, target_sensitivity=target_sensitivity)
-            if val_rows is None:
-                warnings.warn("evaluate: no val_data, so the operating point is at a fixed 0.5, not chosen on "
-                              "validation data (pass val_data=@val_dataset)", UserWarning, stacklevel=2)
-        report = case_report(result.predictions, task, threshold=threshold, level=level, n_resamples=n_resamples,
-                             seed=bootstrap_seed)
-        predictions = write_csv(out / "predictions.csv", result.predictions)
-        write_text(out / "metrics.json", json.dumps(result.metrics, indent=2))
-        write_text(out / "metrics.md", markdown_table([{"metric": k, "value": v} for k, v in result.metrics.items()]))
-        metadata = {"checkpoint": str(ckpt_path), **_training_record(ckpt_path), "fold": fold, "data_seed": data_seed,
-                    "predictions": predictions.name, "predictions_sha256": sha256_file(predictions),
-                    "test_sha256": data_hash(dataset_items(data))["sha256"],
-                    "bootstrap": {"n_resamples": n_resamples, "level": level, "seed": bootstrap_seed},
-                    "split": split_summary({"test": dataset_items(data) or []})[0]}
-        write_evaluation(out, report, result.predictions, metadata)
-    for row in report.metrics:
-        ci = "" if row["low"] is None else f" [{row['low']:.4f}, {row['high']:.4f}] ({row['interval']})"
-        estimate = "-" if row["estimate"] is None else f"{row['estimate']:.4f}"
-        print(f"medtl3d: {row['metric']} {estimate}{ci}")
-    if report.threshold is not None:
-        print(f"medtl3d: threshold {report.threshold['threshold']:.4g} ({report.threshold['rule']})")
-    print(f"medtl3d: evaluation report -> {out}/evaluation.md")
-    return result.metrics
-
-
-def infer(ckpt_path: str, input_dir: str, output_dir: str, **options: Any) -> dict:
-    """Folder inference (:func:`medtl3d.inference.infer_folder`) with the preprocessing the checkpoint was trained
-    with (:func:`inference_settings`; ``options`` such as device, batch size or threshold add to it). A run where
-    some cases failed writes every row, then exits with status 1."""
+def infer(network: nn.Module, settings: Mapping[str, Any], input_dir: str, output_dir: str, **options: Any) -> dict:
+    """Folder inference (:func:`medtl3d.inference.infer_folder`) of ``network`` with the preprocessing it was
+    trained with (``settings``: :func:`inference_settings` of its checkpoint; ``options`` such as device, batch size
+    or threshold add to them). A run where some cases failed writes every row, then exits with status 1."""
     if input_dir is None or not Path(str(input_dir)).is_dir():
         raise ConfigIdError("input_dir", f"directory {input_dir} does not exist")
-    settings = {**inference_settings(ckpt_path), **{k: v for k, v in options.items() if v is not None}}
+    settings = {**settings, **{k: v for k, v in options.items() if v is not None}}
     preset = settings.pop("preset")
-    summary = infer_folder(load_network(ckpt_path), preset, input_dir, output_dir, **settings)
+    summary = infer_folder(network, preset, input_dir, output_dir, **settings)
     print(f"medtl3d: {summary.n_ok}/{summary.n_cases} cases predicted -> {summary.csv_path}")
     if summary.n_failed:
         raise SystemExit(f"medtl3d: {summary.n_failed} case(s) failed or were skipped; reasons in {summary.csv_path}")

@@ -142,7 +142,7 @@ class _Threshold(nn.Module):
         return torch.cat([0.5 - x, x - 0.5], dim=1)
 
 
-def test_segmentation_masks_land_on_the_original_grid(tmp_path):
+def test_segmentation_masks_land_on_the_original_grid(tmp_path, capsys):
     folder = tmp_path / "in"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -172,8 +172,10 @@ def test_segmentation_masks_land_on_the_original_grid(tmp_path):
     assert set(np.unique(np.asarray(mask.dataobj))) == {0, 1}
 
     # 2D: a PNG through the cxr preset, resized to 16x16 and back
+    capsys.readouterr()
     summary = infer_folder(_Threshold(), "cxr", folder / "film.png", tmp_path / "film", task="segmentation",
-                           preset_options={"size": 16}, progress=False)
+                           preset_options={"size": 16}, progress=True)
+    assert "inference:" not in capsys.readouterr().err  # progress bars on a terminal only, never in a log file
     mask = np.asarray(nib.load(tmp_path / "film" / "masks" / "film.nii.gz").dataobj)
     assert summary.n_ok == 1 and mask.shape == (28, 20)  # MONAI's (x, y) grid of the PNG
     assert (mask.T == (blob > 127)).mean() > 0.95

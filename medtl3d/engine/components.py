@@ -53,15 +53,15 @@ def val_loader(dataset, batch_size: int, *, num_workers: int = 0, device="cpu") 
                       pin_memory=resolve_device(device).type == "cuda")
 
 
-def check_data(model: nn.Module, train_data, val_data, *, task: str, device="cpu",
-               series_key: str | None = None) -> int:
+def check_data(model: nn.Module, train_data, val_data, *, task: str, device="cpu", series_key: str | None = None,
+               names: tuple[str, str] = ("train_data", "val_data")) -> int:
     """Check both datasets' first sample, the model's output on it and every label that can be read up front;
-    returns the model's number of outputs (what the batches' labels are checked against)."""
-    _first_sample(train_data, "train_data")
-    num_outputs = _probe_outputs(model, _first_sample(val_data, "val_data"), task, resolve_device(device),
-                                 "val_data")
-    check_labels_upfront(train_data, task, num_outputs, "train_data", series_key or ID_KEY)
-    check_labels_upfront(val_data, task, num_outputs, "val_data", series_key or ID_KEY)
+    returns the model's number of outputs (what the batches' labels are checked against). ``names`` are what the
+    errors call the two datasets (evaluation passes its test data first)."""
+    _first_sample(train_data, names[0])
+    num_outputs = _probe_outputs(model, _first_sample(val_data, names[1]), task, resolve_device(device), names[1])
+    check_labels_upfront(train_data, task, num_outputs, names[0], series_key or ID_KEY)
+    check_labels_upfront(val_data, task, num_outputs, names[1], series_key or ID_KEY)
     return num_outputs
 
 

@@ -2,7 +2,8 @@
 
 - :func:`case_report` / :func:`write_evaluation`: every metric of an evaluation with its interval over test cases,
   the operating point at a threshold chosen on validation data (:func:`choose_threshold`), calibration, curves;
-  ``workflows.evaluate`` (the bundles' ``evaluate.yaml``) writes it next to ``predictions.csv``.
+  :class:`EvaluationReport` (a handler of the bundles' ``evaluate.yaml`` evaluator) writes it next to
+  ``predictions.csv``.
 - :func:`compare_runs` (``medtl3d compare RUN_A RUN_B``): two evaluated runs (or arms of several runs, folds x
   seeds) on the same test cases, with paired tests and a non-inferiority verdict.
 
@@ -12,6 +13,8 @@ The statistics themselves are :mod:`medtl3d.stats`.
 from ._cases import CaseReport, binary_arrays, case_report, choose_threshold
 from ._compare import Comparison, compare_runs, load_run
 from ._report import comparison_lines, write_comparison, write_evaluation
+from .handler import EvaluationReport, training_record
 
-__all__ = ["CaseReport", "Comparison", "binary_arrays", "case_report", "choose_threshold", "compare_runs",
-           "comparison_lines", "load_run", "write_comparison", "write_evaluation"]
+__all__ = ["CaseReport", "Comparison", "EvaluationReport", "binary_arrays", "case_report", "choose_threshold", "compare_runs",
+           "comparison_lines", "load_run", "training_record", "write_comparison",
+           "write_evaluation"]

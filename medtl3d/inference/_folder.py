@@ -47,6 +47,7 @@ from ..data.transforms import medtl3d_cause
 from ..data.windows import slice_windows, take_window
 from ..engine import TASKS
 from ..engine._checks import resolve_device
+from ..engine.runtime import on_terminal
 from ..engine._tasks import check_outputs
 from ..engine.metrics import AGGREGATIONS
 from ..errors import DataError, OutputError, TrainingError, one_line
@@ -401,7 +402,8 @@ class _Run:
 
 
 def _progress_bar(total: int, enabled: bool):
-    if not enabled:
+    """A bar on a terminal only: in a log file it would be a run of carriage-return lines."""
+    if not (enabled and on_terminal()):
         return None
     try:
         from tqdm.auto import tqdm

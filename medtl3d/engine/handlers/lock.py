@@ -16,7 +16,8 @@ from .._blocks import _rank_and_world
 class OutputLock:
     """Hold the locks of ``folders`` from ``STARTED`` to the end of the run (an error included); a run that finds
     one held by another run stops at once. ``folders`` maps bundle config ids to folders (the error then names the
-    id) or is a plain list. Only the writing rank (rank 0) locks. List it first in ``train#handlers``."""
+    id) or is a plain list. Only the writing rank (rank 0) locks. List it first in ``train#handlers``; it releases
+    after every other ``COMPLETED`` handler (those that publish the run's files)."""
 
     def __init__(self, folders: Mapping[str, str] | Sequence[str]) -> None:
         self.folders = dict(folders) if isinstance(folders, Mapping) else {None: f for f in folders}
@@ -24,10 +25,11 @@ class OutputLock:
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.acquire)
-        engine.add_event_handler(Events.COMPLETED, self.release)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self.release_and_raise)
 
     def acquire(self, engine: Engine) -> None:
+        if not engine.has_event_handler(self.release, Events.COMPLETED):  # registered now: it runs last
+            engine.add_event_handler(Events.COMPLETED, self.release)
         if _rank_and_world()[0] > 0:  # the other ranks write nothing: they cannot deadlock on the lock
             return
         self._stack = ExitStack().__enter__()
