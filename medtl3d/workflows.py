@@ -1,8 +1,10 @@
-"""What the MONAI bundle configs call: every step of train / evaluate / inference / efficiency as one function.
+"""What the MONAI bundle configs call besides their components: the id checks, locations and data helpers, and
+one function per orchestrating step (folder inference, efficiency, search, learning-rate scan).
 
 The bundles under ``bundles/`` hold configuration only (``python -m monai.bundle run --config_file ...``); every
 transfer-learning choice there is a config id (backbone, weights, strategy, cut, width factor, learning rates,
-frozen part, input size, fold) passed to these functions. :func:`check_ids` runs first (the configs'
+frozen part, input size, fold) feeding MONAI components (``SupervisedTrainer``, ``SupervisedEvaluator``, medtl3d's
+handlers) or these functions. :func:`check_ids` runs first (the configs'
 ``initialize``) so that a wrong override stops with one line naming the config id, not a traceback from the config
 parser; :class:`ConfigIdError` is a ``SystemExit`` for that reason (MONAI wraps ordinary exceptions raised inside
 config expressions). Under ``python -m monai.bundle run`` it also checks the ``--id value`` overrides against the
