@@ -156,15 +156,11 @@ def _trackers(output_dir: Path, tensorboard: bool, mlflow_uri: str | None, run_c
     if _rank_and_world()[0] > 0:
         return out
     if tensorboard:
-        _, has_tb = optional_import("torch.utils.tensorboard", name="SummaryWriter")
-        if has_tb:
-            writer = components.DeferredSummaryWriter(output_dir / "tensorboard")
-            quiet = {"summary_writer": writer, "iteration_log": False, "output_transform": lambda _: None}
-            out["train"].append(TensorBoardStatsHandler(**quiet))
-            out["validate"].append(TensorBoardStatsHandler(**quiet))
-            out["close"].append(writer)
-        else:
-            logger.warning("tensorboard is not installed (pip install tensorboard): no TensorBoard logs written")
+        writer = components.DeferredSummaryWriter(output_dir / "tensorboard")
+        quiet = {"summary_writer": writer, "iteration_log": False, "output_transform": lambda _: None}
+        out["train"].append(TensorBoardStatsHandler(**quiet))
+        out["validate"].append(TensorBoardStatsHandler(**quiet))
+        out["close"].append(writer)
     if mlflow_uri:
         _, has_mlflow = optional_import("mlflow")
         if not has_mlflow:

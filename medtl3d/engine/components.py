@@ -17,6 +17,7 @@ from monai.utils import CommonKeys
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
+from torch.utils.tensorboard import SummaryWriter
 
 from ..provenance import build_provenance, data_hash, dataset_items
 from ._blocks import ID_KEY, _rank_and_world
@@ -128,8 +129,6 @@ class DeferredSummaryWriter:
 
     def __getattr__(self, name: str):
         if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter  # optional dependency (tensorboard)
-
             self._writer = SummaryWriter(log_dir=self.log_dir)
         return getattr(self._writer, name)
 
