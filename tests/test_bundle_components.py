@@ -48,7 +48,8 @@ def test_the_components_block_is_the_same_in_every_bundle(config):
     assert len({parts[1] for parts in blocks.values()}) == 1
 
 
-def test_a_torch_scheduler_steps_per_epoch_and_a_removed_handler_is_gone(tmp_path):
+@pytest.mark.slow  # trains two epochs and evaluates (about 20 s on one idle core)
+def test_a_torch_scheduler_steps_per_epoch_a_removed_handler_is_gone_and_evaluation_is_configurable(tmp_path):
     """StepLR (step 1, gamma 0.5) replaces ours: after 2 epochs (the trainer's max_epochs, not ``epochs``) the
     learning rate is lr / 4 (stepped per iteration it would be lr / 2**iterations); without SelectModel no epoch is
     selected: no best.pt, the bundle model comes from last.pt."""
@@ -68,6 +69,19 @@ def test_a_torch_scheduler_steps_per_epoch_and_a_removed_handler_is_gone(tmp_pat
     result = json.loads((tmp_path / "train" / "result.json").read_text())
     assert result["best_epoch"] == 0 and result["epochs_run"] == 2
     assert torch.equal(load_checkpoint(tmp_path / "m.pt")["model"]["head.weight"], last["model"]["head.weight"])
+
+
+    # evaluate.yaml's report handler, changed on the command line: the threshold is the highest reaching 100%
+    # sensitivity on the validation split (run by train.yaml's validate#evaluator), then applied to the test cases
+    evaluate = str(BUNDLES / "cxr_classification" / "configs" / "evaluate.yaml")
+    run(config_file=[_train_yaml("cxr_classification"), evaluate], output_dir=str(tmp_path),
+        ckpt_path=str(tmp_path / "m.pt"), **TINY, **{"evaluate#handlers#1#target_sensitivity": 1.0,
+                                                      "evaluate#handlers#1#n_resamples": 50})
+    report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert report["threshold"]["rule"].startswith("sensitivity >= 1 on ") and report["threshold"]["sensitivity"] == 1
+    assert report["metadata"]["bootstrap"]["n_resamples"] == 50
+    assert report["metadata"]["checkpoint"] == str(tmp_path / "m.pt") and report["cases"] >= 2
+    assert not (tmp_path / "eval" / "tensorboard").exists() and not (tmp_path / "train" / "tensorboard").exists()
 
 
 def test_lr_schedule_steps_ours_per_iteration_and_torch_schedulers_per_epoch():
