@@ -15,12 +15,12 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, run
 
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
 from medtl3d.engine import load_checkpoint, post_transform
 from medtl3d.engine._checkpoint import FORMAT
 from medtl3d.engine.components import case_metrics
-from medtl3d.engine.handlers import EarlyStop, LrSchedule, SelectModel, TrainingCheckpoint
+from medtl3d.engine.handlers import EarlyStop, LrSchedule, OutputLock, SelectModel, TrainingCheckpoint
 from medtl3d.engine.optim import build_scheduler
 from medtl3d.errors import TrainingError
 from medtl3d.locking import output_lock
@@ -194,3 +194,12 @@ def test_an_old_last_pt_is_refused_with_what_it_lacks(tmp_path):
     with pytest.raises(TrainingError, match=r"last.pt cannot be resumed: it lacks scaler, engine, history, "
                                             r"stopped_early, initial_state, rng \(written by an older medtl3d"):
         handler.started(engine)
+
+
+def test_the_output_lock_is_held_while_completed_handlers_publish(tmp_path):
+    """ExportModel and EvaluationReport write at COMPLETED, attached after OutputLock: the lock outlasts them."""
+    engine, held = Engine(lambda *_: None), []
+    OutputLock({"output_dir": str(tmp_path)}).attach(engine)
+    engine.add_event_handler(Events.COMPLETED, lambda _: held.append((tmp_path / ".medtl3d.lock.json").is_file()))
+    engine.run([0], max_epochs=1)
+    assert held == [True] and not (tmp_path / ".medtl3d.lock.json").exists()  # released after them
