@@ -54,7 +54,7 @@ def test_catalogue_lists_the_issue_entries_and_timm_tags():
     assert {"densenet121.imagenet", "mobilenet_v2.imagenet", "resnet50.imagenet", "i3d.kinetics400",
             "resnext3d_101.kinetics", "penet.pe", "resnet50.radimagenet", "densenet121.radimagenet",
             "inception_v3.radimagenet", "densenet121.xrv_all", "resnet50.xrv_all", "resnet3d_18.medicalnet",
-            "resnet3d_50.medicalnet", "dinov2_vits14.lvd142m"} <= names
+            "resnet3d_50.medicalnet", "dinov2_vits14.lvd142m", "rad_dino.cxr", "genesis_unet3d.chest_ct"} <= names
     every = list_weights(timm_tags=True)
     assert "timm/vit_small_patch14_dinov2.lvd142m" in every and len(every) > len(names) + 1000
     timm_entry = get_weights("timm/convnext_atto.d2_in1k")

@@ -13,6 +13,10 @@ Where the publisher's file is not available offline, its layout is built from th
 - Models Genesis (MrGiovanni/ModelsGenesis ``pytorch/unet3d.py``, commit 104f487b, rewritten below):
   ``UNet3D`` (``down_tr64`` .. ``down_tr512``, ``up_tr256`` .. ``up_tr64``, ``out_tr``) saved as
   ``{"state_dict": DataParallel state}``.
+- RAD-DINO (microsoft/rad-dino on the Hugging Face hub, a transformers ``Dinov2Model``): the key names and shapes
+  of huggingface/transformers ``src/transformers/models/dinov2/modeling_dinov2.py`` at commit 158e70c2 (the 4.x
+  layout the hub file uses), written out below; where transformers is installed, a random tiny ``Dinov2Model``
+  (5.x key names) must give timm's outputs after the conversion.
 - Hara et al. and PENet: ``../shared/fixtures/checkpoint_layouts`` (sources and commits in its JSON).
 """
 
@@ -30,6 +34,7 @@ import torch
 import torchvision
 from monai.networks import nets
 from PIL import Image
+from safetensors.torch import save_file
 from torch import nn
 
 from medtl3d.backbones import create_backbone
@@ -105,6 +110,70 @@ def test_radimagenet_sequential_layout_loads(cache, name, children):
     _put(cache, name, state)
     backbone = create_backbone(get_weights(name).architecture, weights=name)
     assert backbone.weights_record["tensors_loaded"] == len(state) and backbone.pretrained_head == {}
+
+
+RAD_DINO_TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 28}  # 2x2 patches of 14 px
+
+
+def _rad_dino_published_state(width: int = 32, depth: int = 2, patches: int = 4) -> dict:
+    """Dinov2Model's state_dict as modeling_dinov2.py (transformers 158e70c2) names and shapes it: Dinov2Embeddings
+    (cls_token, mask_token, position_embeddings, patch_embeddings.projection), Dinov2Layer (norm1,
+    attention.attention.query/key/value, attention.output.dense, layer_scale1.lambda1, norm2, mlp.fc1/fc2 with
+    mlp_ratio 4, layer_scale2.lambda1) and the final layernorm."""
+    state = {"embeddings.cls_token": (1, 1, width), "embeddings.mask_token": (1, width),
+             "embeddings.position_embeddings": (1, patches + 1, width),
+             "embeddings.patch_embeddings.projection.weight": (width, 3, 14, 14),
+             "embeddings.patch_embeddings.projection.bias": (width,),
+             "layernorm.weight": (width,), "layernorm.bias": (width,)}
+    for i in range(depth):
+        layer = f"encoder.layer.{i}."
+        for name in ("attention.attention.query", "attention.attention.key", "attention.attention.value",
+                     "attention.output.dense"):
+            state |= {layer + name + ".weight": (width, width), layer + name + ".bias": (width,)}
+        for name in ("norm1", "norm2"):
+            state |= {layer + name + ".weight": (width,), layer + name + ".bias": (width,)}
+        state |= {layer + "mlp.fc1.weight": (4 * width, width), layer + "mlp.fc1.bias": (4 * width,),
+                  layer + "mlp.fc2.weight": (width, 4 * width), layer + "mlp.fc2.bias": (width,),
+                  layer + "layer_scale1.lambda1": (width,), layer + "layer_scale2.lambda1": (width,)}
+    return {k: torch.randn(shape) for k, shape in state.items()}
+
+
+def _put_safetensors(cache: Path, name: str, state: dict) -> None:
+    save_file({k: v.contiguous() for k, v in state.items()}, cache / get_weights(name).file)
+
+
+def test_rad_dino_transformers_layout_loads_onto_timm_dinov2(cache):
+    state = _rad_dino_published_state()
+    _put_safetensors(cache, "rad_dino.cxr", state)
+    backbone = create_backbone("timm/vit_base_patch14_dinov2", weights="rad_dino.cxr", **RAD_DINO_TINY)
+    assert backbone.weights_record["entry"] == "rad_dino.cxr" and backbone.pretrained_head == {}
+    # every published tensor but the mask token; query, key and value become one qkv per block
+    assert backbone.weights_record["tensors_loaded"] == len(state) - 1 - 2 * 4
+    mine = backbone.state_dict()
+    attention = [state[f"encoder.layer.1.attention.attention.{n}.weight"] for n in ("query", "key", "value")]
+    torch.testing.assert_close(mine["blocks.1.attn.qkv.weight"], torch.cat(attention), rtol=0, atol=0)
+    torch.testing.assert_close(mine["blocks.0.ls2.gamma"], state["encoder.layer.0.layer_scale2.lambda1"])
+    torch.testing.assert_close(mine["pos_embed"], state["embeddings.position_embeddings"])
+    assert get_weights("rad_dino.cxr").preprocessing.normalization(1) == {"mean": [0.5307], "std": [0.2583]}
+
+
+def test_rad_dino_conversion_reproduces_transformers_dinov2_outputs(cache):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                                       patch_size=14, layerscale_value=0.5)
+    published = transformers.Dinov2Model(config).eval()
+    with torch.no_grad():  # no tensor left at its initial value: a swapped key would show
+        for tensor in published.parameters():
+            tensor.add_(torch.randn_like(tensor) * 0.1)
+    _put_safetensors(cache, "rad_dino.cxr", published.state_dict())
+    backbone = create_backbone("timm/vit_base_patch14_dinov2", weights="rad_dino.cxr", **RAD_DINO_TINY).eval()
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        tokens = published(pixel_values=x).last_hidden_state
+        torch.testing.assert_close(backbone.forward_features(x), tokens, atol=1e-5, rtol=1e-5)
+        patch_map = tokens[:, 1:].transpose(1, 2).reshape(2, 32, 2, 2)
+        torch.testing.assert_close(backbone(x), patch_map, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name, build", [

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
 import torchvision.models as tvm
 from torch.hub import HASH_REGEX
 from torchvision.models._meta import _IMAGENET_CATEGORIES
 
+from ..errors import WeightsError
 from .catalogue import Preprocessing, WeightsEntry, register_weights, timm_entry
 
 IMAGENET = Preprocessing((224, 224), 3, (0.0, 1.0), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -48,6 +50,40 @@ def sequential_to_torchvision(children: tuple[str, ...], prefix: str = "backbone
         return out
 
     return convert
+
+
+# transformers' Dinov2Model keys (modeling_dinov2.py; 4.x spelling, then the 5.x renames) -> timm's VisionTransformer
+_DINOV2_RENAMES = (
+    ("embeddings.cls_token", "cls_token"), ("embeddings.position_embeddings", "pos_embed"),
+    ("embeddings.patch_embeddings.projection.", "patch_embed.proj."), ("encoder.layer.", "blocks."),
+    ("attention.output.dense.", "attn.proj."), ("attention.o_proj.", "attn.proj."),
+    ("layer_scale1.lambda1", "ls1.gamma"), ("layer_scale2.lambda1", "ls2.gamma"), ("layernorm.", "norm."),
+)
+_DINOV2_QKV = {"attention.attention.query": 0, "attention.attention.key": 1, "attention.attention.value": 2,
+               "attention.q_proj": 0, "attention.k_proj": 1, "attention.v_proj": 2}
+
+
+def transformers_dinov2_to_timm(state: dict) -> dict:
+    """transformers ``Dinov2Model`` keys onto timm's ``vit_*_patch14_dinov2``: separate query/key/value projections
+    concatenated into timm's ``qkv``; the mask token (used only in DINO pretraining) dropped. A SwiGLU MLP
+    (ViT-g) is not mapped and so fails the load by name."""
+    out, qkv = {}, {}
+    for key, value in state.items():
+        if key == "embeddings.mask_token":
+            continue
+        stem, _, kind = key.rpartition(".")
+        prefix, _, projection = stem.partition(".attention.")
+        if "attention." + projection in _DINOV2_QKV:
+            qkv.setdefault((prefix, kind), [None] * 3)[_DINOV2_QKV["attention." + projection]] = value
+            continue
+        for old, new in _DINOV2_RENAMES:
+            key = key.replace(old, new)
+        out[key] = value
+    for (prefix, kind), parts in qkv.items():
+        if any(p is None for p in parts):
+            raise WeightsError(f"{prefix}: query, key and value {kind} are not all in the file")
+        out[f"{prefix.replace('encoder.layer.', 'blocks.')}.attn.qkv.{kind}"] = torch.cat(parts)
+    return out
 
 
 def drop_keys(*prefixes: str):
@@ -113,6 +149,20 @@ for _entry in (
           "Oquab et al., DINOv2: Learning Robust Visual Features without Supervision, TMLR 2024"),
     _timm("dinov2_vitb14.lvd142m", "timm/vit_base_patch14_dinov2", "vit_base_patch14_dinov2.lvd142m",
           "Oquab et al., DINOv2: Learning Robust Visual Features without Supervision, TMLR 2024"),
+    WeightsEntry(
+        name="rad_dino.cxr", architecture="timm/vit_base_patch14_dinov2", file="microsoft-rad-dino.safetensors",
+        url="https://huggingface.co/microsoft/rad-dino/resolve/main/model.safetensors",
+        layout="transformers Dinov2Model (embeddings.*, encoder.layer.<i>.attention.attention.query ...), ViT-B/14, "
+               "no head", convert=transformers_dinov2_to_timm,
+        licence="MIT (model card revision c3736a62; earlier revisions: MSRLA, research use only); "
+                "see huggingface.co/microsoft/rad-dino; not for clinical use",
+        paper="Perez-Garcia et al., Exploring Scalable Medical Image Encoders Beyond Text Supervision (RAD-DINO), "
+              "Nature Machine Intelligence 2025 (arXiv:2401.10815)",
+        preprocessing=Preprocessing((518, 518), 3, (0.0, 1.0), (0.5307,) * 3, (0.2583,) * 3),
+        notes="DINOv2 ViT-B/14 continued on chest X-rays; the hub's model.safetensors, saved under this name; "
+              "preprocessor_config.json: BitImageProcessor, grey to RGB, resize shortest edge 518 (bicubic), "
+              "centre crop 518, x/255, mean 0.5307, std 0.2583 (values not checked against the file offline); "
+              "embeddings are the class token or the 37x37 patch tokens"),
     WeightsEntry(
         name="i3d.kinetics400", architecture="i3d", file="i3d_kinetics400_params.npz",
         url="https://github.com/google-deepmind/kinetics-i3d (checkpoint rgb_imagenet, converted to .npz)",
