@@ -112,6 +112,27 @@ def test_radimagenet_sequential_layout_loads(cache, name, children):
     assert backbone.weights_record["tensors_loaded"] == len(state) and backbone.pretrained_head == {}
 
 
+def test_keras_trained_weights_are_built_with_keras_batch_norm_epsilon(cache):
+    torch.manual_seed(0)
+    keras_built = torchvision.models.resnet50(norm_layer=lambda c: nn.BatchNorm2d(c, eps=1.001e-5)).eval()
+    keras_built.bn1.running_var.uniform_(1e-7, 1e-6)  # running variances near eps, where eps shows
+    _put(cache, "resnet50.radimagenet", {f"backbone.{i}.{k}": v for i, child in
+                                         enumerate(list(keras_built.children())[:-1])
+                                         for k, v in child.state_dict().items()})
+    model = build_classifier("resnet50", "transfusion", num_classes=2, cut="layer2", weights="resnet50.radimagenet")
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert {m.eps for m in norms} == {1.001e-5}  # the kept units and those TransFusion rebuilt above the cut
+    assert model.backbone.weights_record["batch_norm_eps"] == 1.001e-5
+    assert model.model_config["backbone_kwargs"] == {"batch_norm_eps": 1.001e-5}
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        stem = keras_built.maxpool(keras_built.relu(keras_built.bn1(keras_built.conv1(x))))
+        torch.testing.assert_close(model.eval().backbone.forward_unit(0, x), stem, rtol=1e-6, atol=1e-6)
+    rebuilt = build_classifier(**{k: v for k, v in model.model_config.items() if k != "builder"})
+    assert {m.eps for m in rebuilt.modules() if isinstance(m, nn.BatchNorm2d)} == {1.001e-5}
+    assert {m.eps for m in create_backbone("resnet50").modules() if isinstance(m, nn.BatchNorm2d)} == {1e-5}
+
+
 RAD_DINO_TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 28}  # 2x2 patches of 14 px
 
 

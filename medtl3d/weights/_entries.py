@@ -23,6 +23,9 @@ RADIMAGENET_URL = "https://github.com/BMEII-AI/RadImageNet (README: pretrained m
 # BMEII-AI/RadImageNet acl/acl_pytorch_train.ipynb (commit 02af7c5c): Backbone().backbone = nn.Sequential of the
 # torchvision model's children, fed 224 px BGR images scaled by (x - 127.5) * 2 / 255, i.e. [-1, 1], no mean/std
 RADIMAGENET_INPUT = Preprocessing((224, 224), 3, (-1.0, 1.0))
+# Keras Applications' ResNet50 and DenseNet121 (what RadImageNet was trained with, and the Keras ImageNet DenseNet)
+# build BatchNormalization(epsilon=1.001e-5); Keras InceptionV3 keeps Keras' 1e-3, as torchvision's Inception does
+KERAS_BN_EPS = 1.001e-5
 RADIMAGENET = ("RadImageNet terms: non-commercial academic research (github.com/BMEII-AI/RadImageNet)",
                "Mei et al., RadImageNet, Radiology: Artificial Intelligence 2022")
 XRV = ("Apache-2.0 (mlmed/torchxrayvision)", "Cohen et al., TorchXRayVision, MIDL 2022 (arXiv:2111.00595)")
@@ -135,12 +138,12 @@ for _entry in (
         name="densenet121.imagenet_keras", architecture="densenet121",
         file="densenet121_imagenet_torchvision_layout.pth",
         url="https://storage.googleapis.com/tensorflow/keras-applications/densenet/"
-            "densenet121_weights_tf_dim_ordering_tf_kernels.h5", download=False,
+            "densenet121_weights_tf_dim_ordering_tf_kernels.h5", download=False, batch_norm_eps=KERAS_BN_EPS,
         sha256="e3ea30847c3e0455add9b7bbad1968bd2159fc40729ee0e766bb33df2addfcaa",
         layout="torchvision densenet121 state_dict (converted from the Keras .h5)", licence="BSD-3-Clause (Keras "
         "Applications)", paper=HUANG, preprocessing=IMAGENET, num_classes=1000, class_names=tuple(_IMAGENET_CATEGORIES),
         notes="Keras Applications' ImageNet DenseNet-121 converted to torchvision keys (the project's shared file); "
-              "Keras 'torch' preprocessing = ImageNet mean/std; Keras BatchNorm eps is 1.001e-5"),
+              "Keras 'torch' preprocessing = ImageNet mean/std; built with Keras' BatchNorm eps 1.001e-5"),
     _timm("deit_small.imagenet", "deit_small", "deit_small_patch16_224.fb_in1k",
           "Touvron et al., Training data-efficient image transformers, ICML 2021"),
     _timm("swin_tiny.imagenet", "swin_tiny", "swin_tiny_patch4_window7_224.ms_in1k",
@@ -194,13 +197,16 @@ for _entry in (
         url=RADIMAGENET_URL, download=False, licence=RADIMAGENET[0], paper=RADIMAGENET[1],
         layout="nn.Sequential of torchvision resnet50 children: backbone.<i>.<key>",
         convert=sequential_to_torchvision(RESNET_CHILDREN), preprocessing=RADIMAGENET_INPUT,
-        notes="PyTorch export of the RadImageNet ResNet-50 (no published head); layout and [-1, 1] input follow "
-              "the repository's PyTorch notebook (acl/acl_pytorch_train.ipynb), not checked against a file"),
+        batch_norm_eps=KERAS_BN_EPS,
+        notes="PyTorch export of the Keras-trained RadImageNet ResNet-50 (no published head; BatchNorm eps "
+              "1.001e-5 as Keras builds it); layout and [-1, 1] input follow the repository's PyTorch notebook "
+              "(acl/acl_pytorch_train.ipynb), not checked against a file"),
     WeightsEntry(
         name="densenet121.radimagenet", architecture="densenet121", file="RadImageNet-DenseNet121.pt",
         url=RADIMAGENET_URL, download=False, licence=RADIMAGENET[0], paper=RADIMAGENET[1],
         layout="nn.Sequential of torchvision densenet121 children: backbone.0.<features key>",
         convert=sequential_to_torchvision(DENSENET_CHILDREN), preprocessing=RADIMAGENET_INPUT,
+        batch_norm_eps=KERAS_BN_EPS,
         notes="as resnet50.radimagenet"),
     WeightsEntry(
         name="inception_v3.radimagenet", architecture="inception_v3", file="RadImageNet-InceptionV3.pt",
