@@ -95,11 +95,13 @@ def test_torchxrayvision_resnet50_layout_loads(cache):
     assert grey_to_rgb.weights_record["channel_adaptation"].startswith("conv1.weight: 1 -> 3 input channels")
 
 
-@pytest.mark.parametrize("name, children", [
-    ("resnet50.radimagenet", lambda: list(torchvision.models.resnet50().children())[:-1]),
-    ("densenet121.radimagenet", lambda: list(torchvision.models.densenet121().children())[:-1]),
+@pytest.mark.parametrize("name, children, dropped_child", [
+    ("resnet50.radimagenet", lambda: list(torchvision.models.resnet50().children())[:-1], None),
+    ("densenet121.radimagenet", lambda: list(torchvision.models.densenet121().children())[:-1], None),
+    ("inception_v3.radimagenet", lambda: list(torchvision.models.inception_v3(init_weights=False).children())[:-1],
+     "AuxLogits"),
 ])
-def test_radimagenet_sequential_layout_loads(cache, name, children):
+def test_radimagenet_sequential_layout_loads(cache, name, children, dropped_child):
     class Published(nn.Module):
         def __init__(self):
             super().__init__()
@@ -109,7 +111,11 @@ def test_radimagenet_sequential_layout_loads(cache, name, children):
     assert next(iter(state)).startswith("backbone.0.")
     _put(cache, name, state)
     backbone = create_backbone(get_weights(name).architecture, weights=name)
-    assert backbone.weights_record["tensors_loaded"] == len(state) and backbone.pretrained_head == {}
+    # Inception's auxiliary classifier (child 15) is dropped on load, as from torchvision's own file
+    dropped = [k for k in state if dropped_child and k.startswith("backbone.15.")]
+    assert backbone.weights_record["tensors_loaded"] == len(state) - len(dropped) and backbone.pretrained_head == {}
+    assert bool(dropped) == bool(dropped_child)
+    assert not any(k.startswith(f"{dropped_child}.") for k in backbone.state_dict())
 
 
 def test_keras_trained_weights_are_built_with_keras_batch_norm_epsilon(cache):
