@@ -1,6 +1,6 @@
 """``timm/<model>`` backbones against timm itself: cut points from ``feature_info``, truncation against timm's own
 ``prune_intermediate_layers``, forward equality with ``forward_intermediates`` / ``forward_features``, strategies,
-weights, efficiency report; and the published-head pooling of DeiT."""
+weights, efficiency report, the cutoff search and the analyses; and the published-head pooling of DeiT."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ import timm
 import timm.models._builder
 import torch
 
+from medtl3d.analysis.activations import collect_activations
+from medtl3d.analysis.probes import probe_cut_points
+from medtl3d.analysis.reinit import classification_metric, reinit_robustness
+from medtl3d.analysis.similarity import linear_cka
 from medtl3d.backbones import build_backbone, create_backbone, get_entry, list_backbones
 from medtl3d.efficiency import efficiency_report
 from medtl3d.search import run_search
@@ -200,6 +204,26 @@ def test_hierarchical_search_on_a_timm_backbone(tmp_path):
     assert result.row("full")["params_m"] == pytest.approx(
         sum(p.numel() for p in full(backbone, num_classes=1).parameters()) / 1e6, abs=1e-6)
     assert all((tmp_path / name).stat().st_size > 0 for name in ("search_report.csv", "search_report.md"))
+
+
+@pytest.mark.parametrize("model, kwargs", [
+    pytest.param("vit_tiny_patch16_224", {"img_size": 32}, marks=pytest.mark.slow), ("convnext_atto", {})])
+def test_analyses_on_timm_backbones(model, kwargs):
+    """Probes, CKA and re-initialisation robustness take a timm backbone (token or channels-last layout) as any."""
+    torch.manual_seed(0)
+    backbone = create_backbone(f"timm/{model}", in_channels=1, **kwargs)
+    images, labels = torch.randn(24, 1, 32, 32), torch.arange(24) % 2
+    images[labels == 1] += 1.0  # brighter class: separable from the first cut on
+    train, test = [(images[:16], labels[:16])], [(images[16:], labels[16:])]
+    rows = probe_cut_points(backbone, train, test, "block", probes=("knn",), options={"knn": {"k": 5}})
+    blocks = backbone.cut_points_at("block")
+    assert [(r["cut"], r["features"]) for r in rows] == [(c.name, c.channels) for c in blocks]
+    features = collect_activations(backbone, train, [blocks[-1].name])[blocks[-1].name]
+    assert linear_cka(features, features) == pytest.approx(1.0)
+    model_ = full(backbone, num_classes=2).eval()
+    initial = {k: v.clone() for k, v in model_.state_dict().items()}
+    result = reinit_robustness(initial, model_.state_dict(), model_, classification_metric(test), modes=["reinit"])
+    assert len(result) == len(backbone.units) and all(r["drop"] == pytest.approx(0.0) for r in result)
 
 
 def test_unknown_timm_model_is_one_line_with_close_matches():
