@@ -157,15 +157,14 @@ for _entry in (
         url="https://huggingface.co/microsoft/rad-dino/resolve/main/model.safetensors",
         layout="transformers Dinov2Model (embeddings.*, encoder.layer.<i>.attention.attention.query ...), ViT-B/14, "
                "no head", convert=transformers_dinov2_to_timm,
-        licence="MIT (model card revision c3736a62; earlier revisions: MSRLA, research use only); "
-                "see huggingface.co/microsoft/rad-dino; not for clinical use",
+        licence="MIT (model card revision c3736a62; earlier revisions MSRLA, research only)",
         paper="Perez-Garcia et al., Exploring Scalable Medical Image Encoders Beyond Text Supervision (RAD-DINO), "
               "Nature Machine Intelligence 2025 (arXiv:2401.10815)",
         preprocessing=Preprocessing((518, 518), 3, (0.0, 1.0), (0.5307,) * 3, (0.2583,) * 3),
         notes="DINOv2 ViT-B/14 continued on chest X-rays; the hub's model.safetensors, saved under this name; "
               "preprocessor_config.json: BitImageProcessor, grey to RGB, resize shortest edge 518 (bicubic), "
               "centre crop 518, x/255, mean 0.5307, std 0.2583 (values not checked against the file offline); "
-              "embeddings are the class token or the 37x37 patch tokens"),
+              "embeddings are the class token or the 37x37 patch tokens; for research, not for clinical use"),
     WeightsEntry(
         name="i3d.kinetics400", architecture="i3d", file="i3d_kinetics400_params.npz",
         url="https://github.com/google-deepmind/kinetics-i3d (checkpoint rgb_imagenet, converted to .npz)",
