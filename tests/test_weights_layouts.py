@@ -27,6 +27,7 @@ import csv
 import importlib.util
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,9 @@ from torch import nn
 from medtl3d.backbones import create_backbone
 from medtl3d.data.io import LoadCased
 from medtl3d.data.presets import preset
-from medtl3d.engine import load_checkpoint
+from medtl3d.engine import load_checkpoint, load_model
+from medtl3d.engine._checkpoint import save_checkpoint
+from medtl3d.errors import NoPretrainedWeightsWarning
 from medtl3d.inference import cli as infer_cli
 from medtl3d.strategies import full
 from medtl3d.weights import get_weights
@@ -118,7 +121,7 @@ def test_radimagenet_sequential_layout_loads(cache, name, children, dropped_chil
     assert not any(k.startswith(f"{dropped_child}.") for k in backbone.state_dict())
 
 
-def test_keras_trained_weights_are_built_with_keras_batch_norm_epsilon(cache):
+def test_keras_trained_weights_are_built_with_keras_batch_norm_epsilon(cache, tmp_path):
     torch.manual_seed(0)
     keras_built = torchvision.models.resnet50(norm_layer=lambda c: nn.BatchNorm2d(c, eps=1.001e-5)).eval()
     keras_built.bn1.running_var.uniform_(1e-7, 1e-6)  # running variances near eps, where eps shows
@@ -134,7 +137,11 @@ def test_keras_trained_weights_are_built_with_keras_batch_norm_epsilon(cache):
     with torch.no_grad():
         stem = keras_built.maxpool(keras_built.relu(keras_built.bn1(keras_built.conv1(x))))
         torch.testing.assert_close(model.eval().backbone.forward_unit(0, x), stem, rtol=1e-6, atol=1e-6)
-    rebuilt = build_classifier(**{k: v for k, v in model.model_config.items() if k != "builder"})
+    save_checkpoint({"model": model.state_dict(), "model_config": model.model_config,
+                     "initial_state": model.initial_state}, tmp_path / "model.pt")
+    with warnings.catch_warnings():  # the rebuild for inference: no "without pretrained weights" warning
+        warnings.simplefilter("error", NoPretrainedWeightsWarning)
+        rebuilt = load_model(tmp_path / "model.pt")
     assert {m.eps for m in rebuilt.modules() if isinstance(m, nn.BatchNorm2d)} == {1.001e-5}
     assert {m.eps for m in create_backbone("resnet50").modules() if isinstance(m, nn.BatchNorm2d)} == {1e-5}
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..backbones import Backbone, build_backbone, create_backbone, get_entry
-from ..errors import StrategyNotApplicableError
+from ..errors import NoPretrainedWeightsWarning, StrategyNotApplicableError
 from ..weights import get_weights, list_weights, weights_or_none
 from ._model import TransferModel
 
@@ -218,7 +218,7 @@ def create_model(
         named = [n for n in list_weights() if get_weights(n).architecture == backbone]
         warnings.warn(f"strategy {strategy!r} on {backbone} WITHOUT pretrained weights: the kept units start random, "
                       "so nothing is transferred; pass weights (" + (f"e.g. {named[0]}, " if named else "")
-                      + "see `medtl3d weights list`, or a file)", UserWarning, stacklevel=2)
+                      + "see `medtl3d weights list`, or a file)", NoPretrainedWeightsWarning, stacklevel=2)
     body = create_backbone(backbone, spatial_dims=spatial_dims, in_channels=in_channels, weights=source,
                            **(backbone_kwargs or {}))
     return apply_strategy(body, strategy, num_classes, cut=cut, **strategy_kwargs)
