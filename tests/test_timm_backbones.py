@@ -1,22 +1,29 @@
 """``timm/<model>`` backbones against timm itself: cut points from ``feature_info``, truncation against timm's own
 ``prune_intermediate_layers``, forward equality with ``forward_intermediates`` / ``forward_features``, strategies,
-weights, efficiency report; and the published-head pooling of DeiT."""
+weights, efficiency report, the cutoff search and the analyses; and the published-head pooling of DeiT."""
 
 from __future__ import annotations
 
 import urllib.error
+from pathlib import Path
 
 import pytest
 import timm
 import timm.models._builder
 import torch
 
+from medtl3d.analysis.activations import collect_activations
+from medtl3d.analysis.probes import probe_cut_points
+from medtl3d.analysis.reinit import classification_metric, reinit_robustness
+from medtl3d.analysis.similarity import linear_cka
 from medtl3d.backbones import build_backbone, create_backbone, get_entry, list_backbones
 from medtl3d.efficiency import efficiency_report
+from medtl3d.search import run_search
 from medtl3d.errors import HubUnavailableError, StrategyNotApplicableError, UnknownBackboneError, WeightsError
 from medtl3d.strategies import apply_strategy, full, transfusion, truncate
 from medtl3d.weights import list_weights
 
+CXR_BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "cxr_classification"
 # family: (timm model, timm kwargs, input side, block cut names, number of layer cuts)
 FAMILIES = {
     "convnext": ("convnext_atto", {}, 32, ["stages.0", "stages.1", "stages.2", "stages.3"], 0),
@@ -175,6 +182,48 @@ def test_efficiency_report_on_a_timm_backbone():
     kept = truncate(backbone, "layer2", num_classes=2)
     assert rows["layer2"].params == sum(p.numel() for p in kept.parameters())
     assert 0 < rows["act1"].macs_g < rows["layer2"].macs_g < rows["layer4"].macs_g
+
+
+@pytest.mark.slow
+def test_hierarchical_search_on_a_timm_backbone(tmp_path):
+    """The cutoff search runs unchanged on a timm model: its block cuts are Stage 1, the costs are the truncated
+    models' own parameter counts, the report is written."""
+    overrides = {"backbone": "timm/mobilenetv3_small_050", "weights": "null", "epochs": 1, "phantom_cases": 16,
+                 "phantom_size": 32, "image_size": 32, "batch_size": 8, "amp": False, "tensorboard": False,
+                 "device": "cpu", "n_folds": 2}
+    result = run_search(CXR_BUNDLE, tmp_path, overrides=overrides, strategies=["truncate"], early_stop=False,
+                        efficiency_runs=1, efficiency_warmup=0, evaluate_test=False, cpus_per_trial=1)
+    backbone = build_backbone("timm/mobilenetv3_small_050", in_channels=1)
+    stage1 = {r["label"] for r in result.rows if r["stage"] == 1}
+    # blocks.5 is the last block cut: truncating there is the full backbone
+    assert stage1 == {"full", "truncate@bn1", "truncate@blocks.0", "truncate@blocks.1", "truncate@blocks.3"}
+    assert {r["stage"] for r in result.rows} == {1, 2} and result.picks["TTL-2"] in {r["label"] for r in result.rows}
+    for row in (r for r in result.rows if r["strategy"] == "truncate"):
+        kept = truncate(build_backbone("timm/mobilenetv3_small_050", in_channels=1), row["cut"], num_classes=1)
+        assert row["params_m"] == pytest.approx(sum(p.numel() for p in kept.parameters()) / 1e6, abs=1e-6)
+    assert result.row("full")["params_m"] == pytest.approx(
+        sum(p.numel() for p in full(backbone, num_classes=1).parameters()) / 1e6, abs=1e-6)
+    assert all((tmp_path / name).stat().st_size > 0 for name in ("search_report.csv", "search_report.md"))
+
+
+@pytest.mark.parametrize("model, kwargs", [
+    pytest.param("vit_tiny_patch16_224", {"img_size": 32}, marks=pytest.mark.slow), ("convnext_atto", {})])
+def test_analyses_on_timm_backbones(model, kwargs):
+    """Probes, CKA and re-initialisation robustness take a timm backbone (token or channels-last layout) as any."""
+    torch.manual_seed(0)
+    backbone = create_backbone(f"timm/{model}", in_channels=1, **kwargs)
+    images, labels = torch.randn(24, 1, 32, 32), torch.arange(24) % 2
+    images[labels == 1] += 1.0  # brighter class: separable from the first cut on
+    train, test = [(images[:16], labels[:16])], [(images[16:], labels[16:])]
+    rows = probe_cut_points(backbone, train, test, "block", probes=("knn",), options={"knn": {"k": 5}})
+    blocks = backbone.cut_points_at("block")
+    assert [(r["cut"], r["features"]) for r in rows] == [(c.name, c.channels) for c in blocks]
+    features = collect_activations(backbone, train, [blocks[-1].name])[blocks[-1].name]
+    assert linear_cka(features, features) == pytest.approx(1.0)
+    model_ = full(backbone, num_classes=2).eval()
+    initial = {k: v.clone() for k, v in model_.state_dict().items()}
+    result = reinit_robustness(initial, model_.state_dict(), model_, classification_metric(test), modes=["reinit"])
+    assert len(result) == len(backbone.units) and all(r["drop"] == pytest.approx(0.0) for r in result)
 
 
 def test_unknown_timm_model_is_one_line_with_close_matches():

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import urllib.error
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 from monai.data import MetaTensor
 
 from medtl3d.backbones import build_backbone, create_backbone
@@ -54,7 +56,7 @@ def test_catalogue_lists_the_issue_entries_and_timm_tags():
     assert {"densenet121.imagenet", "mobilenet_v2.imagenet", "resnet50.imagenet", "i3d.kinetics400",
             "resnext3d_101.kinetics", "penet.pe", "resnet50.radimagenet", "densenet121.radimagenet",
             "inception_v3.radimagenet", "densenet121.xrv_all", "resnet50.xrv_all", "resnet3d_18.medicalnet",
-            "resnet3d_50.medicalnet", "dinov2_vits14.lvd142m"} <= names
+            "resnet3d_50.medicalnet", "dinov2_vits14.lvd142m", "rad_dino.cxr", "genesis_unet3d.chest_ct"} <= names
     every = list_weights(timm_tags=True)
     assert "timm/vit_small_patch14_dinov2.lvd142m" in every and len(every) > len(names) + 1000
     timm_entry = get_weights("timm/convnext_atto.d2_in1k")
@@ -205,6 +207,21 @@ def test_bundle_weights_id_is_checked_against_the_catalogue():
 def test_transfer_strategies_without_weights_warn_loudly():
     with pytest.warns(UserWarning, match="'truncate' on resnet18 WITHOUT pretrained weights.*resnet18.imagenet"):
         create_model("resnet18", "truncate", num_classes=2, cut="layer1")
+
+
+def test_loading_and_auto_normalisation_are_logged(tmp_path, caplog):
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    with caplog.at_level(logging.INFO, logger="medtl3d"):
+        create_backbone("resnet18", in_channels=1, weights=tmp_path / "r18.pth")
+        preset("cxr", train=False, size=8, weights="resnet18.imagenet")
+    loaded = [r.getMessage() for r in caplog.records if r.name == "medtl3d.weights"]
+    assert len(loaded) == 1 and f"resnet18 weights {tmp_path / 'r18.pth'} (sha256 " in loaded[0]
+    assert "120 tensors loaded, 0 missing; conv1.weight: 3 -> 1 input channels (kernels summed)" in loaded[0]
+    assert loaded[0].count("published head (fc.bias, fc.weight) kept aside") == 1
+    normalised = [r.getMessage() for r in caplog.records if r.name == "medtl3d.data"]
+    # one grey channel: the ImageNet channel means, (0.485 + 0.456 + 0.406) / 3 and (0.229 + 0.224 + 0.225) / 3
+    assert any("normalize='auto' from weights 'resnet18.imagenet'" in m and "'mean': [0.449]" in m
+               and "'std': [0.226]" in m for m in normalised)
 
 
 def test_weights_cli_list_and_info(cache, capsys):

@@ -13,6 +13,10 @@ Where the publisher's file is not available offline, its layout is built from th
 - Models Genesis (MrGiovanni/ModelsGenesis ``pytorch/unet3d.py``, commit 104f487b, rewritten below):
   ``UNet3D`` (``down_tr64`` .. ``down_tr512``, ``up_tr256`` .. ``up_tr64``, ``out_tr``) saved as
   ``{"state_dict": DataParallel state}``.
+- RAD-DINO (microsoft/rad-dino on the Hugging Face hub, a transformers ``Dinov2Model``): the key names and shapes
+  of huggingface/transformers ``src/transformers/models/dinov2/modeling_dinov2.py`` at commit 158e70c2 (the 4.x
+  layout the hub file uses), written out below; where transformers is installed, a random tiny ``Dinov2Model``
+  (5.x key names) must give timm's outputs after the conversion.
 - Hara et al. and PENet: ``../shared/fixtures/checkpoint_layouts`` (sources and commits in its JSON).
 """
 
@@ -23,6 +27,7 @@ import csv
 import importlib.util
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -30,12 +35,15 @@ import torch
 import torchvision
 from monai.networks import nets
 from PIL import Image
+from safetensors.torch import save_file
 from torch import nn
 
 from medtl3d.backbones import create_backbone
 from medtl3d.data.io import LoadCased
 from medtl3d.data.presets import preset
-from medtl3d.engine import load_checkpoint
+from medtl3d.engine import load_checkpoint, load_model
+from medtl3d.engine._checkpoint import save_checkpoint
+from medtl3d.errors import NoPretrainedWeightsWarning
 from medtl3d.inference import cli as infer_cli
 from medtl3d.strategies import full
 from medtl3d.weights import get_weights
@@ -90,11 +98,13 @@ def test_torchxrayvision_resnet50_layout_loads(cache):
     assert grey_to_rgb.weights_record["channel_adaptation"].startswith("conv1.weight: 1 -> 3 input channels")
 
 
-@pytest.mark.parametrize("name, children", [
-    ("resnet50.radimagenet", lambda: list(torchvision.models.resnet50().children())[:-1]),
-    ("densenet121.radimagenet", lambda: list(torchvision.models.densenet121().children())[:-1]),
+@pytest.mark.parametrize("name, children, dropped_child", [
+    ("resnet50.radimagenet", lambda: list(torchvision.models.resnet50().children())[:-1], None),
+    ("densenet121.radimagenet", lambda: list(torchvision.models.densenet121().children())[:-1], None),
+    ("inception_v3.radimagenet", lambda: list(torchvision.models.inception_v3(init_weights=False).children())[:-1],
+     "AuxLogits"),
 ])
-def test_radimagenet_sequential_layout_loads(cache, name, children):
+def test_radimagenet_sequential_layout_loads(cache, name, children, dropped_child):
     class Published(nn.Module):
         def __init__(self):
             super().__init__()
@@ -104,7 +114,100 @@ def test_radimagenet_sequential_layout_loads(cache, name, children):
     assert next(iter(state)).startswith("backbone.0.")
     _put(cache, name, state)
     backbone = create_backbone(get_weights(name).architecture, weights=name)
-    assert backbone.weights_record["tensors_loaded"] == len(state) and backbone.pretrained_head == {}
+    # Inception's auxiliary classifier (child 15) is dropped on load, as from torchvision's own file
+    dropped = [k for k in state if dropped_child and k.startswith("backbone.15.")]
+    assert backbone.weights_record["tensors_loaded"] == len(state) - len(dropped) and backbone.pretrained_head == {}
+    assert bool(dropped) == bool(dropped_child)
+    assert not any(k.startswith(f"{dropped_child}.") for k in backbone.state_dict())
+
+
+def test_keras_trained_weights_are_built_with_keras_batch_norm_epsilon(cache, tmp_path):
+    torch.manual_seed(0)
+    keras_built = torchvision.models.resnet50(norm_layer=lambda c: nn.BatchNorm2d(c, eps=1.001e-5)).eval()
+    keras_built.bn1.running_var.uniform_(1e-7, 1e-6)  # running variances near eps, where eps shows
+    _put(cache, "resnet50.radimagenet", {f"backbone.{i}.{k}": v for i, child in
+                                         enumerate(list(keras_built.children())[:-1])
+                                         for k, v in child.state_dict().items()})
+    model = build_classifier("resnet50", "transfusion", num_classes=2, cut="layer2", weights="resnet50.radimagenet")
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert {m.eps for m in norms} == {1.001e-5}  # the kept units and those TransFusion rebuilt above the cut
+    assert model.backbone.weights_record["batch_norm_eps"] == 1.001e-5
+    assert model.model_config["backbone_kwargs"] == {"batch_norm_eps": 1.001e-5}
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        stem = keras_built.maxpool(keras_built.relu(keras_built.bn1(keras_built.conv1(x))))
+        torch.testing.assert_close(model.eval().backbone.forward_unit(0, x), stem, rtol=1e-6, atol=1e-6)
+    save_checkpoint({"model": model.state_dict(), "model_config": model.model_config,
+                     "initial_state": model.initial_state}, tmp_path / "model.pt")
+    with warnings.catch_warnings():  # the rebuild for inference: no "without pretrained weights" warning
+        warnings.simplefilter("error", NoPretrainedWeightsWarning)
+        rebuilt = load_model(tmp_path / "model.pt")
+    assert {m.eps for m in rebuilt.modules() if isinstance(m, nn.BatchNorm2d)} == {1.001e-5}
+    assert {m.eps for m in create_backbone("resnet50").modules() if isinstance(m, nn.BatchNorm2d)} == {1e-5}
+
+
+RAD_DINO_TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 28}  # 2x2 patches of 14 px
+
+
+def _rad_dino_published_state(width: int = 32, depth: int = 2, patches: int = 4) -> dict:
+    """Dinov2Model's state_dict as modeling_dinov2.py (transformers 158e70c2) names and shapes it: Dinov2Embeddings
+    (cls_token, mask_token, position_embeddings, patch_embeddings.projection), Dinov2Layer (norm1,
+    attention.attention.query/key/value, attention.output.dense, layer_scale1.lambda1, norm2, mlp.fc1/fc2 with
+    mlp_ratio 4, layer_scale2.lambda1) and the final layernorm."""
+    state = {"embeddings.cls_token": (1, 1, width), "embeddings.mask_token": (1, width),
+             "embeddings.position_embeddings": (1, patches + 1, width),
+             "embeddings.patch_embeddings.projection.weight": (width, 3, 14, 14),
+             "embeddings.patch_embeddings.projection.bias": (width,),
+             "layernorm.weight": (width,), "layernorm.bias": (width,)}
+    for i in range(depth):
+        layer = f"encoder.layer.{i}."
+        for name in ("attention.attention.query", "attention.attention.key", "attention.attention.value",
+                     "attention.output.dense"):
+            state |= {layer + name + ".weight": (width, width), layer + name + ".bias": (width,)}
+        for name in ("norm1", "norm2"):
+            state |= {layer + name + ".weight": (width,), layer + name + ".bias": (width,)}
+        state |= {layer + "mlp.fc1.weight": (4 * width, width), layer + "mlp.fc1.bias": (4 * width,),
+                  layer + "mlp.fc2.weight": (width, 4 * width), layer + "mlp.fc2.bias": (width,),
+                  layer + "layer_scale1.lambda1": (width,), layer + "layer_scale2.lambda1": (width,)}
+    return {k: torch.randn(shape) for k, shape in state.items()}
+
+
+def _put_safetensors(cache: Path, name: str, state: dict) -> None:
+    save_file({k: v.contiguous() for k, v in state.items()}, cache / get_weights(name).file)
+
+
+def test_rad_dino_transformers_layout_loads_onto_timm_dinov2(cache):
+    state = _rad_dino_published_state()
+    _put_safetensors(cache, "rad_dino.cxr", state)
+    backbone = create_backbone("timm/vit_base_patch14_dinov2", weights="rad_dino.cxr", **RAD_DINO_TINY)
+    assert backbone.weights_record["entry"] == "rad_dino.cxr" and backbone.pretrained_head == {}
+    # every published tensor but the mask token; query, key and value become one qkv per block
+    assert backbone.weights_record["tensors_loaded"] == len(state) - 1 - 2 * 4
+    mine = backbone.state_dict()
+    attention = [state[f"encoder.layer.1.attention.attention.{n}.weight"] for n in ("query", "key", "value")]
+    torch.testing.assert_close(mine["blocks.1.attn.qkv.weight"], torch.cat(attention), rtol=0, atol=0)
+    torch.testing.assert_close(mine["blocks.0.ls2.gamma"], state["encoder.layer.0.layer_scale2.lambda1"])
+    torch.testing.assert_close(mine["pos_embed"], state["embeddings.position_embeddings"])
+    assert get_weights("rad_dino.cxr").preprocessing.normalization(1) == {"mean": [0.5307], "std": [0.2583]}
+
+
+def test_rad_dino_conversion_reproduces_transformers_dinov2_outputs(cache):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                                       patch_size=14, layerscale_value=0.5)
+    published = transformers.Dinov2Model(config).eval()
+    with torch.no_grad():  # no tensor left at its initial value: a swapped key would show
+        for tensor in published.parameters():
+            tensor.add_(torch.randn_like(tensor) * 0.1)
+    _put_safetensors(cache, "rad_dino.cxr", published.state_dict())
+    backbone = create_backbone("timm/vit_base_patch14_dinov2", weights="rad_dino.cxr", **RAD_DINO_TINY).eval()
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        tokens = published(pixel_values=x).last_hidden_state
+        torch.testing.assert_close(backbone.forward_features(x), tokens, atol=1e-5, rtol=1e-5)
+        patch_map = tokens[:, 1:].transpose(1, 2).reshape(2, 32, 2, 2)
+        torch.testing.assert_close(backbone(x), patch_map, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name, build", [

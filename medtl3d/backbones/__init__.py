@@ -29,7 +29,7 @@ def create_backbone(
     **kwargs,
 ) -> Backbone:
     """Build backbone ``name`` and load ``weights`` (None, a catalogue name such as ``densenet121.imagenet`` or
-    ``imagenet``, or a file).
+    ``imagenet``, or a file). An entry trained with another BatchNorm epsilon (Keras) builds the backbone with it.
 
     The published classifier of a weight file is kept on ``backbone.pretrained_head`` (empty when none), so a
     full model can reuse it; the load report is on ``backbone.weights_report`` and what was loaded (entry, file,
@@ -37,6 +37,8 @@ def create_backbone(
     """
     weights = weights_or_none(weights)
     state, record = resolve_weights(name, weights) if weights is not None else (None, None)  # bad names fail fast
+    if record and record.get("batch_norm_eps") is not None:  # the weights' training framework's BatchNorm
+        kwargs.setdefault("batch_norm_eps", record["batch_norm_eps"])
     backbone = build_backbone(name, spatial_dims, in_channels, **kwargs)
     backbone.weights_source = None
     backbone.weights_record = None
@@ -49,8 +51,10 @@ def create_backbone(
         backbone.pretrained_head = report.head_state
         backbone.weights_report = report
         backbone.weights_record = {**record, **report.describe()}
-        logger.info("%s weights %s%s: %s", name, source,
-                    f" (sha256 {record['sha256'][:12]}...)" if record.get("sha256") else "", report.summary())
+        eps = backbone.build_args.get("batch_norm_eps")
+        logger.info("%s weights %s%s: %s%s", name, source,
+                    f" (sha256 {record['sha256'][:12]}...)" if record.get("sha256") else "", report.summary(),
+                    f"; BatchNorm eps {eps:g}" if eps is not None else "")
     return backbone
 
 

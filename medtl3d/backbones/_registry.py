@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from torch import nn
+
 from ..errors import UnknownBackboneError
 from ._base import Backbone
 
@@ -95,8 +97,11 @@ def get_entry(name: str) -> BackboneEntry:
         ) from None
 
 
-def build_backbone(name: str, spatial_dims: int | None = None, in_channels: int | None = None, **kwargs) -> Backbone:
-    """Build a randomly initialised backbone (no weight loading); ``kwargs`` go to the family builder."""
+def build_backbone(name: str, spatial_dims: int | None = None, in_channels: int | None = None,
+                   batch_norm_eps: float | None = None, **kwargs) -> Backbone:
+    """Build a randomly initialised backbone (no weight loading); ``kwargs`` go to the family builder.
+    ``batch_norm_eps`` sets every BatchNorm's epsilon, for weights trained with another one (Keras: 1.001e-5);
+    it stays in ``build_args``, so rebuilds (strategies, checkpoints) keep it."""
     entry = get_entry(name)
     dims = entry.spatial_dims[0] if spatial_dims is None else int(spatial_dims)
     if dims not in entry.spatial_dims:
@@ -109,4 +114,9 @@ def build_backbone(name: str, spatial_dims: int | None = None, in_channels: int 
     backbone = entry.builder(spatial_dims=dims, in_channels=channels, **kwargs)
     backbone.name = name
     backbone.build_args = {"spatial_dims": dims, "in_channels": channels, **kwargs}
+    if batch_norm_eps is not None:
+        for module in backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eps = float(batch_norm_eps)
+        backbone.build_args["batch_norm_eps"] = float(batch_norm_eps)
     return backbone

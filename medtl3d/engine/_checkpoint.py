@@ -10,6 +10,7 @@ arbitrary objects.
 from __future__ import annotations
 
 import random
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import TrainingError
+from ..errors import NoPretrainedWeightsWarning, TrainingError
 from ..reporting import atomic_write
 from ._builders import get_builder, plain_config
 
@@ -92,7 +93,9 @@ def load_model(checkpoint_path, map_location="cpu") -> nn.Module:
                             "load checkpoint['model'] into it (pass model_config=... to train() next time)")
     fn, kwargs = _builder(config, str(checkpoint_path))
     try:
-        model = fn(**kwargs)
+        with warnings.catch_warnings():  # built without weights on purpose: the checkpoint holds them
+            warnings.simplefilter("ignore", NoPretrainedWeightsWarning)
+            model = fn(**kwargs)
     except TrainingError:
         raise
     except Exception as err:  # noqa: BLE001 - any builder failure becomes one clear message

@@ -31,9 +31,10 @@ def _weights_id(weights: str | None) -> Iterator[None]:
 def build_classifier(backbone: str, strategy: str = "full", num_classes: int = 1, cut: str | None = None,
                      weights: str | None = None, spatial_dims: int | None = None, in_channels: int | None = None,
                      width_factor: float = 2.0, lr_ratio: float = 10.0, dropout: float = 0.0,
-                     freeze_up_to: str | None = None) -> nn.Module:
+                     freeze_up_to: str | None = None, backbone_kwargs: dict | None = None) -> nn.Module:
     """``create_model`` with the bundle's ids; ``freeze_up_to`` freezes units up to that cut for any strategy.
-    The model's ``model_config`` rebuilds it (without weights) from a checkpoint."""
+    The model's ``model_config`` rebuilds it (without weights) from a checkpoint, with the backbone's build
+    options (``backbone_kwargs``: e.g. the BatchNorm epsilon of Keras-trained weights)."""
     kwargs: dict[str, Any] = {"dropout": dropout}
     if strategy == "transfusion":
         kwargs["width_factor"] = width_factor
@@ -42,6 +43,7 @@ def build_classifier(backbone: str, strategy: str = "full", num_classes: int = 1
     with _weights_id(weights):
         model = create_model(backbone, strategy, num_classes, cut=cut if strategy in CUT_STRATEGIES else None,
                              weights=weights, spatial_dims=spatial_dims, in_channels=in_channels,
+                             backbone_kwargs=backbone_kwargs,
                              **({"up_to": cut} if strategy == "stats" and cut else {}), **kwargs)
     if freeze_up_to:
         model.freeze_units(range(model.backbone.cut_point(freeze_up_to).unit + 1))
@@ -52,6 +54,9 @@ def build_classifier(backbone: str, strategy: str = "full", num_classes: int = 1
         "in_channels": model.backbone.in_channels, "width_factor": width_factor, "lr_ratio": lr_ratio,
         "dropout": dropout, "freeze_up_to": freeze_up_to,
     }
+    eps = model.backbone.build_args.get("batch_norm_eps")  # the other build options follow from the ids above
+    if eps is not None:
+        model.model_config["backbone_kwargs"] = {"batch_norm_eps": eps}
     return model
 
 

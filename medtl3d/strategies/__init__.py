@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..backbones import Backbone, build_backbone, create_backbone, get_entry
-from ..errors import StrategyNotApplicableError
+from ..errors import NoPretrainedWeightsWarning, StrategyNotApplicableError
 from ..weights import get_weights, list_weights, weights_or_none
 from ._model import TransferModel
 
@@ -43,10 +43,13 @@ def _fresh(backbone: Backbone, **overrides) -> Backbone:
 
 
 def _copy_units(source: Backbone, target: Backbone, last_unit: int) -> None:
-    """Copy the tensors of units ``0..last_unit`` from ``source`` into ``target`` (bit-identical)."""
+    """Copy the tensors of units ``0..last_unit`` from ``source`` into ``target`` (bit-identical), and the record
+    of the weights they came from (what the run's provenance reports)."""
     keys = [k for i in range(last_unit + 1) for k in source.unit_state_keys(i)]
     src = source.state_dict()
     target.load_state_dict({k: src[k] for k in keys}, strict=False)
+    target.weights_source = getattr(source, "weights_source", None)
+    target.weights_record = getattr(source, "weights_record", None)
 
 
 def _finish(model: TransferModel) -> TransferModel:
@@ -201,9 +204,10 @@ def create_model(
     weights: str | Path | None = None,
     spatial_dims: int | None = None,
     in_channels: int | None = None,
+    backbone_kwargs: dict | None = None,
     **strategy_kwargs,
 ) -> TransferModel:
-    """One call from names to a ready model: ``create_backbone`` + ``apply_strategy``.
+    """One call from names to a ready model: ``create_backbone`` (with ``backbone_kwargs``) + ``apply_strategy``.
 
     ``random`` ignores ``weights`` by definition; every other strategy starts from them. The cut strategies
     (truncate, transfusion, lwft, partial) warn loudly without weights: there is nothing to transfer.
@@ -214,8 +218,9 @@ def create_model(
         named = [n for n in list_weights() if get_weights(n).architecture == backbone]
         warnings.warn(f"strategy {strategy!r} on {backbone} WITHOUT pretrained weights: the kept units start random, "
                       "so nothing is transferred; pass weights (" + (f"e.g. {named[0]}, " if named else "")
-                      + "see `medtl3d weights list`, or a file)", UserWarning, stacklevel=2)
-    body = create_backbone(backbone, spatial_dims=spatial_dims, in_channels=in_channels, weights=source)
+                      + "see `medtl3d weights list`, or a file)", NoPretrainedWeightsWarning, stacklevel=2)
+    body = create_backbone(backbone, spatial_dims=spatial_dims, in_channels=in_channels, weights=source,
+                           **(backbone_kwargs or {}))
     return apply_strategy(body, strategy, num_classes, cut=cut, **strategy_kwargs)
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
 import torchvision.models as tvm
 from torch.hub import HASH_REGEX
 from torchvision.models._meta import _IMAGENET_CATEGORIES
 
+from ..errors import WeightsError
 from .catalogue import Preprocessing, WeightsEntry, register_weights, timm_entry
 
 IMAGENET = Preprocessing((224, 224), 3, (0.0, 1.0), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -21,6 +23,9 @@ RADIMAGENET_URL = "https://github.com/BMEII-AI/RadImageNet (README: pretrained m
 # BMEII-AI/RadImageNet acl/acl_pytorch_train.ipynb (commit 02af7c5c): Backbone().backbone = nn.Sequential of the
 # torchvision model's children, fed 224 px BGR images scaled by (x - 127.5) * 2 / 255, i.e. [-1, 1], no mean/std
 RADIMAGENET_INPUT = Preprocessing((224, 224), 3, (-1.0, 1.0))
+# Keras Applications' ResNet50 and DenseNet121 (what RadImageNet was trained with, and the Keras ImageNet DenseNet)
+# build BatchNormalization(epsilon=1.001e-5); Keras InceptionV3 keeps Keras' 1e-3, as torchvision's Inception does
+KERAS_BN_EPS = 1.001e-5
 RADIMAGENET = ("RadImageNet terms: non-commercial academic research (github.com/BMEII-AI/RadImageNet)",
                "Mei et al., RadImageNet, Radiology: Artificial Intelligence 2022")
 XRV = ("Apache-2.0 (mlmed/torchxrayvision)", "Cohen et al., TorchXRayVision, MIDL 2022 (arXiv:2111.00595)")
@@ -48,6 +53,40 @@ def sequential_to_torchvision(children: tuple[str, ...], prefix: str = "backbone
         return out
 
     return convert
+
+
+# transformers' Dinov2Model keys (modeling_dinov2.py; 4.x spelling, then the 5.x renames) -> timm's VisionTransformer
+_DINOV2_RENAMES = (
+    ("embeddings.cls_token", "cls_token"), ("embeddings.position_embeddings", "pos_embed"),
+    ("embeddings.patch_embeddings.projection.", "patch_embed.proj."), ("encoder.layer.", "blocks."),
+    ("attention.output.dense.", "attn.proj."), ("attention.o_proj.", "attn.proj."),
+    ("layer_scale1.lambda1", "ls1.gamma"), ("layer_scale2.lambda1", "ls2.gamma"), ("layernorm.", "norm."),
+)
+_DINOV2_QKV = {"attention.attention.query": 0, "attention.attention.key": 1, "attention.attention.value": 2,
+               "attention.q_proj": 0, "attention.k_proj": 1, "attention.v_proj": 2}
+
+
+def transformers_dinov2_to_timm(state: dict) -> dict:
+    """transformers ``Dinov2Model`` keys onto timm's ``vit_*_patch14_dinov2``: separate query/key/value projections
+    concatenated into timm's ``qkv``; the mask token (used only in DINO pretraining) dropped. A SwiGLU MLP
+    (ViT-g) is not mapped and so fails the load by name."""
+    out, qkv = {}, {}
+    for key, value in state.items():
+        if key == "embeddings.mask_token":
+            continue
+        stem, _, kind = key.rpartition(".")
+        prefix, _, projection = stem.partition(".attention.")
+        if "attention." + projection in _DINOV2_QKV:
+            qkv.setdefault((prefix, kind), [None] * 3)[_DINOV2_QKV["attention." + projection]] = value
+            continue
+        for old, new in _DINOV2_RENAMES:
+            key = key.replace(old, new)
+        out[key] = value
+    for (prefix, kind), parts in qkv.items():
+        if any(p is None for p in parts):
+            raise WeightsError(f"{prefix}: query, key and value {kind} are not all in the file")
+        out[f"{prefix.replace('encoder.layer.', 'blocks.')}.attn.qkv.{kind}"] = torch.cat(parts)
+    return out
 
 
 def drop_keys(*prefixes: str):
@@ -99,12 +138,12 @@ for _entry in (
         name="densenet121.imagenet_keras", architecture="densenet121",
         file="densenet121_imagenet_torchvision_layout.pth",
         url="https://storage.googleapis.com/tensorflow/keras-applications/densenet/"
-            "densenet121_weights_tf_dim_ordering_tf_kernels.h5", download=False,
+            "densenet121_weights_tf_dim_ordering_tf_kernels.h5", download=False, batch_norm_eps=KERAS_BN_EPS,
         sha256="e3ea30847c3e0455add9b7bbad1968bd2159fc40729ee0e766bb33df2addfcaa",
         layout="torchvision densenet121 state_dict (converted from the Keras .h5)", licence="BSD-3-Clause (Keras "
         "Applications)", paper=HUANG, preprocessing=IMAGENET, num_classes=1000, class_names=tuple(_IMAGENET_CATEGORIES),
         notes="Keras Applications' ImageNet DenseNet-121 converted to torchvision keys (the project's shared file); "
-              "Keras 'torch' preprocessing = ImageNet mean/std; Keras BatchNorm eps is 1.001e-5"),
+              "Keras 'torch' preprocessing = ImageNet mean/std; built with Keras' BatchNorm eps 1.001e-5"),
     _timm("deit_small.imagenet", "deit_small", "deit_small_patch16_224.fb_in1k",
           "Touvron et al., Training data-efficient image transformers, ICML 2021"),
     _timm("swin_tiny.imagenet", "swin_tiny", "swin_tiny_patch4_window7_224.ms_in1k",
@@ -113,6 +152,19 @@ for _entry in (
           "Oquab et al., DINOv2: Learning Robust Visual Features without Supervision, TMLR 2024"),
     _timm("dinov2_vitb14.lvd142m", "timm/vit_base_patch14_dinov2", "vit_base_patch14_dinov2.lvd142m",
           "Oquab et al., DINOv2: Learning Robust Visual Features without Supervision, TMLR 2024"),
+    WeightsEntry(
+        name="rad_dino.cxr", architecture="timm/vit_base_patch14_dinov2", file="microsoft-rad-dino.safetensors",
+        url="https://huggingface.co/microsoft/rad-dino/resolve/main/model.safetensors",
+        layout="transformers Dinov2Model (embeddings.*, encoder.layer.<i>.attention.attention.query ...), ViT-B/14, "
+               "no head", convert=transformers_dinov2_to_timm,
+        licence="MIT (model card revision c3736a62; earlier revisions MSRLA, research only)",
+        paper="Perez-Garcia et al., Exploring Scalable Medical Image Encoders Beyond Text Supervision (RAD-DINO), "
+              "Nature Machine Intelligence 2025 (arXiv:2401.10815)",
+        preprocessing=Preprocessing((518, 518), 3, (0.0, 1.0), (0.5307,) * 3, (0.2583,) * 3),
+        notes="DINOv2 ViT-B/14 continued on chest X-rays; the hub's model.safetensors, saved under this name; "
+              "preprocessor_config.json: BitImageProcessor, grey to RGB, resize shortest edge 518 (bicubic), "
+              "centre crop 518, x/255, mean 0.5307, std 0.2583 (values not checked against the file offline); "
+              "embeddings are the class token or the 37x37 patch tokens; for research, not for clinical use"),
     WeightsEntry(
         name="i3d.kinetics400", architecture="i3d", file="i3d_kinetics400_params.npz",
         url="https://github.com/google-deepmind/kinetics-i3d (checkpoint rgb_imagenet, converted to .npz)",
@@ -144,13 +196,16 @@ for _entry in (
         url=RADIMAGENET_URL, download=False, licence=RADIMAGENET[0], paper=RADIMAGENET[1],
         layout="nn.Sequential of torchvision resnet50 children: backbone.<i>.<key>",
         convert=sequential_to_torchvision(RESNET_CHILDREN), preprocessing=RADIMAGENET_INPUT,
-        notes="PyTorch export of the RadImageNet ResNet-50 (no published head); layout and [-1, 1] input follow "
-              "the repository's PyTorch notebook (acl/acl_pytorch_train.ipynb), not checked against a file"),
+        batch_norm_eps=KERAS_BN_EPS,
+        notes="PyTorch export of the Keras-trained RadImageNet ResNet-50 (no published head; BatchNorm eps "
+              "1.001e-5 as Keras builds it); layout and [-1, 1] input follow the repository's PyTorch notebook "
+              "(acl/acl_pytorch_train.ipynb), not checked against a file"),
     WeightsEntry(
         name="densenet121.radimagenet", architecture="densenet121", file="RadImageNet-DenseNet121.pt",
         url=RADIMAGENET_URL, download=False, licence=RADIMAGENET[0], paper=RADIMAGENET[1],
         layout="nn.Sequential of torchvision densenet121 children: backbone.0.<features key>",
         convert=sequential_to_torchvision(DENSENET_CHILDREN), preprocessing=RADIMAGENET_INPUT,
+        batch_norm_eps=KERAS_BN_EPS,
         notes="as resnet50.radimagenet"),
     WeightsEntry(
         name="inception_v3.radimagenet", architecture="inception_v3", file="RadImageNet-InceptionV3.pt",

