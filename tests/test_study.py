@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -284,3 +286,20 @@ def test_study_end_to_end_on_phantoms(tmp_path, one_thread):
     again = run_study(CXR, tmp_path, **OPTIONS)
     assert again.trained == 0 and again.reused == len(arms) * 2
     assert [c["verdict"] for c in again.claims] == [c["verdict"] for c in result.claims]
+
+
+@pytest.mark.slow
+def test_study_through_the_bundle_cli(tmp_path, one_thread):
+    configs = CXR / "configs"
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+            str([str(configs / "train.yaml"), str(configs / "study.yaml")]), "--output_dir", str(tmp_path),
+            "--study_strategies", "['full','truncate']", "--study_cuts", "['cbr2']", "--study_seeds", "1",
+            "--study_evaluate_test", "False", "--study_efficiency_runs", "1", "--study_cka_cases", "8"]
+    for key, value in {**TINY, "backbone": "cbr_tiny", "weights": "null", "epochs": 1, "n_folds": 2}.items():
+        args += [f"--{key}", str(value)]
+    done = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "study" / "study_report.json").read_text())
+    assert [r["label"] for r in report["rows"]] == ["full", "random", "truncate@cbr2", "RI-truncate@cbr2"]
+    assert [c["claim"] for c in report["claims"]] == [1, 2, 3, 4, 5]
+    assert report["claims"][2]["verdict"] == NOT_TESTED  # no transfusion / lwft arm in this grid
