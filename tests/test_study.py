@@ -22,13 +22,15 @@ from medtl3d.backbones import build_backbone
 from medtl3d.errors import StudyError
 from medtl3d.study import (CONTRADICTED, INCONCLUSIVE, NOT_TESTED, SUPPORTED, claim_budget, claim_convergence,
                            claim_representation, claim_transfer, claim_truncation, epochs_to_fraction, expand_grid,
-                           plot_figures, reuse_share, run_study)
+                           StudyTask, plot_figures, reuse_share, run_study)
 from medtl3d.study._claims import annotate_rows
 
 REPO = Path(__file__).resolve().parents[1]
 CXR = REPO / "bundles" / "cxr_classification"
 N_TRAIN, N_TEST = 40, 10  # correction of the t-test: 1/J + 10/40
 RUNS = [(0, 0), (1, 0), (0, 1), (1, 1)]
+TINY = {"backbone": "mobilenet_v2", "weights": "mobilenet_v2.imagenet", "epochs": 2, "phantom_cases": 40,
+        "phantom_size": 32, "image_size": 32, "batch_size": 8, "amp": False, "tensorboard": False, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +75,16 @@ def test_grid_errors_name_the_option(resnet18, args, message):
     with pytest.raises(StudyError, match=message) as error:
         expand_grid(resnet18, *args)
     assert "\n" not in str(error.value)
+
+
+def test_ri_and_the_controls_train_without_the_pretrained_weights(tmp_path):
+    task = StudyTask(CXR, TINY, tmp_path)
+    ids = {arm.label: task.trial_ids(arm, 0, 0, tmp_path / arm.label)
+           for arm in expand_grid(task.backbone(), ["full", "truncate"], ["stage3"], ["pretrained", "random"])}
+    assert {label: i["weights"] for label, i in ids.items()} == {
+        "full": "mobilenet_v2.imagenet", "random": "null", "truncate@stage3": "mobilenet_v2.imagenet",
+        "RI-truncate@stage3": "null"}
+    assert ids["RI-truncate@stage3"]["cut"] == "stage3" and ids["RI-truncate@stage3"]["strategy"] == "truncate"
 
 
 # ------------------------------------------------------------------------------------------------ claim 1
@@ -132,10 +144,10 @@ def _row(label, strategy, cut, unit, scores, control=False, ratio=None):
             "params_ratio": ratio, "macs_ratio": ratio, "latency_ratio": ratio}
 
 
-def _truncation_case(deltas_a, deltas_b):
+def _truncation_case(deltas_a, deltas_b, deltas_control=(-0.2, -0.25, -0.2, -0.22)):
     """FTL, truncate@a (cheap), truncate@b and the RI control of b."""
     scores = {"full": WT, "truncate@a": shifted(WT, deltas_a), "truncate@b": shifted(WT, deltas_b),
-              "RI-truncate@b": shifted(WT, [-0.2, -0.25, -0.2, -0.22])}
+              "RI-truncate@b": shifted(WT, deltas_control)}
     rows = [_row("full", "full", None, None, WT, ratio=1.0), _row("truncate@a", "truncate", "a", 1,
             scores["truncate@a"], ratio=0.25), _row("truncate@b", "truncate", "b", 2, scores["truncate@b"], ratio=0.5),
             _row("RI-truncate@b", "truncate", "b", 2, scores["RI-truncate@b"], control=True, ratio=0.5)]
@@ -156,8 +168,11 @@ def test_truncation_supported_picks_the_cheapest_noninferior_cut_never_a_control
 
 
 def test_truncation_contradicted_and_inconclusive():
-    rows, found, picks = _truncation_case([-0.1, -0.12, -0.11, -0.1], [-0.2, -0.21, -0.19, -0.2])
-    assert claim_truncation(rows, picks, found, "auroc", 0.02, N_TRAIN, N_TEST)["verdict"] == CONTRADICTED
+    # every pretrained cut inferior; the control, non-inferior, is never the pick
+    rows, found, picks = _truncation_case([-0.1, -0.12, -0.11, -0.1], [-0.2, -0.21, -0.19, -0.2],
+                                          [0.001, -0.001, 0.0, 0.002])
+    assert picks == {} and claim_truncation(rows, picks, found, "auroc", 0.02, N_TRAIN, N_TEST)["verdict"] == \
+        CONTRADICTED
     rows, found, picks = _truncation_case([-0.1, -0.12, -0.11, -0.1], [0.1, -0.15, 0.05, -0.1])
     claim = claim_truncation(rows, picks, found, "auroc", 0.02, N_TRAIN, N_TEST)
     assert claim["verdict"] == INCONCLUSIVE and claim["pick"] is None
@@ -198,6 +213,7 @@ def test_epochs_to_fraction_of_the_final_score():
     assert epochs_to_fraction(history, "auroc", 0.95) == 3  # 0.95 * 0.88 = 0.836: first reached at epoch 3
     assert epochs_to_fraction(history, "auroc", 0.9) == 2  # 0.792
     assert epochs_to_fraction(history, "auroc", 1.0) == 3  # the best epoch beats the final one
+    assert epochs_to_fraction([{"epoch": 1, "val_auroc": 0.5}, {"epoch": 2, "val_auroc": 1.0}], "auroc", 0.5) == 1
     assert epochs_to_fraction([], "auroc", 0.95) is None
 
 
@@ -243,15 +259,17 @@ def test_bad_options_name_the_option(tmp_path, option, value, message):
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
-def test_cli_bad_option_is_one_line(tmp_path, capsys):
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
     status = cli.main(["study", "--bundle", str(CXR), "--output", str(tmp_path), "--margin", "-1"])
     assert status == 2
     assert capsys.readouterr().err == "medtl3d study: error: --margin -1.0: must be > 0\n"
+    status = cli.main(["study", "--bundle", str(CXR), "--output", str(tmp_path), "--set", "weights=null",
+                       "--set", "backbone=resnet18"])
+    assert status == 2
+    assert capsys.readouterr().err.startswith("medtl3d study: error: --set weights is null: a study compares")
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-TINY = {"backbone": "mobilenet_v2", "weights": "mobilenet_v2.imagenet", "epochs": 2, "phantom_cases": 40,
-        "phantom_size": 32, "image_size": 32, "batch_size": 8, "amp": False, "tensorboard": False, "device": "cpu"}
 OPTIONS = dict(overrides=TINY, n_folds=2, seeds=1, cuts=["stage3"], efficiency_runs=1, efficiency_warmup=0,
                cpus_per_trial=1, cka_cases=16)
 
@@ -293,13 +311,13 @@ def test_study_through_the_bundle_cli(tmp_path, one_thread):
     configs = CXR / "configs"
     args = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
             str([str(configs / "train.yaml"), str(configs / "study.yaml")]), "--output_dir", str(tmp_path),
-            "--study_strategies", "['full','truncate']", "--study_cuts", "['cbr2']", "--study_seeds", "1",
+            "--study_strategies", "['full','truncate']", "--study_cuts", "['stage3']", "--study_seeds", "1",
             "--study_evaluate_test", "False", "--study_efficiency_runs", "1", "--study_cka_cases", "8"]
-    for key, value in {**TINY, "backbone": "cbr_tiny", "weights": "null", "epochs": 1, "n_folds": 2}.items():
+    for key, value in {**TINY, "epochs": 1, "n_folds": 2}.items():
         args += [f"--{key}", str(value)]
     done = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "study" / "study_report.json").read_text())
-    assert [r["label"] for r in report["rows"]] == ["full", "random", "truncate@cbr2", "RI-truncate@cbr2"]
+    assert [r["label"] for r in report["rows"]] == ["full", "random", "truncate@stage3", "RI-truncate@stage3"]
     assert [c["claim"] for c in report["claims"]] == [1, 2, 3, 4, 5]
     assert report["claims"][2]["verdict"] == NOT_TESTED  # no transfusion / lwft arm in this grid

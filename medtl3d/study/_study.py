@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import OutputLockedError, StudyError, setting
+from ..errors import OutputLockedError, StudyError, interface, setting
 from ..locking import output_lock
 from ..search import (Budget, BundleTask, ResultsStore, StageRunner, add_costs, configs_hash,
                       fingerprinted_overrides, make_executor)
 from ..stats import DEFAULT_MARGINS
+from ..weights import weights_or_none
 from . import _claims as claims
 from ._grid import CONTROLLED, expand_grid
 from ._report import write_study_report
@@ -106,6 +107,10 @@ def run_study(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dict
     if n_folds is not None:
         overrides["n_folds"] = int(n_folds)
     task = StudyTask(bundle_dir, overrides, out)
+    if weights_or_none(task.parser.get_parsed_content("weights")) is None:
+        where = "--set weights" if interface() == "cli" else "bundle id 'weights'"
+        raise StudyError(f"{where} is null: a study compares pretrained weights with random init; give the bundle "
+                         "pretrained weights (a catalogue name, see `medtl3d weights list`, or a file)")
     body = task.backbone()
     arms = expand_grid(body, strategies, cuts, weights)
     for strategy in dict.fromkeys(a.strategy for a in arms):  # a strategy the bundle cannot build stops here

@@ -31,7 +31,8 @@ def add_parser(commands) -> None:
                             "partial")
     study.add_argument("--weights", default="pretrained,random",
                        help="grid weights: pretrained (the bundle's), random (RI and the cut arms' RI controls)")
-    study.add_argument("--cuts", default="block", help="cut points: block (default), layer, all or comma-separated names")
+    study.add_argument("--cuts", default="block",
+                       help="cut points: block (default), layer, all or comma-separated names")
     study.add_argument("--folds", type=int, help="k validation folds (default: the bundle's n_folds)")
     study.add_argument("--seeds", type=int, default=2, help="seeds per fold (default 2)")
     study.add_argument("--margin", type=float, help="non-inferiority margin (default 0.02 AUROC, 0.01 Dice)")
