@@ -139,7 +139,7 @@ def test_transfer_claim_reports_st_against_both():
 
 # ------------------------------------------------------------------------------------------------ claims 2, 3
 def _row(label, strategy, cut, unit, scores, control=False, ratio=None):
-    return {"label": label, "name": label, "strategy": strategy, "cut": cut, "unit": unit, "complete": True,
+    return {"label": label, "name": label, "strategy": strategy, "cut": cut, "unit": unit, "complete": True, "n": 4,
             "control": control, "val_auroc_mean": float(np.mean(scores)), "macs_g": None if ratio is None else ratio,
             "params_ratio": ratio, "macs_ratio": ratio, "latency_ratio": ratio}
 
@@ -282,6 +282,9 @@ def test_study_end_to_end_on_phantoms(tmp_path, one_thread):
     assert [r["label"] for r in result.rows] == arms and result.trained == len(arms) * 2
     assert [c["claim"] for c in result.claims] == [1, 2, 3, 4, 5]
     assert all(c["verdict"] in (SUPPORTED, CONTRADICTED, INCONCLUSIVE) for c in result.claims)
+    on_test = {c["comparison"]: c for c in result.claim(1)["comparisons"] if c["comparison"].endswith("(test cases)")}
+    assert set(on_test) == {"WT - RI (test cases)", "WT - ST (test cases)", "ST - RI (test cases)"}
+    assert all(c["runs"] == 2 and "corrected resampled t-test" in c["method"] for c in on_test.values())
     assert result.limits["runs_per_arm"] == 2 and result.limits["test_cases"] > 0
     for name in ("study_report.md", "study_report.json", "study_report.csv", "study_score_cost.png",
                  "study_cka.png"):

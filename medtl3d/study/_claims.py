@@ -15,13 +15,15 @@ FTL). A verdict is one of:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import stats as scipy_stats
 
 from ..analysis.predictions import feature_reuse
-from ..errors import AnalysisError
+from ..errors import AnalysisError, Medtl3dError
+from ..evaluation import compare_runs
 from ..search import annotate
 from ..stats import StatisticsError, bootstrap_ci, corrected_resampled_ttest
 
@@ -29,6 +31,7 @@ LEVEL = 0.95
 POWER = 0.8
 SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_TESTED = "supported", "contradicted", "inconclusive", "not tested"
 TTEST = "corrected resampled t-test across folds x seeds (Nadeau & Bengio 2003), paired by fold and seed"
+VALIDATION = "validation runs, corrected resampled t-test"
 
 
 def run_scores(records: Sequence[Mapping], key_metric: str) -> dict[tuple[int, int], float]:
@@ -46,12 +49,39 @@ def paired_ttest(a: Mapping, b: Mapping, n_train: int, n_test: int):
 
 
 def superiority(test, margin: float) -> str:
-    """Verdict on "the difference is positive": see the module docstring (``margin`` >= 0)."""
+    """Verdict on "the difference is positive" from an interval with ``low`` / ``high`` (see the module docstring;
+    ``margin`` >= 0)."""
     if test is None:
         return INCONCLUSIVE
     if test.low > 0:
         return SUPPORTED
     return CONTRADICTED if test.high < margin else INCONCLUSIVE
+
+
+@dataclass(frozen=True)
+class _Interval:
+    low: float
+    high: float
+
+
+def on_test_cases(what: str, folders: Mapping[str, Sequence[str]] | None, a: str, b: str, margin: float,
+                  superior: bool) -> list[dict]:
+    """``a - b`` on the test cases (:func:`medtl3d.evaluation.compare_runs` on the arms' evaluated trials: DeLong /
+    paired bootstrap for one run per arm, the corrected resampled t-test over several), as one more comparison row;
+    its verdict is a superiority (``superior``) or the non-inferiority one. Reported beside the validation verdict,
+    never instead of it. Nothing when the trials were not scored on the test split."""
+    if not folders or not folders.get(a) or not folders.get(b):
+        return []
+    name = f"{what} (test cases)"
+    try:
+        result = compare_runs(folders[a], folders[b], margin=margin)
+    except Medtl3dError as err:
+        return [{"comparison": name, "verdict": INCONCLUSIVE, "note": f"no test comparison: {err}"}]
+    row = next(r for r in result.rows if r["metric"] == result.primary and r.get("low") is not None)
+    verdict = superiority(_Interval(row["low"], row["high"]), margin) if superior else result.verdict
+    return [{"comparison": name, "difference": row["difference"], "low": row["low"], "high": row["high"],
+             "p_value": row.get("p_value"), "runs": len(result.runs_a), "verdict": verdict,
+             "method": f"{result.primary}: {row['method']}"}]
 
 
 def smallest_detectable(test) -> float | None:
@@ -68,7 +98,7 @@ def comparison(what: str, test, verdict: str) -> dict:
     if test is None:
         return {"comparison": what, "verdict": verdict, "runs": 0, "note": "fewer than two paired runs"}
     return {"comparison": what, "difference": test.mean_difference, "low": test.low, "high": test.high,
-            "p_value": test.p_value, "runs": test.runs, "verdict": verdict}
+            "p_value": test.p_value, "runs": test.runs, "verdict": verdict, "method": VALIDATION}
 
 
 def _claim(number: int, title: str, test: str, verdict: str, statement: str, comparisons: list[dict],
@@ -104,7 +134,7 @@ def reuse_share(wt: Mapping, st: Mapping, ri: Mapping, n_resamples: int = 2000) 
 
 
 def claim_transfer(records: Mapping[str, Sequence[Mapping]], key_metric: str, margin: float, n_train: int,
-                   n_test: int) -> dict:
+                   n_test: int, folders: Mapping[str, Sequence[str]] | None = None) -> dict:
     """Claim 1: weight transfer beats random init (WT vs RI); statistics transfer (ST) against both, and the
     feature-reuse share."""
     title = "transfer vs random init; statistics transfer (Mean-Var) vs both"
@@ -113,13 +143,15 @@ def claim_transfer(records: Mapping[str, Sequence[Mapping]], key_metric: str, ma
     wt, ri = (run_scores(records[label], key_metric) for label in ("full", "random"))
     main = paired_ttest(wt, ri, n_train, n_test)
     verdict = superiority(main, margin)
-    comparisons = [comparison("WT - RI", main, verdict)]
+    comparisons = [comparison("WT - RI", main, verdict),
+                   *on_test_cases("WT - RI", folders, "full", "random", margin, superior=True)]
     extra: dict = {"smallest_detectable": smallest_detectable(main)}
     if records.get("stats"):
         st = run_scores(records["stats"], key_metric)
-        for what, a, b in (("WT - ST", wt, st), ("ST - RI", st, ri)):
+        for what, a, b, labels in (("WT - ST", wt, st, ("full", "stats")), ("ST - RI", st, ri, ("stats", "random"))):
             test = paired_ttest(a, b, n_train, n_test)
-            comparisons.append(comparison(what, test, superiority(test, margin)))
+            comparisons += [comparison(what, test, superiority(test, margin)),
+                            *on_test_cases(what, folders, *labels, margin, superior=True)]
         extra["feature_reuse"] = reuse_share(wt, st, ri)
     effect = "-" if main is None else f"{main.mean_difference:+.4f} [{main.low:+.4f}, {main.high:+.4f}]"
     statement = f"WT - RI validation {key_metric}: {effect} ({verdict}; superiority needs the interval above 0, " \
@@ -144,7 +176,8 @@ def annotate_rows(rows: list[dict], records: Mapping[str, Sequence[Mapping]], ke
 def _versus_ftl(row: Mapping) -> dict:
     versus = row.get("vs_reference") or {}
     return {"comparison": f"{row['name']} - WT", "difference": versus.get("difference"), "low": versus.get("low"),
-            "high": versus.get("high"), "verdict": versus.get("verdict", INCONCLUSIVE)}
+            "high": versus.get("high"), "runs": row["n"], "verdict": versus.get("verdict", INCONCLUSIVE),
+            "method": VALIDATION}
 
 
 def _noninferior_claim(rows: Sequence[Mapping], picks: Mapping[str, str], strategy: str) -> tuple[str, dict | None]:
@@ -162,7 +195,8 @@ def _savings(row: Mapping) -> dict:
 
 
 def claim_truncation(rows: Sequence[Mapping], picks: Mapping[str, str], records: Mapping[str, Sequence[Mapping]],
-                     key_metric: str, margin: float, n_train: int, n_test: int) -> dict:
+                     key_metric: str, margin: float, n_train: int, n_test: int,
+                     folders: Mapping[str, Sequence[str]] | None = None) -> dict:
     """Claim 2: a truncated network (the cheapest cut non-inferior to FTL) matches FTL at a lower cost; its
     random-init control of the same architecture tells what the pretrained features add at that size."""
     title = "truncation: the cheapest cut non-inferior to FTL, and what it saves"
@@ -178,16 +212,20 @@ def claim_truncation(rows: Sequence[Mapping], picks: Mapping[str, str], records:
         statement = (f"{pick['name']} is non-inferior to FTL at margin {margin:g} {key_metric}, saving "
                      + ", ".join(f"{extra[f'{n}_saved']:.0%} {n}" for n in ("params", "macs", "latency")
                                  if extra[f"{n}_saved"] is not None))
+        comparisons += on_test_cases(f"{pick['name']} - WT", folders, pick["label"], "full", margin, superior=False)
         control = f"RI-{pick['label']}"
         if records.get(control):
             test = paired_ttest(run_scores(records[pick["label"]], key_metric),
                                 run_scores(records[control], key_metric), n_train, n_test)
-            comparisons.append(comparison(f"{pick['name']} - its RI control", test, superiority(test, margin)))
+            what = f"{pick['name']} - its RI control"
+            comparisons += [comparison(what, test, superiority(test, margin)),
+                            *on_test_cases(what, folders, pick["label"], control, margin, superior=True)]
     return _claim(2, title, "non-inferiority to FTL (CONSORT) on the " + TTEST, verdict, statement, comparisons,
                   **extra)
 
 
-def claim_budget(rows: Sequence[Mapping], picks: Mapping[str, str], key_metric: str, margin: float) -> dict:
+def claim_budget(rows: Sequence[Mapping], picks: Mapping[str, str], key_metric: str, margin: float,
+                 folders: Mapping[str, Sequence[str]] | None = None) -> dict:
     """Claim 3: TransFusion (slimmed top) and LWFT each match FTL (a non-inferior cut) at the same epochs."""
     title = "TransFusion and LWFT against FTL at the same budget"
     tested = [s for s in ("transfusion", "lwft") if any(r["strategy"] == s for r in rows)]
@@ -202,6 +240,11 @@ def claim_budget(rows: Sequence[Mapping], picks: Mapping[str, str], key_metric: 
     values = set(verdicts.values())
     verdict = SUPPORTED if values == {SUPPORTED} else CONTRADICTED if CONTRADICTED in values else INCONCLUSIVE
     comparisons = [_versus_ftl(r) for r in rows if r["strategy"] in tested]
+    for strategy in tested:
+        if picks.get(strategy):
+            pick = next(r for r in rows if r["label"] == picks[strategy])
+            comparisons += on_test_cases(f"{pick['name']} - WT", folders, pick["label"], "full", margin,
+                                         superior=False)
     return _claim(3, title, "non-inferiority to FTL (CONSORT) on the " + TTEST, verdict,
                   "; ".join(statements) + f"; margin {margin:g} {key_metric}, every arm trained the same epochs",
                   comparisons, picks={s: picks.get(s) for s in tested}, verdicts=verdicts)

@@ -77,7 +77,8 @@ def _number(value, sign: bool = False) -> str:
 def _comparison_rows(claim: Mapping) -> list[dict]:
     return [{"comparison": c["comparison"], "difference": _number(c.get("difference"), True),
              "95% CI": "-" if not _finite(c.get("low")) else f"[{c['low']:+.4f}, {c['high']:+.4f}]",
-             "p": _number(c.get("p_value")), "runs": c.get("runs", "-"), "verdict": c["verdict"]}
+             "p": _number(c.get("p_value")), "runs": c.get("runs", "-"), "verdict": c["verdict"],
+             "method": c.get("method") or c.get("note") or ""}
             for c in claim["comparisons"]]
 
 

@@ -128,7 +128,7 @@ def run_study(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dict
                                                     gpus_per_trial=gpus_per_trial),
                          folds, seeds, out, threads=cpus_per_trial, processes=int(processes_per_trial),
                          evaluate_test=evaluate_test, keep_checkpoints=False, rungs=[epochs], eta=3,
-                         budget=Budget())
+                         budget=Budget(), command="study")
     runner.run(arms, "study grid")
     rows = runner.aggregate(arms)
     for row, arm in zip(rows, arms):
@@ -144,9 +144,11 @@ def run_study(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dict
     items = split["test"] or split["val"]
     cka = cka_rows(store, records, task.dataset(items[: int(cka_cases)]), "block",
                    int(task.parser["batch_size"])) if records.get("random") else []
-    judged = [claims.claim_transfer(records, key_metric, margin, n_train, n_val),
-              claims.claim_truncation(rows, picks, records, key_metric, margin, n_train, n_val),
-              claims.claim_budget(rows, picks, key_metric, margin),
+    folders = {label: [str(Path(r["output_dir"]) / "eval") for r in found] for label, found in records.items()
+               if found and all(r["test"] for r in found)}
+    judged = [claims.claim_transfer(records, key_metric, margin, n_train, n_val, folders),
+              claims.claim_truncation(rows, picks, records, key_metric, margin, n_train, n_val, folders),
+              claims.claim_budget(rows, picks, key_metric, margin, folders),
               claims.claim_representation(cka, n_train, n_val, divergence_cka),
               claims.claim_convergence(records, key_metric, convergence_fraction, n_train, n_val)]
     limits = {"folds": len(folds), "seeds": len(seeds), "runs_per_arm": len(folds) * len(seeds),
