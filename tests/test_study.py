@@ -307,6 +307,14 @@ def test_study_end_to_end_on_phantoms(tmp_path, one_thread):
     again = run_study(CXR, tmp_path, **OPTIONS)
     assert again.trained == 0 and again.reused == len(arms) * 2
     assert [c["verdict"] for c in again.claims] == [c["verdict"] for c in result.claims]
+    # killed after all but two trials finished, mid-way through writing a line: only those two train again
+    store = tmp_path / "trials.jsonl"
+    lines = store.read_text().splitlines(keepends=True)
+    finished = [i for i, line in enumerate(lines) if json.loads(line)["kind"] == "trial"]
+    store.write_text("".join(lines[: finished[-2]]) + '{"kind": "tri')
+    resumed = run_study(CXR, tmp_path, **OPTIONS)
+    assert resumed.trained == 2 and resumed.reused == len(arms) * 2 - 2
+    assert [r["label"] for r in resumed.rows] == arms
 
 
 @pytest.mark.slow
