@@ -125,7 +125,7 @@ def test_feature_reuse_share_and_its_interval():
     per_run = [(wt[k] - st_noisy[k]) / (wt[k] - ri[k]) for k in RUNS]  # a mean of runs stays inside their range
     assert min(per_run) - 1e-9 <= share["low"] and share["high"] <= max(per_run) + 1e-9
     undefined = reuse_share(wt, st, wt)  # WT == RI: no gain to share out
-    assert undefined["low"] is None and undefined["method"].startswith("none")
+    assert undefined["low"] is None and undefined["method"].startswith("none: undefined on some resamples, where WT")
 
 
 def test_transfer_claim_reports_st_against_both():
@@ -285,6 +285,7 @@ def test_study_end_to_end_on_phantoms(tmp_path, one_thread):
     on_test = {c["comparison"]: c for c in result.claim(1)["comparisons"] if c["comparison"].endswith("(test cases)")}
     assert set(on_test) == {"WT - RI (test cases)", "WT - ST (test cases)", "ST - RI (test cases)"}
     assert all(c["runs"] == 2 and "corrected resampled t-test" in c["method"] for c in on_test.values())
+    assert result.claim(1)["feature_reuse_test_cases"]["runs"] == 2  # an interval, or why there is none
     assert result.limits["runs_per_arm"] == 2 and result.limits["test_cases"] > 0
     for name in ("study_report.md", "study_report.json", "study_report.csv", "study_score_cost.png",
                  "study_cka.png"):

@@ -22,10 +22,10 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from ..analysis.predictions import feature_reuse
-from ..errors import AnalysisError, Medtl3dError
-from ..evaluation import compare_runs
+from ..errors import AnalysisError, EvaluationError, Medtl3dError
+from ..evaluation import binary_arrays, compare_runs, load_run
 from ..search import annotate
-from ..stats import StatisticsError, bootstrap_ci, corrected_resampled_ttest
+from ..stats import StatisticsError, auroc, bootstrap_ci, corrected_resampled_ttest
 
 LEVEL = 0.95
 POWER = 0.8
@@ -112,6 +112,12 @@ def not_tested(number: int, title: str, missing: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ claim 1
+def _no_interval(error: StatisticsError) -> str:
+    if "NaN" in str(error):  # feature_reuse refused a resample: the share has no value where WT = RI
+        return "none: undefined on some resamples, where WT = RI (no gain to share out)"
+    return f"none: {error}"
+
+
 def reuse_share(wt: Mapping, st: Mapping, ri: Mapping, n_resamples: int = 2000) -> dict:
     """Feature-reuse share ``(WT - ST) / (WT - RI)`` (:func:`medtl3d.analysis.predictions.feature_reuse`) of the
     mean scores, with its bootstrap interval over the runs all three arms have (resampled together)."""
@@ -128,9 +134,46 @@ def reuse_share(wt: Mapping, st: Mapping, ri: Mapping, n_resamples: int = 2000) 
     try:
         interval = bootstrap_ci(share, None, table, level=LEVEL, n_resamples=n_resamples)
     except StatisticsError as err:
-        return {"estimate": estimate, "low": None, "high": None, "runs": len(runs), "method": f"none: {err}"}
+        return {"estimate": estimate, "low": None, "high": None, "runs": len(runs), "method": _no_interval(err)}
     return {"estimate": interval.estimate, "low": interval.low, "high": interval.high, "runs": len(runs),
             "method": f"{interval.method} over runs"}
+
+
+def reuse_share_on_cases(folders: Mapping[str, Sequence[str]] | None, n_resamples: int = 2000) -> dict | None:
+    """The feature-reuse share of the mean test AUROC over each arm's runs, with its bootstrap interval over test
+    cases (stratified by class; every run of every arm scored on the same resampled cases). Binary tasks with
+    evaluated WT, ST and RI runs only (None otherwise)."""
+    arms = ("full", "stats", "random")
+    if not folders or not all(folders.get(arm) for arm in arms):
+        return None
+    try:
+        runs = [[load_run(folder) for folder in folders[arm]] for arm in arms]
+        if runs[0][0].task != "binary":
+            return None
+        ids = sorted(runs[0][0].rows)
+        if any(sorted(run.rows) != ids for arm in runs for run in arm):
+            raise EvaluationError("the arms' runs were evaluated on different test cases")
+        arrays = [binary_arrays([run.rows[i] for i in ids], str(run.folder)) for arm in runs for run in arm]
+    except Medtl3dError as err:
+        return {"estimate": None, "low": None, "high": None, "runs": 0, "method": f"none: {err}"}
+    labels = arrays[0][0]
+    table = np.stack([scores for _, scores in arrays], axis=1)
+    bounds = np.cumsum([0] + [len(arm) for arm in runs])
+
+    def share(y: np.ndarray, columns: np.ndarray) -> float:
+        means = [np.mean([auroc(y, columns[:, j]) for j in range(a, b)]) for a, b in zip(bounds, bounds[1:])]
+        try:
+            return feature_reuse(*means)["feature_reuse"]
+        except AnalysisError:
+            return math.nan
+
+    try:
+        interval = bootstrap_ci(share, labels, table, level=LEVEL, n_resamples=n_resamples)
+    except StatisticsError as err:
+        return {"estimate": share(labels, table), "low": None, "high": None, "runs": len(runs[0]),
+                "method": _no_interval(err)}
+    return {"estimate": interval.estimate, "low": interval.low, "high": interval.high, "runs": len(runs[0]),
+            "cases": len(ids), "method": f"test AUROC, {interval.method} over cases"}
 
 
 def claim_transfer(records: Mapping[str, Sequence[Mapping]], key_metric: str, margin: float, n_train: int,
@@ -153,6 +196,9 @@ def claim_transfer(records: Mapping[str, Sequence[Mapping]], key_metric: str, ma
             comparisons += [comparison(what, test, superiority(test, margin)),
                             *on_test_cases(what, folders, *labels, margin, superior=True)]
         extra["feature_reuse"] = reuse_share(wt, st, ri)
+        on_cases = reuse_share_on_cases(folders)
+        if on_cases is not None:
+            extra["feature_reuse_test_cases"] = on_cases
     effect = "-" if main is None else f"{main.mean_difference:+.4f} [{main.low:+.4f}, {main.high:+.4f}]"
     statement = f"WT - RI validation {key_metric}: {effect} ({verdict}; superiority needs the interval above 0, " \
                 f"a gain under the margin {margin:g} contradicts it)"

@@ -94,11 +94,12 @@ def _markdown(rows, claims, limits, metadata) -> str:
                   "", f"Test: {claim['test']}.", ""]
         if claim["comparisons"]:
             lines += [markdown_table(_comparison_rows(claim)), ""]
-        share = claim.get("feature_reuse")
-        if share:
-            interval = "-" if share["low"] is None else f"[{share['low']:.3f}, {share['high']:.3f}]"
-            lines += [f"Feature-reuse share (WT - ST) / (WT - RI): {_number(share['estimate'])} {interval} "
-                      f"({share['method']}, {share['runs']} runs).", ""]
+        for key, where in (("feature_reuse", "validation"), ("feature_reuse_test_cases", "test cases")):
+            share = claim.get(key)
+            if share:
+                interval = "-" if share["low"] is None else f"[{share['low']:.3f}, {share['high']:.3f}]"
+                lines += [f"Feature-reuse share (WT - ST) / (WT - RI), {where}: {_number(share['estimate'])} "
+                          f"{interval} ({share['method']}, {share['runs']} runs per arm).", ""]
         if claim.get("by_depth"):
             lines += [markdown_table([{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in row.items()}
                                       for row in claim["by_depth"]]), ""]
