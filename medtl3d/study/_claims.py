@@ -15,7 +15,6 @@ FTL). A verdict is one of:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -25,7 +24,7 @@ from ..analysis.predictions import feature_reuse
 from ..errors import AnalysisError, EvaluationError, Medtl3dError
 from ..evaluation import binary_arrays, compare_runs, load_run
 from ..search import annotate
-from ..stats import StatisticsError, auroc, bootstrap_ci, corrected_resampled_ttest
+from ..stats import Interval, StatisticsError, auroc, bootstrap_ci, corrected_resampled_ttest
 
 LEVEL = 0.95
 POWER = 0.8
@@ -58,12 +57,6 @@ def superiority(test, margin: float) -> str:
     return CONTRADICTED if test.high < margin else INCONCLUSIVE
 
 
-@dataclass(frozen=True)
-class _Interval:
-    low: float
-    high: float
-
-
 def on_test_cases(what: str, folders: Mapping[str, Sequence[str]] | None, a: str, b: str, margin: float,
                   superior: bool) -> list[dict]:
     """``a - b`` on the test cases (:func:`medtl3d.evaluation.compare_runs` on the arms' evaluated trials: DeLong /
@@ -78,7 +71,8 @@ def on_test_cases(what: str, folders: Mapping[str, Sequence[str]] | None, a: str
     except Medtl3dError as err:
         return [{"comparison": name, "verdict": INCONCLUSIVE, "note": f"no test comparison: {err}"}]
     row = next(r for r in result.rows if r["metric"] == result.primary and r.get("low") is not None)
-    verdict = superiority(_Interval(row["low"], row["high"]), margin) if superior else result.verdict
+    interval = Interval(row["difference"], row["low"], row["high"], LEVEL, row["method"])
+    verdict = superiority(interval, margin) if superior else result.verdict
     return [{"comparison": name, "difference": row["difference"], "low": row["low"], "high": row["high"],
              "p_value": row.get("p_value"), "runs": len(result.runs_a), "verdict": verdict,
              "method": f"{result.primary}: {row['method']}"}]
