@@ -14,9 +14,15 @@ One row per (task, search): trainings, epochs trained, wall and summed train tim
 exhaustive best for (a)) and the non-inferior pick (``TTL-NI``), the best cut's validation and test AUROC, whether
 it is the exhaustive pick, and its gap to it measured in the *exhaustive* table (both fully trained, same folds):
 ``gap`` = exhaustive pick's mean validation AUROC minus this pick's, ``in CI`` = this pick's score lies inside the
-exhaustive pick's 95% interval. Writes ``bench_search.{csv,md}`` and ``bench_search.png`` (epochs trained as a
-fraction of exhaustive vs the gap) to ``--output``. Each search keeps its results store, so an interrupted bench
-continues where it stopped; ``--table-only`` rebuilds the table from the finished searches' reports.
+exhaustive pick's 95% interval. Writes ``bench_search.{csv,json,md}`` and ``bench_search.png`` (epochs trained as
+a fraction of exhaustive vs the gap) to ``--output``.
+
+``bench_search_rungs.{csv,json,md}`` replays other successive-halving settings (``eta``, ``min_epochs``) on each
+exhaustive search's trials (:func:`_replay`: a trial's schedule spans all its epochs, so a stopped or continued trial
+has the uninterrupted one's history): the epochs each would train and its pick, without training again; ``as_run``
+checks the replay against the early-stopping and hierarchical searches actually run. Each search keeps its results
+store, so an interrupted bench continues where it stopped; ``--table-only`` rebuilds the tables from the finished
+searches.
 
     python scripts/bench_search.py                                  # everything (2 shared CPUs: hours)
     python scripts/bench_search.py --tasks cxr,covid --searches exhaustive,early-stopping
@@ -145,7 +151,7 @@ def _agreement(exhaustive: dict, unit: int) -> dict:
             "in_ci": "-" if low is None else ("yes" if low <= mine["val_auroc_mean"] <= high else "no")}
 
 
-def _replay(store: Path, spatial_dims: int, eta: int, min_epochs: int | None) -> dict:
+def _replay(store: Path, backbone: str, spatial_dims: int, eta: int, min_epochs: int | None) -> dict:
     """The default (hierarchical, successive-halving) search replayed on an exhaustive search's trials: every
     trial's schedule spans all epochs, so a trial stopped at a rung or continued from it has exactly the history
     of the uninterrupted one, and the rung decisions (``promote`` on ``rung_score``) can be taken from the
@@ -166,7 +172,7 @@ def _replay(store: Path, spatial_dims: int, eta: int, min_epochs: int | None) ->
         runs.setdefault(record["unit"], []).append(record)
     max_epochs = runs[None][0]["epochs_run"]
     with torch.device("meta"):
-        body = build_backbone("mobilenet_v2", spatial_dims)
+        body = build_backbone(backbone, spatial_dims)
     reached = {None: max_epochs}  # unit -> epochs trained; FTL always to the end
     score = {unit: statistics.fmean(r["val"]["auroc"] for r in records) for unit, records in runs.items()}
 
@@ -191,22 +197,30 @@ def _replay(store: Path, spatial_dims: int, eta: int, min_epochs: int | None) ->
     return {"epochs": sum(reached.values()) * len(runs[None]), "unit": picked, "picked": runs[picked][0]["cut"]}
 
 
-# successive-halving settings replayed on each exhaustive search: (eta, min_epochs); (3, None) is the default and
-# min_epochs = the trials' epochs is the hierarchical search without early termination
-REPLAYS = [(2, 1), (2, 2), (3, None), (3, 2), (3, 3), (4, 1), (4, 2), (3, 9)]
+# successive-halving settings replayed on each exhaustive search: (eta, min_epochs); (3, None) is the default
+# (the early-stopping search) and min_epochs = the trials' epochs the hierarchical search without early termination
+REPLAYS = {(2, 1): None, (2, 2): None, (3, None): "early-stopping", (3, 2): None, (3, 3): None, (4, 1): None,
+           (4, 2): None, (3, 9): "hierarchical"}
 
 
-def _replays(name: str, store: Path, exhaustive: dict, spatial_dims: int) -> list[dict]:
-    """One row per :data:`REPLAYS` setting: the epochs it trains and whether its pick is the exhaustive one."""
+def _replays(name: str, folder: Path, exhaustive: dict, spatial_dims: int) -> list[dict]:
+    """One row per :data:`REPLAYS` setting: the epochs it trains, its pick against the exhaustive one and, where
+    that search was run, whether the replay made the same decisions (``as_run``: same epochs and pick)."""
     from medtl3d.search._rungs import rung_epochs
 
     rows, total = [], exhaustive["metadata"]["cost"]["exhaustive_epochs"]
     epochs = exhaustive["metadata"]["rungs"][-1]
-    for eta, min_epochs in REPLAYS:
-        replay = _replay(store, spatial_dims, eta, min_epochs)
+    for (eta, min_epochs), search in REPLAYS.items():
+        replay = _replay(folder / "exhaustive" / "trials.jsonl", exhaustive["metadata"]["backbone"], spatial_dims,
+                         eta, min_epochs)
+        as_run = "-"
+        if search and (folder / search / "search_report.json").is_file():
+            run = json.loads((folder / search / "search_report.json").read_text())
+            unit = next(r["unit"] for r in run["rows"] if r["label"] == run["picks"]["TTL-2"])
+            as_run = "yes" if (run["metadata"]["cost"]["epochs"], unit) == (replay["epochs"], replay["unit"]) else "no"
         rows.append({"task": name, "eta": eta, "rungs": "/".join(map(str, rung_epochs(epochs, min_epochs, eta))),
                      "epochs": replay["epochs"], "epochs_vs_exhaustive": round(replay["epochs"] / total, 3),
-                     "picked": replay["picked"], **_agreement(exhaustive, replay["unit"])})
+                     "picked": replay["picked"], **_agreement(exhaustive, replay["unit"]), "as_run": as_run})
     return rows
 
 
@@ -273,11 +287,11 @@ def main() -> None:
             report = json.loads(report_file.read_text())
             if search == "exhaustive":
                 exhaustive = report
-                replays += _replays(name, report_file.with_name("trials.jsonl"), report,
-                                    task["overrides"]["spatial_dims"])
             if search in searches:
                 rows.append(_row(name, search, report, exhaustive if search != "exhaustive" else None))
                 print(json.dumps(rows[-1]), flush=True)
+        if exhaustive is not None:
+            replays += _replays(name, out / name, exhaustive, task["overrides"]["spatial_dims"])
     if not rows:
         raise SystemExit(f"bench_search: no finished search of {args.tasks} under {out}")
     from medtl3d.reporting import markdown_table, write_table

@@ -2,8 +2,8 @@
 results store (resume, torn lines, foreign configurations refused), a whole hierarchical search on tiny phantom CXRs
 through the real bundle (expected candidates, picks, report files, probes), kill-and-resume ending with the same
 table, a trial interrupted mid-training continuing from its checkpoint, early termination (who continues at each
-rung, a budget and a larger one continuing it, the Ray executor making the same decisions), the bundle's search.yaml
-and the bad-input errors."""
+rung, a budget and a larger one continuing it, a kill between rungs re-training nothing finished or stopped, the Ray
+executor making the same decisions run by run), the bundle's search.yaml and the bad-input errors."""
 
 from __future__ import annotations
 
