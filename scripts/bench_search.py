@@ -14,9 +14,15 @@ One row per (task, search): trainings, epochs trained, wall and summed train tim
 exhaustive best for (a)) and the non-inferior pick (``TTL-NI``), the best cut's validation and test AUROC, whether
 it is the exhaustive pick, and its gap to it measured in the *exhaustive* table (both fully trained, same folds):
 ``gap`` = exhaustive pick's mean validation AUROC minus this pick's, ``in CI`` = this pick's score lies inside the
-exhaustive pick's 95% interval. Writes ``bench_search.{csv,md}`` and ``bench_search.png`` (epochs trained as a
-fraction of exhaustive vs the gap) to ``--output``. Each search keeps its results store, so an interrupted bench
-continues where it stopped; ``--table-only`` rebuilds the table from the finished searches' reports.
+exhaustive pick's 95% interval. Writes ``bench_search.{csv,json,md}`` and ``bench_search.png`` (epochs trained as
+a fraction of exhaustive vs the gap) to ``--output``.
+
+``bench_search_rungs.{csv,json,md}`` replays other successive-halving settings (``eta``, ``min_epochs``) on each
+exhaustive search's trials (:func:`_replay`: a trial's schedule spans all its epochs, so a stopped or continued trial
+has the uninterrupted one's history): the epochs each would train and its pick, without training again; ``as_run``
+checks the replay against the early-stopping and hierarchical searches actually run. Each search keeps its results
+store, so an interrupted bench continues where it stopped; ``--table-only`` rebuilds the tables from the finished
+searches.
 
     python scripts/bench_search.py                                  # everything (2 shared CPUs: hours)
     python scripts/bench_search.py --tasks cxr,covid --searches exhaustive,early-stopping
@@ -28,7 +34,6 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
-import io
 import json
 import math
 from pathlib import Path
@@ -97,10 +102,13 @@ def _tasks(quick: bool, epochs: int, folds: int, size: int, covid_cases: int | N
         "covid": {"bundle": "cxr_classification", "overrides": {**common, "spatial_dims": 2, "image_size": size,
                                                                  "batch_size": 16, "lr": 3e-4},
                   "data": lambda d: {"datalist": str(_covid_datalist(d, 120 if quick else covid_cases, size))}},
+        # 32^3 voxels of 2 mm (the default phantom's 64 mm field of view; 32 is MobileNetV2's smallest input)
         "ctpa": {"bundle": "ctpa_pe_classification",
-                 "overrides": {**common, "spatial_dims": 3, "num_slices": 32, "image_size": 32, "batch_size": 8},
-                 "data": lambda d: _phantoms(lambda f, n: generate_ctpa(f, n, shape=[32, 32, 32]), d,
-                                             24 if quick else 48)},
+                 "overrides": {**common, "spatial_dims": 3, "num_slices": 32, "image_size": 32, "batch_size": 8,
+                               "lr": 3e-3},
+                 "data": lambda d: _phantoms(lambda f, n: generate_ctpa(f, n, shape=[32, 32, 32],
+                                                                       spacing=[2.0, 2.0, 2.0]), d,
+                                             24 if quick else 64)},
     }
 
 
@@ -129,12 +137,93 @@ def _row(name: str, search: str, report: dict, exhaustive: dict | None) -> dict:
            "test_auroc": _number(best.get("test_auroc_mean"))}
     if exhaustive is None:
         return {**row, "same_as_exhaustive": "-", "gap": 0.0, "in_ci": "-"}
+    return {**row, **_agreement(exhaustive, best["unit"])}
+
+
+def _agreement(exhaustive: dict, unit: int) -> dict:
+    """Whether the cut at ``unit`` is the exhaustive pick, its gap to it and whether it lies in the pick's 95%
+    interval, all read from the exhaustive table (both fully trained, same trials)."""
     reference = next(r for r in exhaustive["rows"] if r["label"] == exhaustive["picks"]["TTL-1"])
-    mine = next(r for r in exhaustive["rows"] if r["unit"] == best["unit"] and r["strategy"] == best["strategy"])
+    mine = next(r for r in exhaustive["rows"] if r["unit"] == unit and r["strategy"] == "truncate")
     low, high = reference.get("val_auroc_low"), reference.get("val_auroc_high")
-    return {**row, "same_as_exhaustive": "yes" if mine is reference else "no",
+    return {"same_as_exhaustive": "yes" if mine is reference else "no",
             "gap": round(reference["val_auroc_mean"] - mine["val_auroc_mean"], 4),
             "in_ci": "-" if low is None else ("yes" if low <= mine["val_auroc_mean"] <= high else "no")}
+
+
+def _replay(store: Path, backbone: str, spatial_dims: int, eta: int, min_epochs: int | None) -> dict:
+    """The default (hierarchical, successive-halving) search replayed on an exhaustive search's trials: every
+    trial's schedule spans all epochs, so a trial stopped at a rung or continued from it should have the history
+    of the uninterrupted one (it does on the 2D tasks; CTPA's continued trials drift from it after the first
+    continuation, see docs/cutoff_search_bench.md), and the rung decisions (``promote`` on ``rung_score``) can be
+    taken from the exhaustive histories. Returns the epochs it would train and its pick (both stages, fully trained, best mean
+    validation AUROC): other ``eta`` / ``min_epochs`` measured without training again (``min_epochs`` = the
+    trials' epochs: the hierarchical search without early termination)."""
+    import statistics
+
+    import torch
+
+    from medtl3d.backbones import build_backbone
+    from medtl3d.search import neighbourhood, stage1_cuts, stage2_cuts
+    from medtl3d.search._rungs import promote, rung_epochs, rung_score
+
+    trials = [json.loads(line) for line in store.read_text().splitlines()[1:]]
+    runs: dict = {}
+    for record in (r for r in trials if r["kind"] == "trial"):
+        runs.setdefault(record["unit"], []).append(record)
+    max_epochs = runs[None][0]["epochs_run"]
+    with torch.device("meta"):
+        body = build_backbone(backbone, spatial_dims)
+    reached = {None: max_epochs}  # unit -> epochs trained; FTL always to the end
+    score = {unit: statistics.fmean(r["val"]["auroc"] for r in records) for unit, records in runs.items()}
+
+    def bracket(units: list[int]) -> None:
+        for epoch in rung_epochs(max_epochs, min_epochs, eta):
+            for unit in units:
+                reached[unit] = max(reached.get(unit, 0), epoch)
+            if epoch < max_epochs:
+                kept = promote({u: [rung_score(r, epoch, "auroc") for r in runs[u]] for u in units}, eta, units)
+                units = list(kept)
+
+    def best(units) -> int:  # fully trained, best mean validation AUROC, ties to the smaller model
+        return max((u for u in units if reached[u] == max_epochs), key=lambda u: (score[u], -u))
+
+    stage1 = {c.unit: c for c in stage1_cuts(body, "truncate", "block")}
+    bracket(sorted(stage1))
+    cut1 = stage1[best(stage1)].name
+    near = {c.unit for c in neighbourhood(body, cut1)}
+    new = {c.unit for c in stage2_cuts(body, "truncate", cut1, set(stage1))}
+    bracket(sorted(new | (near & set(stage1))))
+    picked = best(u for u in reached if u is not None)
+    return {"epochs": sum(reached.values()) * len(runs[None]), "unit": picked, "picked": runs[picked][0]["cut"]}
+
+
+# successive-halving settings replayed on each exhaustive search: (eta, min_epochs) -> the search run with it;
+# (3, None) is the default (early-stopping), min_epochs "all" = the trials' epochs: no early termination
+REPLAYS = {(2, 1): None, (2, 2): None, (3, None): "early-stopping", (3, 2): None, (3, 3): None, (4, 1): None,
+           (4, 2): None, (3, "all"): "hierarchical"}
+
+
+def _replays(name: str, folder: Path, exhaustive: dict, spatial_dims: int) -> list[dict]:
+    """One row per :data:`REPLAYS` setting: the epochs it trains, its pick against the exhaustive one and, where
+    that search was run, whether the replay made the same decisions (``as_run``: same epochs and pick)."""
+    from medtl3d.search._rungs import rung_epochs
+
+    rows, total = [], exhaustive["metadata"]["cost"]["exhaustive_epochs"]
+    epochs = exhaustive["metadata"]["rungs"][-1]
+    for (eta, min_epochs), search in REPLAYS.items():
+        min_epochs = epochs if min_epochs == "all" else min_epochs
+        replay = _replay(folder / "exhaustive" / "trials.jsonl", exhaustive["metadata"]["backbone"], spatial_dims,
+                         eta, min_epochs)
+        as_run = "-"
+        if search and (folder / search / "search_report.json").is_file():
+            run = json.loads((folder / search / "search_report.json").read_text())
+            unit = next(r["unit"] for r in run["rows"] if r["label"] == run["picks"]["TTL-2"])
+            as_run = "yes" if (run["metadata"]["cost"]["epochs"], unit) == (replay["epochs"], replay["unit"]) else "no"
+        rows.append({"task": name, "eta": eta, "rungs": "/".join(map(str, rung_epochs(epochs, min_epochs, eta))),
+                     "epochs": replay["epochs"], "epochs_vs_exhaustive": round(replay["epochs"] / total, 3),
+                     "picked": replay["picked"], **_agreement(exhaustive, replay["unit"]), "as_run": as_run})
+    return rows
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -182,11 +271,12 @@ def main() -> None:
     out = Path(args.output)
     tasks = _tasks(args.quick, args.epochs, args.folds, args.image_size, args.covid_cases or None)
     searches = [s.strip() for s in args.searches.split(",")]
-    rows = []
+    rows, replays = [], []
     for name in [t.strip() for t in args.tasks.split(",")]:
         task = tasks[name]
-        overrides = {**task["overrides"], **task["data"](out / name / "data"),
-                     "device": "cuda" if torch.cuda.is_available() else "cpu"}
+        if not args.table_only:
+            overrides = {**task["overrides"], **task["data"](out / name / "data"),
+                         "device": "cuda" if torch.cuda.is_available() else "cpu"}
         exhaustive = None
         for search in SEARCHES:
             report_file = out / name / search / "search_report.json"
@@ -202,18 +292,18 @@ def main() -> None:
             if search in searches:
                 rows.append(_row(name, search, report, exhaustive if search != "exhaustive" else None))
                 print(json.dumps(rows[-1]), flush=True)
-    columns = list(rows[0])
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    (out / "bench_search.csv").write_text(buffer.getvalue())
-    table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    table += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
-    (out / "bench_search.md").write_text("\n".join(table) + "\n")
-    _plot(rows, out / "bench_search.png")
-    print("\n".join(table))
+        if exhaustive is not None:
+            replays += _replays(name, out / name, exhaustive, task["overrides"]["spatial_dims"])
+    if not rows:
+        raise SystemExit(f"bench_search: no finished search of {args.tasks} under {out}")
+    from medtl3d.reporting import markdown_table, write_table
 
+    write_table(out, "bench_search", rows)
+    _plot(rows, out / "bench_search.png")
+    print(markdown_table(rows))
+    if replays:
+        write_table(out, "bench_search_rungs", replays)
+        print(markdown_table(replays))
 
 if __name__ == "__main__":
     main()

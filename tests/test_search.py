@@ -2,8 +2,8 @@
 results store (resume, torn lines, foreign configurations refused), a whole hierarchical search on tiny phantom CXRs
 through the real bundle (expected candidates, picks, report files, probes), kill-and-resume ending with the same
 table, a trial interrupted mid-training continuing from its checkpoint, early termination (who continues at each
-rung, a budget and a larger one continuing it, the Ray executor making the same decisions), the bundle's search.yaml
-and the bad-input errors."""
+rung, a budget and a larger one continuing it, a kill between rungs re-training nothing finished or stopped, the Ray
+executor making the same decisions run by run), the bundle's search.yaml and the bad-input errors."""
 
 from __future__ import annotations
 
@@ -191,25 +191,31 @@ def test_rerun_trains_nothing_and_probe_top_m(searched, tmp_path, one_thread):
     assert top.trained == (1 + 2) * 2
 
 
-@pytest.mark.slow
-def test_killed_search_resumes_to_the_same_table(searched, tmp_path):
-    out, result = searched
+def _kill_search_after(out: Path, overrides: dict, records: int) -> list[dict]:
+    """Run the search of ``overrides`` into ``out`` in a subprocess and SIGKILL it once its store holds
+    ``records`` trial records (mid-trial, whatever runs then); returns the records it left."""
     script = (f"from medtl3d.search import run_search\n"
-              f"run_search({str(CXR)!r}, {str(tmp_path)!r}, overrides={TINY!r}, strategies=['truncate'], "
+              f"run_search({str(CXR)!r}, {str(out)!r}, overrides={overrides!r}, strategies=['truncate'], "
               f"probe=True, **{FAST!r})\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
-    store = tmp_path / "trials.jsonl"
+    store = out / "trials.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
-        if store.is_file() and sum('"kind": "trial"' in line for line in store.read_text().splitlines()) >= 3:
+        if store.is_file() and sum('"kind": "trial"' in line for line in store.read_text().splitlines()) >= records:
             break
         time.sleep(0.2)
     assert process.poll() is None, "the search ended before it could be killed"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    finished = sum('"kind": "trial"' in line for line in store.read_text().splitlines())
+    return [r for r in map(json.loads, store.read_text().splitlines()[1:]) if r["kind"] == "trial"]
+
+
+@pytest.mark.slow
+def test_killed_search_resumes_to_the_same_table(searched, tmp_path):
+    out, result = searched
+    finished = len(_kill_search_after(tmp_path, TINY, 3))
     assert 3 <= finished < result.trained
     resumed = run_search(CXR, tmp_path, overrides=TINY, strategies=["truncate"], probe=True, **FAST)
     assert resumed.reused == finished and resumed.trained == result.trained - finished
@@ -229,6 +235,12 @@ def searched_es(tmp_path_factory):
 
 def _decisions(rows):
     return {r["label"]: (r["status"], r["epochs"]) for r in rows}
+
+
+def _trial_runs(out: Path) -> list[tuple]:
+    """Every run the store recorded: (trial, stage, epochs reached, continued from a checkpoint), in any order."""
+    return sorted((r["key"], r["stage"], r["epochs_run"], r["resumed"])
+                  for r in map(json.loads, (out / "trials.jsonl").read_text().splitlines()[1:]) if r["kind"] == "trial")
 
 
 @pytest.mark.slow
@@ -289,6 +301,33 @@ def test_budget_stops_the_search_and_a_larger_budget_continues_it(searched_es, t
 
 
 @pytest.mark.slow
+def test_killed_early_stopping_search_retrains_nothing_finished_or_stopped(searched_es, tmp_path):
+    """Killed in Stage 1's second rung (after FTL and every block cut's rung 1), the re-run trains only what is
+    missing: no trial trains again to an epoch it was recorded at, a trial with a record continues from its
+    checkpoint, and the search ends with the uninterrupted one's decisions, scores and cost."""
+    out, result = searched_es
+    records = [r for r in map(json.loads, (out / "trials.jsonl").read_text().splitlines()[1:]) if r["kind"] == "trial"]
+    before = _kill_search_after(tmp_path, ES, 2 + 8 + 1)  # FTL 2 + rung 1: 4 block cuts x 2 folds + one more
+    assert 11 <= len(before) < len(records)
+    resumed = run_search(CXR, tmp_path, overrides=ES, strategies=["truncate"], probe=True, **FAST)
+    after = [r for r in map(json.loads, (tmp_path / "trials.jsonl").read_text().splitlines()[1:])
+             if r["kind"] == "trial"]
+    assert after[:len(before)] == before and resumed.trained == len(records) - len(before)
+    reached = {}
+    for record in before:
+        reached[record["key"]] = record["epochs_run"]
+    for record in after[len(before):]:
+        assert record["epochs_run"] > reached.get(record["key"], 0), record["key"]  # not trained again
+        assert record["resumed"] or record["key"] not in reached, record["key"]  # from its checkpoint
+        reached[record["key"]] = record["epochs_run"]
+    stopped = [r["label"] for r in result.rows if r["status"].startswith("stopped")]
+    assert stopped and all(reached[f"{label}/fold{f}/seed0"] == 1 for label in stopped for f in (0, 1))
+    assert resumed.cost["epochs"] == result.cost["epochs"]
+    assert _decisions(resumed.rows) == _decisions(result.rows)
+    assert _metrics_table(resumed.rows) == _metrics_table(result.rows) and resumed.picks == result.picks
+
+
+@pytest.mark.slow
 def test_ray_executor_makes_the_same_decisions(searched_es, tmp_path):
     ray = pytest.importorskip("ray", reason="Ray is the optional 'distributed' extra")
     out, result = searched_es
@@ -298,7 +337,10 @@ def test_ray_executor_makes_the_same_decisions(searched_es, tmp_path):
     finally:
         ray.shutdown()
     assert remote.trained == result.trained and remote.cost["epochs"] == result.cost["epochs"]
+    assert any(status.startswith("stopped at rung") for status, _ in _decisions(result.rows).values())
     assert _decisions(remote.rows) == _decisions(result.rows)
+    # rung by rung: the same trials ran to the same epochs, continued from the same checkpoints
+    assert _trial_runs(tmp_path) == _trial_runs(out)
     assert _metrics_table(remote.rows) == _metrics_table(result.rows)
     assert remote.picks == result.picks
 
