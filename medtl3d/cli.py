@@ -6,7 +6,8 @@ parameters a truncation at each cut keeps (a block cut that ends at the same uni
 where it came from (its architecture and provenance), read without building it. ``efficiency`` measures
 params/MACs/latency per cut point, ``infer``
 predicts a folder of cases, ``phantoms`` writes the synthetic datasets, ``analyze`` runs the representation analyses, ``search`` runs the
-hierarchical cutoff search of a bundle, ``lr-find`` the learning-rate range test of a bundle's model, ``compare``
+hierarchical cutoff search of a bundle, ``study`` judges the seed papers' claims (transfer vs random init,
+truncation, TransFusion / LWFT, CKA by depth, convergence) on a bundle's data, ``lr-find`` the learning-rate range test of a bundle's model, ``compare``
 two evaluated runs on the same test cases (paired tests, non-inferiority verdict), ``weights list`` / ``weights
 info NAME`` show the pretrained weights catalogue. Errors
 from bad input are printed as one line (exit status 2), not as a traceback.
@@ -29,6 +30,7 @@ from .errors import Medtl3dError, user_interface
 from .evaluation import cli as compare_cli
 from .inference import cli as infer_cli
 from .search import cli as search_cli
+from .study import cli as study_cli
 from .weights import cli as weights_cli, get_weights, list_weights
 
 
@@ -157,8 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     delegated = {"infer": infer_cli.run, "phantoms": phantoms.run, "analyze": analyze_cli.run,
                  "search": search_cli.run, "lr-find": lr_find_cli.run, "compare": compare_cli.run,
-                 "weights": weights_cli.run}
+                 "weights": weights_cli.run, "study": study_cli.run}
     search_cli.add_parser(commands)
+    study_cli.add_parser(commands)
     lr_find_cli.add_parser(commands)
     infer_cli.add_parser(commands)
     phantoms.add_parser(commands)

@@ -100,6 +100,10 @@ class SearchError(Medtl3dError, ValueError):
     """A cutoff search that cannot run as configured: no candidates, inapplicable strategy, foreign results store."""
 
 
+class StudyError(SearchError):
+    """A study that cannot run as configured: an empty or inapplicable grid, a bad option, a foreign results store."""
+
+
 class OutputError(Medtl3dError, ValueError):
     """An output folder that cannot be written: a file stands at its path, or it cannot be created."""
 

@@ -44,6 +44,7 @@ from .locking import output_lock
 from .provenance import data_hash, dataset_items, sha256_file
 from .reporting import markdown_table, write_csv, write_text
 from .search import run_search
+from .study import run_study
 from .strategies import CUT_STRATEGIES, STRATEGIES
 from .weights import is_weights_name, weights_for, weights_or_none
 
@@ -365,6 +366,15 @@ def search(bundle_dir: str, *, output_dir: str, overrides: Mapping[str, Any], **
         return run_search(bundle_dir, output_dir, overrides=dict(overrides), **options)
     except SearchError as err:
         raise ConfigIdError("search", str(err)) from None
+
+
+def study(bundle_dir: str, *, output_dir: str, overrides: Mapping[str, Any], **options: Any):
+    """The study of this bundle (:func:`medtl3d.study.run_study`); ``overrides`` are the train.yaml ids every trial
+    shares (study.yaml forwards them all)."""
+    try:
+        return run_study(bundle_dir, output_dir, overrides=dict(overrides), **options)
+    except SearchError as err:  # StudyError is one
+        raise ConfigIdError("study", str(err)) from None
 
 
 def lr_find(model: nn.Module, train_data, *, task: str, output_dir: str, **options: Any):

@@ -55,8 +55,9 @@ class StageRunner:
 
     def __init__(self, task: BundleTask, store: ResultsStore, executor, folds: list[int], seeds: list[int], out: Path,
                  *, threads: int | None, processes: int, evaluate_test: bool, keep_checkpoints: bool,
-                 rungs: list[int], eta: int, budget: Budget) -> None:
+                 rungs: list[int], eta: int, budget: Budget, command: str = "search") -> None:
         self.task, self.store, self.executor = task, store, executor
+        self.command = command  # the progress lines' prefix: medtl3d search / medtl3d study
         self.folds, self.seeds, self.out = folds, seeds, out
         self.threads, self.processes = threads, processes
         self.evaluate_test, self.keep_checkpoints = evaluate_test, keep_checkpoints
@@ -103,10 +104,10 @@ class StageRunner:
             return
         if self.budget.spent(list(self.store.of_kind("trial"))):
             self.budget_reached = True
-            print(f"medtl3d search: budget {self.budget} spent; {title}: {len(specs)} trial(s) not started",
+            print(f"medtl3d {self.command}: budget {self.budget} spent; {title}: {len(specs)} trial(s) not started",
                   flush=True)
             return
-        print(f"medtl3d search: {title}: {len(candidates)} candidate(s) x {len(self.folds)} fold(s) x "
+        print(f"medtl3d {self.command}: {title}: {len(candidates)} candidate(s) x {len(self.folds)} fold(s) x "
               f"{len(self.seeds)} seed(s) to epoch {epoch}: {len(specs)} to train, {ready} already there", flush=True)
         done = [0]
 
@@ -123,7 +124,7 @@ class StageRunner:
             done[0] += 1
             value = record["val"].get(record["key_metric"], math.nan)
             state = f"paused at epoch {record['epochs_run']}" if record["paused"] else "done"
-            print(f"medtl3d search: [{done[0]}/{len(specs)}] {record['key']}: val {record['key_metric']} "
+            print(f"medtl3d {self.command}: [{done[0]}/{len(specs)}] {record['key']}: val {record['key_metric']} "
                   f"{value:.4f} ({record['train_seconds']:.1f} s, {state})", flush=True)
 
         self.executor.map(specs, finished)

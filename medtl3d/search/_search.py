@@ -56,7 +56,7 @@ def _best(rows: Sequence[dict], key: str) -> dict | None:
     return max(usable, key=lambda r: (r[key], -(r["unit"] if r["unit"] is not None else 1 << 30)), default=None)
 
 
-def _configs_hash(task: BundleTask) -> str:
+def configs_hash(task: BundleTask) -> str:
     digest = hashlib.sha256()
     for name in ("train.yaml", "evaluate.yaml"):
         digest.update((task.configs / name).read_bytes())
@@ -67,7 +67,7 @@ def _configs_hash(task: BundleTask) -> str:
 _DATA_IDS = ("datalist", "dataset_dir")
 
 
-def _fingerprinted_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+def fingerprinted_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     """The overrides as the results store compares them: files by content (weights moved elsewhere are the same
     weights), the data ids left out (the data's content hash stands for them)."""
     return {key: f"sha256:{sha256_file(value)}" if isinstance(value, str) and Path(value).is_file() else value
@@ -178,8 +178,8 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
         task.check_strategy(strategy, points[0].name)
     split = task.split(0)  # a k the data cannot support stops here (data resolved now), before anything trains
     probing = probe or probe_top_m is not None
-    config = {"bundle": task.name, "bundle_configs": _configs_hash(task),
-              "overrides": _fingerprinted_overrides(task.overrides), "data": task.data_hash(),
+    config = {"bundle": task.name, "bundle_configs": configs_hash(task),
+              "overrides": fingerprinted_overrides(task.overrides), "data": task.data_hash(),
               "backbone": task.backbone_name, "strategies": strategies,
               "references": references, "cuts": cuts if isinstance(cuts, str) else list(cuts), "stage2": stage2,
               "neighbourhood": neighbourhood, "folds": folds, "seeds": seeds, "probe": probing,
@@ -253,7 +253,7 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
         best2 = _best([r for r in rows if r["strategy"] == strategy], metric)
         if stage2 and best2 is not None:
             picks[f"{short}-2"] = best2["label"]
-    _add_costs(task, store, rows, strategies, efficiency_runs, efficiency_warmup)
+    add_costs(task, store, rows, strategies, efficiency_runs, efficiency_warmup)
     margin = margin if margin is not None else DEFAULT_MARGINS.get(key_metric, 0.02)
     chosen = annotate(rows, {r["label"]: search.records(c) for r, c in zip(rows, [*stage1, *stage2_candidates])},
                       key_metric, margin=margin, reference=noninferior_to, n_train=len(split["train"]),
@@ -296,8 +296,8 @@ def _cost_summary(store: ResultsStore, body, strategies: Sequence[str], referenc
             "epochs_fraction": epochs / exhaustive}
 
 
-def _add_costs(task: BundleTask, store: ResultsStore, rows: list[dict], strategies: Sequence[str], runs: int,
-               warmup: int) -> None:
+def add_costs(task: BundleTask, store: ResultsStore, rows: list[dict], strategies: Sequence[str], runs: int,
+              warmup: int) -> None:
     """Params / MACs / latency of every candidate (measured once per strategy and cut set, kept in the store)."""
     for strategy in strategies:
         cuts = sorted({r["cut"] for r in rows if r["strategy"] == strategy}, key=str)
