@@ -30,10 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default=str(REPO / "outputs" / "demo"))
-    parser.add_argument("--cases", type=int, default=384, help="phantom chest X-rays (a quarter held out as test)")
+    parser.add_argument("--cases", type=int, default=256, help="phantom chest X-rays (a quarter held out as test)")
     parser.add_argument("--size", type=int, default=64, help="image size in pixels")
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--folds", type=int, default=5, help="validation folds (each arm trains once per fold x seed)")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--folds", type=int, default=3, help="validation folds (each arm trains once per fold x seed)")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--cuts", default="stage2,stage5", help="block cut points of the truncated arms")
     parser.add_argument("--stats", action="store_true", help="add statistics transfer (ST, Mean-Var) to the grid")
