@@ -7,7 +7,8 @@ where it came from (its architecture and provenance), read without building it. 
 params/MACs/latency per cut point, ``infer``
 predicts a folder of cases, ``phantoms`` writes the synthetic datasets, ``analyze`` runs the representation analyses, ``search`` runs the
 hierarchical cutoff search of a bundle, ``study`` judges the seed papers' claims (transfer vs random init,
-truncation, TransFusion / LWFT, CKA by depth, convergence) on a bundle's data, ``lr-find`` the learning-rate range test of a bundle's model, ``compare``
+truncation, TransFusion / LWFT, CKA by depth, convergence) on a bundle's data, ``lr-find`` the learning-rate range
+test of a bundle's model, ``compare``
 two evaluated runs on the same test cases (paired tests, non-inferiority verdict), ``weights list`` / ``weights
 info NAME`` show the pretrained weights catalogue. Errors
 from bad input are printed as one line (exit status 2), not as a traceback.

@@ -110,6 +110,11 @@ def test_transfer_claim_contradicted_and_inconclusive():
                            "auroc", 0.02, N_TRAIN, N_TEST)
     assert noisy["verdict"] == INCONCLUSIVE
     assert claim_transfer({"full": records(WT)}, "auroc", 0.02, N_TRAIN, N_TEST)["verdict"] == NOT_TESTED
+    # every run the same gain: an interval of zero width is no evidence
+    constant = claim_transfer({"full": records(WT), "random": records(shifted(WT, [-0.25] * 4))}, "auroc", 0.02,
+                              N_TRAIN, N_TEST)
+    assert constant["comparisons"][0]["low"] == constant["comparisons"][0]["high"]
+    assert constant["verdict"] == INCONCLUSIVE
 
 
 def test_feature_reuse_share_and_its_interval():
@@ -129,8 +134,8 @@ def test_feature_reuse_share_and_its_interval():
 
 
 def test_transfer_claim_reports_st_against_both():
-    found = {"full": records(WT), "random": records(shifted(WT, [-0.3] * 4)),
-             "stats": records(shifted(WT, [-0.299, -0.301, -0.3, -0.2995]))}
+    found = {"full": records(WT), "random": records(shifted(WT, [-0.3, -0.32, -0.29, -0.31])),
+             "stats": records(shifted(WT, [-0.299, -0.321, -0.2895, -0.31]))}
     claim = claim_transfer(found, "auroc", 0.02, N_TRAIN, N_TEST)
     verdicts = {c["comparison"]: c["verdict"] for c in claim["comparisons"]}
     assert verdicts == {"WT - RI": SUPPORTED, "WT - ST": SUPPORTED, "ST - RI": CONTRADICTED}
@@ -176,6 +181,10 @@ def test_truncation_contradicted_and_inconclusive():
     rows, found, picks = _truncation_case([-0.1, -0.12, -0.11, -0.1], [0.1, -0.15, 0.05, -0.1])
     claim = claim_truncation(rows, picks, found, "auroc", 0.02, N_TRAIN, N_TEST)
     assert claim["verdict"] == INCONCLUSIVE and claim["pick"] is None
+    rows, found, picks = _truncation_case([-0.1, -0.12, -0.11, -0.1], [0.0, 0.0, 0.0, 0.0])  # zero-width interval
+    claim = claim_truncation(rows, picks, found, "auroc", 0.02, N_TRAIN, N_TEST)
+    assert picks == {"truncate": "truncate@b"} and claim["verdict"] == INCONCLUSIVE
+    assert "interval of zero width" in claim["statement"]
 
 
 def test_budget_claim_needs_both_strategies_noninferior():

@@ -9,13 +9,13 @@ FTL). A verdict is one of:
   non-inferiority: lower bound > -margin);
 - ``contradicted``: the interval excludes the claimed effect (superiority: upper bound < the margin, i.e. at best
   a gain smaller than the margin; non-inferiority: upper bound < -margin);
-- ``inconclusive``: at this sample size the interval holds both; ``not tested`` when the grid lacks an arm.
+- ``inconclusive``: at this sample size the interval holds both, or it has zero width (every run gave the same
+  difference: nothing to estimate its spread from); ``not tested`` when the grid lacks an arm.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -25,7 +25,7 @@ from ..analysis.predictions import feature_reuse
 from ..errors import AnalysisError, EvaluationError, Medtl3dError
 from ..evaluation import binary_arrays, compare_runs, load_run
 from ..search import annotate
-from ..stats import StatisticsError, auroc, bootstrap_ci, corrected_resampled_ttest
+from ..stats import Interval, StatisticsError, auroc, bootstrap_ci, corrected_resampled_ttest
 
 LEVEL = 0.95
 POWER = 0.8
@@ -48,20 +48,20 @@ def paired_ttest(a: Mapping, b: Mapping, n_train: int, n_test: int):
         return None
 
 
+def _zero_width(low, high) -> bool:
+    """Every run gave the same difference: no spread to build an interval from (on a few validation cases a
+    discrete metric such as AUROC often does), which is no evidence either way."""
+    return low is not None and low == high
+
+
 def superiority(test, margin: float) -> str:
     """Verdict on "the difference is positive" from an interval with ``low`` / ``high`` (see the module docstring;
-    ``margin`` >= 0)."""
-    if test is None:
+    ``margin`` >= 0); an interval of zero width is inconclusive."""
+    if test is None or _zero_width(test.low, test.high):
         return INCONCLUSIVE
     if test.low > 0:
         return SUPPORTED
     return CONTRADICTED if test.high < margin else INCONCLUSIVE
-
-
-@dataclass(frozen=True)
-class _Interval:
-    low: float
-    high: float
 
 
 def on_test_cases(what: str, folders: Mapping[str, Sequence[str]] | None, a: str, b: str, margin: float,
@@ -78,7 +78,8 @@ def on_test_cases(what: str, folders: Mapping[str, Sequence[str]] | None, a: str
     except Medtl3dError as err:
         return [{"comparison": name, "verdict": INCONCLUSIVE, "note": f"no test comparison: {err}"}]
     row = next(r for r in result.rows if r["metric"] == result.primary and r.get("low") is not None)
-    verdict = superiority(_Interval(row["low"], row["high"]), margin) if superior else result.verdict
+    interval = Interval(row["difference"], row["low"], row["high"], LEVEL, row["method"])
+    verdict = superiority(interval, margin) if superior else result.verdict
     return [{"comparison": name, "difference": row["difference"], "low": row["low"], "high": row["high"],
              "p_value": row.get("p_value"), "runs": len(result.runs_a), "verdict": verdict,
              "method": f"{result.primary}: {row['method']}"}]
@@ -227,10 +228,13 @@ def _versus_ftl(row: Mapping) -> dict:
 
 
 def _noninferior_claim(rows: Sequence[Mapping], picks: Mapping[str, str], strategy: str) -> tuple[str, dict | None]:
-    """(verdict, pick row) of "some cut of ``strategy`` is non-inferior to FTL"."""
+    """(verdict, pick row) of "some cut of ``strategy`` is non-inferior to FTL"; a pick whose interval has zero
+    width leaves it inconclusive."""
     mine = [r for r in rows if r["strategy"] == strategy and not r["control"] and r["cut"] is not None]
     if strategy in picks:
-        return SUPPORTED, next(r for r in mine if r["label"] == picks[strategy])
+        pick = next(r for r in mine if r["label"] == picks[strategy])
+        versus = pick.get("vs_reference") or {}
+        return (INCONCLUSIVE if _zero_width(versus.get("low"), versus.get("high")) else SUPPORTED), pick
     inferior = all((r.get("vs_reference") or {}).get("verdict") == "inferior" for r in mine)
     return (CONTRADICTED if mine and inferior else INCONCLUSIVE), None
 
@@ -258,6 +262,9 @@ def claim_truncation(rows: Sequence[Mapping], picks: Mapping[str, str], records:
         statement = (f"{pick['name']} is non-inferior to FTL at margin {margin:g} {key_metric}, saving "
                      + ", ".join(f"{extra[f'{n}_saved']:.0%} {n}" for n in ("params", "macs", "latency")
                                  if extra[f"{n}_saved"] is not None))
+        if verdict == INCONCLUSIVE:
+            statement = (f"{pick['name']} is the search's non-inferior pick, but every run gave the same difference "
+                         "to FTL (an interval of zero width): too few validation cases to tell")
         comparisons += on_test_cases(f"{pick['name']} - WT", folders, pick["label"], "full", margin, superior=False)
         control = f"RI-{pick['label']}"
         if records.get(control):
@@ -281,8 +288,9 @@ def claim_budget(rows: Sequence[Mapping], picks: Mapping[str, str], key_metric: 
     statements = []
     for strategy in tested:
         verdicts[strategy], pick = _noninferior_claim(rows, picks, strategy)
-        statements.append(f"{strategy}: {pick['name'] + ' non-inferior' if pick else 'no non-inferior cut'} "
-                          f"({verdicts[strategy]})")
+        found = "no non-inferior cut" if pick is None else f"{pick['name']} non-inferior" + (
+            " (zero-width interval)" if verdicts[strategy] == INCONCLUSIVE else "")
+        statements.append(f"{strategy}: {found} ({verdicts[strategy]})")
     values = set(verdicts.values())
     verdict = SUPPORTED if values == {SUPPORTED} else CONTRADICTED if CONTRADICTED in values else INCONCLUSIVE
     comparisons = [_versus_ftl(r) for r in rows if r["strategy"] in tested]
