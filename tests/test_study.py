@@ -67,6 +67,7 @@ def test_grid_adds_a_random_init_control_to_every_truncated_or_slimmed_arm(resne
 
 @pytest.mark.parametrize("args, message", [
     ((["full", "shrink"], "block", ["pretrained"]), "study strategies: 'shrink' is not one of"),
+    ((["random"], "block", ["pretrained"]), "RI and the controls come from its weights"),
     ((["truncate"], "block", ["imagenet"]), "study weights: 'imagenet' is not one of pretrained, random"),
     ((["truncate"], "block", ["random"]), "study weights: the grid needs 'pretrained'"),
     ((["truncate"], ["layer9"], ["pretrained"]), "study cuts: "),

@@ -47,7 +47,10 @@ def expand_grid(backbone, strategies: Sequence[str], cuts: str | Sequence[str],
     strategies = list(dict.fromkeys(strategies))
     weights = list(dict.fromkeys(weights))
     for name in strategies:
-        if name not in STUDY_STRATEGIES and name != "random":
+        if name == "random":
+            raise StudyError("study strategies: 'random' is not a strategy of the grid; RI and the controls come "
+                             "from its weights: add 'random' to the study weights")
+        if name not in STUDY_STRATEGIES:
             raise StudyError(f"study strategies: {name!r} is not one of {', '.join(STUDY_STRATEGIES)}")
     for name in weights:
         if name not in WEIGHTS:
