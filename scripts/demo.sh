@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The main job: create or refresh .venv, install medtl3d, then the hierarchical cutoff search of the
-# ctpa_pe_classification bundle on phantom CTPA with an ImageNet MobileNetV2 inflated to 3D: probes per cut point,
-# FTL and truncation (TTL) at every block cut point, then the layers around the best; report in outputs/demo/
-# (extra args go to scripts/demo.py).
+# The main job: create or refresh .venv, install medtl3d, then `medtl3d study` on the cxr_classification bundle's
+# phantom chest X-rays with ImageNet MobileNetV2: transfer vs random init, truncated transfer at two block cuts with
+# their random-init controls, 5 folds; claims with intervals and verdicts in outputs/demo/ (extra args go to
+# scripts/demo.py, e.g. --stats, --seeds 2; see its docstring for why the demo task is 2D).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/_venv.sh

@@ -72,6 +72,34 @@ def test_ctpa_nifti_files_datalist_and_emboli(tmp_path):
             assert hu[m > 0].mean() < 180 and hu[ring].max() > 200
 
 
+def test_ctpa_embolus_burden_options(tmp_path):
+    """``embolus_length`` (half-length in artery radii) and ``emboli`` (count range) set the burden: negatives do not
+    draw emboli, so they stay byte-identical; a longer range draws the same numbers, so each positive's emboli
+    contain those of the shorter one (same centres and widths, longer axes); three emboli cover more lumen than one
+    (the 32-voxel volumes' fallback offers the three widest arteries)."""
+    kw = {"shape": (16, 32, 32), "seed": 0}
+    runs = {name: _items(generate_ctpa(tmp_path / name, 8, **kw, **options)) for name, options in {
+        "default": {}, "short": {"embolus_length": (2.0, 2.0)}, "long": {"embolus_length": (6.0, 6.0)},
+        "one": {"emboli": (1, 1)}, "three": {"emboli": (3, 3)}}.items()}
+    load = LoadImage(image_only=True)
+
+    def volumes(name, key):
+        return [load(tmp_path / name / it[key]).numpy() for it in runs[name]]
+
+    labels = [it["label"] for it in runs["default"]]
+    assert 0 < sum(labels) < len(labels)
+    for name in runs:
+        assert [it["label"] for it in runs[name]] == labels
+        for label, image, reference in zip(labels, volumes(name, "image"), volumes("default", "image")):
+            assert label or np.array_equal(image, reference)
+    for label, short, long in zip(labels, volumes("short", "lesion"), volumes("long", "lesion")):
+        if label:
+            assert short.any() and (long >= short).all() and long.sum() > short.sum()
+    positives = [i for i, label in enumerate(labels) if label]
+    one, three = volumes("one", "lesion"), volumes("three", "lesion")
+    assert sum(three[i].sum() for i in positives) > 1.5 * sum(one[i].sum() for i in positives)
+
+
 def test_ctpa_dicom_series_matches_nifti(tmp_path):
     kw = {"shape": (8, 32, 36), "spacing": (2.5, 0.8, 0.9), "seed": 5}
     dl_dicom = generate_ctpa(tmp_path / "d", 2, fmt="dicom", **kw)
@@ -175,6 +203,9 @@ def test_patients_group_at_most_two_cases():
     (lambda d: generate_ctpa(d, 2, fmt="jpeg"), "fmt"),
     (lambda d: generate_ctpa(d, 2, shape=(4, 32, 32)), "shape"),
     (lambda d: generate_ctpa(d, 2, spacing=(1.0, 0.0, 1.0)), "spacing"),
+    (lambda d: generate_ctpa(d, 2, emboli=(0, 2)), "emboli"),
+    (lambda d: generate_ctpa(d, 2, emboli=(3, 2)), "emboli"),
+    (lambda d: generate_ctpa(d, 2, embolus_length=(2.0, 1.0)), "embolus_length"),
     (lambda d: generate_cxr(d, 2, positive_fraction=1.5), "positive_fraction"),
     (lambda d: generate_histology(d, 2, size=16), "size"),
 ])
