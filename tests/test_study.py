@@ -302,6 +302,7 @@ def test_study_end_to_end_on_phantoms(tmp_path, one_thread):
         assert (tmp_path / name).stat().st_size > 0, name
     markdown = (tmp_path / "study_report.md").read_text()
     assert all(f"## Claim {n}:" in markdown for n in range(1, 6)) and "RI control of TTL@stage3" in markdown
+    assert "| val auroc |" in markdown and "| test auroc |" in markdown  # the arms table names the key metric
     # the JSON redraws the figures: every point is the mean of its arm's recorded trials
     document = json.loads((tmp_path / "study_report.json").read_text())
     for point in document["figures"]["score_vs_cost"]:

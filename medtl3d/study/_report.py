@@ -94,8 +94,8 @@ def _markdown(rows, claims, limits, metadata) -> str:
                   "", f"Test: {claim['test']}.", ""]
         if claim["comparisons"]:
             lines += [markdown_table(_comparison_rows(claim)), ""]
-        for key, where in (("feature_reuse", "validation"), ("feature_reuse_test_cases", "test cases")):
-            share = claim.get(key)
+        for share_key, where in (("feature_reuse", "validation"), ("feature_reuse_test_cases", "test cases")):
+            share = claim.get(share_key)
             if share:
                 interval = "-" if share["low"] is None else f"[{share['low']:.3f}, {share['high']:.3f}]"
                 lines += [f"Feature-reuse share (WT - ST) / (WT - RI), {where}: {_number(share['estimate'])} "
