@@ -44,6 +44,6 @@ __all__ = [
     "DEFAULT_MARGINS", "Interval", "McNemarResult", "OperatingPoint", "PairedDifference", "ReliabilityBins",
     "ResampledTTest", "StatisticsError", "ThresholdChoice", "Verdict", "auroc", "average_precision", "bootstrap_ci",
     "corrected_resampled_ttest", "delong_auc_variance", "delong_ci", "delong_covariance", "delong_paired_test",
-    "expected_calibration_error", "informative", "mcnemar_test", "noninferiority", "operating_point", "paired_bootstrap_diff",
-    "reliability_bins", "roc_curve", "threshold_at",
+    "expected_calibration_error", "informative", "mcnemar_test", "noninferiority", "operating_point",
+    "paired_bootstrap_diff", "reliability_bins", "roc_curve", "threshold_at",
 ]
