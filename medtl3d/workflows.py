@@ -36,6 +36,7 @@ from .data.splits import format_split, holdout_split, kfold_split, split_summary
 from .engine import load_checkpoint
 from .engine.lr_finder import find_lr
 from .engine.results import settings_path
+from .engine.runtime import on_terminal
 from .errors import DataError, Medtl3dError, SearchError, UnknownBackboneError, UnknownCutPointError, interface
 from .inference import infer_folder, load_network
 from .models import TruncatedUNet
@@ -218,13 +219,14 @@ class _Labels:
 def image_dataset(items: Sequence[dict], transform, *, task: str, cache: bool = True):
     """A MONAI (Cache)Dataset that loads ``image`` (and, for segmentation, the ``label`` mask) with medtl3d's
     readers, then applies ``transform`` (a preset built with ``label_key="label"`` for segmentation). Each item
-    keeps an ``id`` (default: its image path) so evaluation writes one identified row per case."""
+    keeps an ``id`` (default: its image path) so evaluation writes one identified row per case. MONAI's "Loading
+    dataset" bar shows only on a terminal (a log file would fill with it)."""
     keys = ["image"] + (["label"] if task == "segmentation" else [])
     chain = Compose([LoadCased(keys), _Labels(task), *transform.transforms])
     items = [{"id": str(item["image"][0] if isinstance(item["image"], list) else item["image"]), **item}
              for item in items]
     if cache:
-        return CacheDataset(items, chain, cache_rate=1.0, num_workers=1, progress=False, copy_cache=True)
+        return CacheDataset(items, chain, cache_rate=1.0, num_workers=1, progress=on_terminal(), copy_cache=True)
     return Dataset(items, chain)
 
 

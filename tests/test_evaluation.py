@@ -216,6 +216,20 @@ def test_compare_across_folds_and_seeds_uses_the_corrected_t_test(tmp_path):
         compare_runs([tmp_path / "A"], [tmp_path / "B" / "f0s0", tmp_path / "B" / "f0s1"])
 
 
+def test_compare_zero_width_intervals(tmp_path):
+    """One run per arm: a run compared with itself measured no difference (non-inferior); several runs: every pair
+    the same difference is no spread to judge by (inconclusive, the search's and the study's rule)."""
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(20), np.zeros(20)]
+    run = evaluated(tmp_path / "one", y, scores(rng, y, 1.5))
+    itself = compare_runs([run], [run], n_resamples=100)
+    assert (itself.rows[0]["low"], itself.rows[0]["high"]) == (0.0, 0.0) and itself.verdict == "non-inferior"
+    for fold in range(2):
+        evaluated(tmp_path / "A" / f"f{fold}", y, scores(rng, y, 1.5), fold=fold, seed=0, train_cases=40)
+    several = compare_runs([tmp_path / "A"], [tmp_path / "A"])
+    assert several.rows[0]["low"] == several.rows[0]["high"] == 0.0 and several.verdict == "inconclusive"
+
+
 def test_compare_cli(tmp_path, capsys):
     rng = np.random.default_rng(3)
     y = np.r_[np.ones(40), np.zeros(40)]

@@ -398,6 +398,18 @@ def test_bad_input_errors(tmp_path, one_thread):
         assert not (tmp_path / name / "phantoms").exists() and not (tmp_path / name / "trials").exists(), name
 
 
+def test_input_too_small_for_the_cost_report_fails_before_any_trial(tmp_path, one_thread):
+    """CTPA's default 24 slices are below a 3D MobileNetV2's 32: refused up front, not after every trial trained."""
+    small = {"backbone": "mobilenet_v2", "weights": "null", "epochs": 1, "image_size": 48, "device": "cpu",
+             "amp": False, "tensorboard": False}
+    with pytest.raises(SearchError) as error:
+        run_search(REPO / "bundles" / "ctpa_pe_classification", tmp_path, overrides=small, **FAST)
+    assert str(error.value) == ("bundle ids num_slices=24, image_size=48: input 1x24x48x48 is too small for "
+                                "mobilenet_v2, which needs at least 32x32x32 (spatial) for its cost report; "
+                                "nothing was trained")
+    assert not (tmp_path / "trials.jsonl").exists() and not (tmp_path / "trials").exists()
+
+
 def test_search_cli_bad_strategy_exits_2(capsys):
     from medtl3d.cli import main
 

@@ -139,12 +139,14 @@ def test_noninferior_pick_is_the_cheapest_cut_within_the_margin():
     assert by["layer2"]["vs_next"]["relation"] == "indistinguishable from"
     assert by["layer2"]["vs_next"]["next"] == "layer3" and by["layer3"]["vs_next"] is None
 
-    # a constant shortfall of 0.005 has a zero-width interval at -0.005: non-inferior at 0.02, so the cheaper
-    # layer2 is the pick; at a margin of 0.001 it is inferior and layer3 stays
-    shifted = {**SCORES, "layer2": [v - 0.005 for v in SCORES["layer3"]]}
+    # a shortfall of 0.004..0.006: interval -0.005 +- T2 * sqrt(FACTOR * 1e-6) = [-0.0089, -0.0011], non-inferior
+    # at 0.02, so the cheaper layer2 is the pick; at a margin of 0.001 it is inferior and layer3 stays
+    shifted = {**SCORES, "layer2": [v - d for v, d in zip(SCORES["layer3"], (0.004, 0.005, 0.006))]}
     rows, records = _rows_and_records(shifted, MACS)
     assert annotate(rows, records, "auroc", margin=0.02, reference="best", n_train=20, n_test=10,
                     strategies=["truncate"]) == {"truncate": "layer2"}
+    vs = next(r for r in rows if r["label"] == "layer2")["vs_reference"]
+    assert vs["high"] == pytest.approx(-0.005 + T2 * math.sqrt(FACTOR * 1e-6))
     assert next(r for r in rows if r["label"] == "layer2")["vs_next"]["relation"] == "worse than"
     rows, records = _rows_and_records(shifted, MACS)
     assert annotate(rows, records, "auroc", margin=0.001, reference="best", n_train=20, n_test=10,
@@ -152,11 +154,27 @@ def test_noninferior_pick_is_the_cheapest_cut_within_the_margin():
     assert next(r for r in rows if r["label"] == "layer2")["vs_reference"]["verdict"] == "inferior"
 
 
+def test_zero_width_interval_gives_no_verdict_and_no_pick():
+    """The same shortfall on every fold (a discrete AUROC on a few cases): an interval of zero width at -0.005
+    would read non-inferior at margin 0.02 and inferior at 0.001; it is inconclusive at both, never the pick."""
+    shifted = {**SCORES, "layer2": [v - 0.005 for v in SCORES["layer3"]]}
+    for margin in (0.02, 0.001):
+        rows, records = _rows_and_records(shifted, MACS)
+        picks = annotate(rows, records, "auroc", margin=margin, reference="best", n_train=20, n_test=10,
+                         strategies=["truncate"])
+        layer2 = next(r for r in rows if r["label"] == "layer2")
+        assert layer2["vs_reference"]["low"] == layer2["vs_reference"]["high"] == pytest.approx(-0.005)
+        assert layer2["vs_reference"]["verdict"] == "inconclusive" and picks == {"truncate": "layer3"}
+        assert layer2["vs_next"]["relation"] == "indistinguishable from"
+
+
 def test_noninferior_to_ftl_and_stopped_or_single_run_candidates():
-    rows, records = _rows_and_records({**SCORES, "layer2": [v - 0.005 for v in SCORES["full"]]}, MACS)
+    shortfall = (0.004, 0.005, 0.006)
+    rows, records = _rows_and_records({**SCORES, "layer2": [v - d for v, d in zip(SCORES["full"], shortfall)]},
+                                      MACS)
     picks = annotate(rows, records, "auroc", margin=0.02, reference="full", n_train=20, n_test=10,
                      strategies=["truncate"])
-    assert picks == {"truncate": "layer2"}  # layer2 = FTL - 0.005 on every fold
+    assert picks == {"truncate": "layer2"}  # layer2 = FTL - 0.005 +- 0.001
     assert next(r for r in rows if r["label"] == "layer2")["vs_reference"]["reference"] == "full"
     # a candidate stopped at a rung is never compared; one trial per candidate gives no interval and no pick
     rows, records = _rows_and_records(SCORES, MACS)

@@ -27,6 +27,7 @@ from medtl3d.stats import (
     delong_covariance,
     delong_paired_test,
     expected_calibration_error,
+    informative,
     mcnemar_test,
     noninferiority,
     operating_point,
@@ -250,6 +251,18 @@ def test_corrected_resampled_ttest_against_hand_computation():
 ])
 def test_noninferiority_verdicts(low, high, higher_is_better, verdict):
     assert noninferiority(low, high, 0.02, higher_is_better=higher_is_better) is verdict
+
+
+def test_zero_width_interval_gives_no_verdict_unless_exact():
+    """Every run gave the same difference: no spread, no verdict (the rule of the search, study and compare)."""
+    assert not informative(-0.005, -0.005) and not informative(None, 0.1) and informative(-0.01, 0.0)
+    for point in (0.01, -0.005, -0.05, 0.0):
+        assert noninferiority(point, point, 0.02) is Verdict.INCONCLUSIVE
+    # a case-level interval that measured the difference exactly (a run compared with itself) keeps its reading
+    assert noninferiority(0.0, 0.0, 0.02, exact=True) is Verdict.NON_INFERIOR
+    assert noninferiority(-0.05, -0.05, 0.02, exact=True) is Verdict.INFERIOR
+    constant = corrected_resampled_ttest([-0.005] * 4, 20, 10)
+    assert constant.low == constant.high and noninferiority(constant.low, constant.high, 0.02) is Verdict.INCONCLUSIVE
 
 
 def test_noninferiority_refuses_a_bad_margin_or_interval():

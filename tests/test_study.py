@@ -19,7 +19,7 @@ import yaml
 
 from medtl3d import cli
 from medtl3d.backbones import build_backbone
-from medtl3d.errors import StudyError
+from medtl3d.errors import Medtl3dError, StudyError
 from medtl3d.study import (CONTRADICTED, INCONCLUSIVE, NOT_TESTED, SUPPORTED, claim_budget, claim_convergence,
                            claim_representation, claim_transfer, claim_truncation, epochs_to_fraction, expand_grid,
                            StudyTask, plot_figures, reuse_share, run_study)
@@ -184,8 +184,9 @@ def test_truncation_contradicted_and_inconclusive():
     assert claim["verdict"] == INCONCLUSIVE and claim["pick"] is None
     rows, found, picks = _truncation_case([-0.1, -0.12, -0.11, -0.1], [0.0, 0.0, 0.0, 0.0])  # zero-width interval
     claim = claim_truncation(rows, picks, found, "auroc", 0.02, N_TRAIN, N_TEST)
-    assert picks == {"truncate": "truncate@b"} and claim["verdict"] == INCONCLUSIVE
-    assert "interval of zero width" in claim["statement"]
+    # the search's own rule (medtl3d.stats.informative): no verdict, so no pick
+    assert picks == {} and claim["verdict"] == INCONCLUSIVE and claim["pick"] is None
+    assert "truncate@b: the same difference to FTL in every run (an interval of zero width)" in claim["statement"]
 
 
 def test_budget_claim_needs_both_strategies_noninferior():
@@ -267,6 +268,14 @@ def test_bad_options_name_the_option(tmp_path, option, value, message):
     with pytest.raises(StudyError) as error:
         run_study(CXR, tmp_path, **{option: value})
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_input_too_small_for_the_cost_report_fails_before_any_trial(tmp_path):
+    with pytest.raises(Medtl3dError) as error:
+        run_study(CXR, tmp_path, overrides={**TINY, "image_size": 16})
+    assert str(error.value).startswith("bundle ids image_size=16: input 1x16x16 is too small for mobilenet_v2, "
+                                       "which needs at least 32x32 (spatial)")
+    assert not (tmp_path / "trials.jsonl").exists() and not (tmp_path / "trials").exists()
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..engine.runtime import on_terminal
 from ..errors import AnalysisError
 from .predictions import batch_images, batch_targets
 
@@ -189,7 +190,8 @@ def _device(model: nn.Module, device) -> torch.device:
 
 
 def _progress(iterable: Iterable, desc: str, enabled: bool) -> Iterable:
-    if not enabled:
+    """A tqdm bar over ``iterable`` when ``enabled`` and stderr is a terminal (never into a log file)."""
+    if not (enabled and on_terminal()):
         return iterable
     try:
         from tqdm.auto import tqdm

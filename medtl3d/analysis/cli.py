@@ -35,6 +35,7 @@ from ..data.io import LoadCased
 from ..data.prepare import prepare_datalist
 from ..data.presets import PRESETS, parse_preset_options, preset
 from ..engine import load_model
+from ..engine.runtime import on_terminal
 from ..errors import AnalysisError, Medtl3dError
 from ..reporting import plot_bars, write_curves, write_table
 from .activations import POLICIES
@@ -232,7 +233,8 @@ def _dataset(args, items: list[dict], mask_key: str | None = None, cache: bool =
     chain = Compose([LoadCased(keys), *_transform(args, mask_key).transforms])
     items = [dict(item) for item in items]
     if cache:
-        return CacheDataset(items, chain, cache_rate=1.0, num_workers=1, progress=False)
+        return CacheDataset(items, chain, cache_rate=1.0, num_workers=1,
+                            progress=not args.no_progress and on_terminal())
     return Dataset(items, chain)
 
 

@@ -31,6 +31,13 @@ class BackboneEntry:
     slimmable: bool = True
     head_keys: tuple[str, ...] = ()
 
+    def too_small(self, spatial) -> tuple[int, ...] | None:
+        """The registered minimum for ``len(spatial)``-D input when ``spatial`` falls short of it on some axis
+        (None when it fits or no minimum is registered): one check for the efficiency report and, before anything
+        trains, the search and the study."""
+        minimum = self.min_input.get(len(spatial))
+        return minimum if minimum is not None and any(s < m for s, m in zip(spatial, minimum)) else None
+
 
 _REGISTRY: dict[str, BackboneEntry] = {}
 _NAMESPACES: dict[str, Callable[[str], BackboneEntry]] = {}

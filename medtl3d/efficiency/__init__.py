@@ -82,10 +82,10 @@ def _check_input(backbone: Backbone, shape: tuple[int, ...]) -> None:
         raise EfficiencyError(f"{backbone.name} takes {backbone.in_channels} input channels, input shape {shape} "
                               f"has {channels}")
     try:
-        minimum = get_entry(backbone.name).min_input.get(backbone.spatial_dims)
+        minimum = get_entry(backbone.name).too_small(spatial)
     except UnknownBackboneError:
         minimum = None  # an unregistered backbone: the forward-pass check below still applies
-    if minimum is not None and any(s < m for s, m in zip(spatial, minimum)):
+    if minimum is not None:
         raise EfficiencyError(
             f"input {'x'.join(map(str, shape))} is too small for {backbone.name}: its strides need at least "
             f"{'x'.join(map(str, minimum))} (spatial)"

@@ -8,6 +8,11 @@ AUROC, 0.01 Dice). Several runs per arm (folds x seeds): runs are paired by fold
 by the content hash of their validation data) and training seed, and each metric's per-pair differences go through
 the corrected resampled t-test of Nadeau & Bengio, whose interval gives the verdict.
 
+An interval of zero width: one run per arm, the case-level interval is an exact measurement (two runs that score
+every case alike, e.g. a run compared with itself, are "no difference", so non-inferior); several runs, it means
+every pair gave the same difference, no spread to tell noise from an effect, so the verdict is inconclusive (the
+search's and the study's rule, :func:`medtl3d.stats.informative`), even for runs compared with themselves.
+
 Runs evaluated on different cases (or with different labels) are refused: a paired test needs the same cases.
 """
 
@@ -154,13 +159,15 @@ class Comparison:
     pairs: list[dict] = field(default_factory=list)
 
 
-def _verdict(primary: str, rows: list[dict], margin: float) -> tuple[str, str]:
-    """The non-inferiority verdict on the first interval of ``primary`` in ``rows``, and that interval's method."""
+def _verdict(primary: str, rows: list[dict], margin: float, *, exact: bool) -> tuple[str, str]:
+    """The non-inferiority verdict on the first interval of ``primary`` in ``rows``, and that interval's method;
+    ``exact``: a zero-width interval measured the difference (see the module docstring)."""
     row = next((r for r in rows if r["metric"] == primary and r.get("low") is not None), None)
     if row is None:
         raise EvaluationError(f"{primary} has no interval on these cases, so there is no verdict: "
                               + "; ".join(r["method"] for r in rows if r["metric"] == primary))
-    verdict = noninferiority(row["low"], row["high"], margin, higher_is_better=primary not in LOWER_IS_BETTER)
+    verdict = noninferiority(row["low"], row["high"], margin, higher_is_better=primary not in LOWER_IS_BETTER,
+                             exact=exact)
     return verdict.value, row["method"]
 
 
@@ -185,7 +192,7 @@ def _single(a: EvaluatedRun, b: EvaluatedRun, margin: float, level: float, n_res
         rows.append({"metric": name, **diff.as_dict()})
     if task == "binary":
         mcnemar = mcnemar_test(arms_a["decisions"] == y, arms_b["decisions"] == y).as_dict()
-    return ids, rows, mcnemar, *_verdict(PRIMARY[task], rows, margin)
+    return ids, rows, mcnemar, *_verdict(PRIMARY[task], rows, margin, exact=True)
 
 
 def _several(runs_a, runs_b, margin: float, level: float):
@@ -225,7 +232,7 @@ def _several(runs_a, runs_b, margin: float, level: float):
         rows.append({"metric": name, "difference": test.mean_difference, "low": test.low, "high": test.high,
                      "p_value": test.p_value, "level": level, "method": f"{test.method}, {test.runs} runs",
                      "se": test.se, "runs": test.runs})
-    return ids, rows, pairs, *_verdict(PRIMARY[task], rows, margin)
+    return ids, rows, pairs, *_verdict(PRIMARY[task], rows, margin, exact=False)
 
 
 def compare_runs(arm_a: Sequence[str | Path], arm_b: Sequence[str | Path], *, margin: float | None = None,

@@ -7,6 +7,7 @@ that datalist, so all trials see the same cases and the same patient-grouped fol
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
@@ -14,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from monai.bundle import ConfigParser
 
-from ..backbones import build_backbone
+from ..backbones import build_backbone, get_entry
 from ..config_ids import ConfigIdError, check_overrides
 from ..errors import Medtl3dError, SearchError, interface
 from ..provenance import data_hash
@@ -128,10 +129,29 @@ class BundleTask:
         return parser.get_parsed_content("network_def"), parser.get_parsed_content("val_dataset")
 
     # ---------------------------------------------------------------------------------------- costs
-    def costs(self, strategy: str, cuts: Sequence[str], runs: int, warmup: int):
-        """The bundle's efficiency report (efficiency.yaml) of ``strategy`` at ``cuts``: params, MACs, latency."""
+    def check_cost_input(self) -> None:
+        """Refuse, before any trial, what the cost step after training would: a bundle without efficiency.yaml, or
+        a model input (its ``input_shape``) below the backbone's registered minimum, the efficiency report's own
+        check (:meth:`medtl3d.backbones.BackboneEntry.too_small`); the full model, measured beside every cut,
+        needs the most. The error names the bundle ids the input is built from."""
         if not (self.configs / "efficiency.yaml").is_file():
             raise SearchError(f"bundle {self.name} has no configs/efficiency.yaml to measure costs with")
+        parser = self._parser(["train.yaml", "efficiency.yaml"], output_dir=str(self.work_dir))
+        shape = [int(v) for v in parser.get_parsed_content("input_shape")]
+        minimum = get_entry(self.backbone_name).too_small(shape[1:])
+        if minimum is None:
+            return
+        refs = re.findall(r"@(\w+)", str(parser.config["input_shape"]))  # e.g. [@in_channels, @num_slices, ...]
+        names = list(dict.fromkeys(refs[1:])) if len(refs) == len(shape) else ["input_shape"]
+        values = [f"{name}={parser[name]}" for name in names]
+        given = " ".join(f"--set {v}" for v in values) if interface() == "cli" else "bundle ids " + ", ".join(values)
+        raise SearchError(f"{given}: input {'x'.join(map(str, shape))} is too small for {self.backbone_name}, "
+                          f"which needs at least {'x'.join(map(str, minimum))} (spatial) for its cost report; "
+                          "nothing was trained")
+
+    def costs(self, strategy: str, cuts: Sequence[str], runs: int, warmup: int):
+        """The bundle's efficiency report (efficiency.yaml) of ``strategy`` at ``cuts``: params, MACs, latency."""
+        self.check_cost_input()
         ids = {"efficiency_strategy": strategy if strategy != "full" else "truncate",
                "efficiency_cuts": list(cuts) or "block", "efficiency_runs": int(runs),
                "efficiency_warmup": int(warmup), "datalist": str(self.datalist),

@@ -176,6 +176,7 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
         task.check_strategy(reference, None)
     for strategy, points in plan1.items():
         task.check_strategy(strategy, points[0].name)
+    task.check_cost_input()  # the cost step runs after every trial: its input must fit now
     split = task.split(0)  # a k the data cannot support stops here (data resolved now), before anything trains
     probing = probe or probe_top_m is not None
     config = {"bundle": task.name, "bundle_configs": configs_hash(task),

@@ -7,7 +7,9 @@ Nadeau & Bengio's corrected variance (:func:`medtl3d.stats.corrected_resampled_t
 and training sizes). The pick follows CONSORT's non-inferiority reading (:func:`medtl3d.stats.noninferiority`):
 the cheapest fully trained cut whose difference to the reference (the best fully trained candidate, or FTL) has
 its interval above ``-margin``. Only fully trained candidates (all ``epochs``) are compared: a trial stopped at a
-rung is reported with its rung, never set against a finished one.
+rung is reported with its rung, never set against a finished one. An interval of zero width (every run gave the
+same difference) gives no verdict (:func:`medtl3d.stats.informative`): such a cut is inconclusive, never picked,
+and indistinguishable from its neighbour.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
-from ..stats import StatisticsError, Verdict, corrected_resampled_ttest, noninferiority
+from ..stats import StatisticsError, Verdict, corrected_resampled_ttest, informative, noninferiority
 
 LEVEL = 0.95
 
@@ -77,7 +79,8 @@ def annotate(rows: list[dict], records: Mapping[str, Sequence[Mapping]], key_met
         for row, deeper in zip(mine, mine[1:]):
             test = _difference(scores[row["label"]], scores[deeper["label"]], n_train, n_test)
             if test is not None:
-                relation = ("indistinguishable from" if test.low <= 0 <= test.high else
+                relation = ("indistinguishable from" if not informative(test.low, test.high)
+                            or test.low <= 0 <= test.high else
                             "better than" if test.low > 0 else "worse than")
                 row["vs_next"] = {"next": deeper["label"], "relation": relation, "difference": test.mean_difference,
                                   "low": test.low, "high": test.high}

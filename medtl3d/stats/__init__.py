@@ -5,7 +5,8 @@
 - any metric: :func:`bootstrap_ci` and :func:`paired_bootstrap_diff` (``scipy.stats.bootstrap``, stratified by
   class, BCa with a percentile fallback);
 - accuracy at fixed thresholds: :func:`mcnemar_test`; across folds x seeds: :func:`corrected_resampled_ttest`;
-  :func:`noninferiority` turns a difference's interval into a :class:`Verdict`;
+  :func:`noninferiority` turns a difference's interval into a :class:`Verdict` (none from an interval of zero
+  width: :func:`informative`);
 - AUPRC: :func:`average_precision`; thresholds and calibration: :func:`roc_curve`, :func:`threshold_at`,
   :func:`operating_point`, :func:`reliability_bins`, :func:`expected_calibration_error`.
 
@@ -32,6 +33,7 @@ from ._comparisons import (
     ResampledTTest,
     Verdict,
     corrected_resampled_ttest,
+    informative,
     mcnemar_test,
     noninferiority,
 )
@@ -42,6 +44,6 @@ __all__ = [
     "DEFAULT_MARGINS", "Interval", "McNemarResult", "OperatingPoint", "PairedDifference", "ReliabilityBins",
     "ResampledTTest", "StatisticsError", "ThresholdChoice", "Verdict", "auroc", "average_precision", "bootstrap_ci",
     "corrected_resampled_ttest", "delong_auc_variance", "delong_ci", "delong_covariance", "delong_paired_test",
-    "expected_calibration_error", "mcnemar_test", "noninferiority", "operating_point", "paired_bootstrap_diff",
-    "reliability_bins", "roc_curve", "threshold_at",
+    "expected_calibration_error", "informative", "mcnemar_test", "noninferiority", "operating_point",
+    "paired_bootstrap_diff", "reliability_bins", "roc_curve", "threshold_at",
 ]

@@ -1,5 +1,9 @@
 """Paired comparisons beyond AUROC: McNemar's test of two classifiers' accuracies at fixed thresholds, the corrected
-resampled t-test across folds x seeds, and the non-inferiority verdict read off a difference's interval."""
+resampled t-test across folds x seeds, and the non-inferiority verdict read off a difference's interval.
+
+One rule for degenerate intervals (:func:`informative`): an interval of zero width (every run gave the same
+difference, typical of a discrete AUROC on a few validation cases over 2 folds) has no spread to measure the
+uncertainty with, so no verdict is read off it; the search, the study and ``medtl3d compare`` all follow it."""
 
 from __future__ import annotations
 
@@ -121,18 +125,30 @@ class Verdict(str, Enum):
     INCONCLUSIVE = "inconclusive"
 
 
-def noninferiority(diff_low: float, diff_high: float, margin: float, *, higher_is_better: bool = True) -> Verdict:
+def informative(low: float | None, high: float | None) -> bool:
+    """Whether an interval can carry a verdict: not when missing or of zero width (every run gave the same
+    difference, so the corrected resampled t-test has no spread to estimate; reading a verdict off it would present
+    noise as a finding)."""
+    return low is not None and high is not None and low < high
+
+
+def noninferiority(diff_low: float, diff_high: float, margin: float, *, higher_is_better: bool = True,
+                   exact: bool = False) -> Verdict:
     """Verdict on ``candidate - reference`` from the interval ``[diff_low, diff_high]`` of that difference.
 
     With the difference oriented so that positive is better (negated when ``higher_is_better=False``):
     superior if the interval lies above 0; non-inferior if it lies above ``-margin`` (the candidate may be worse,
     but by less than the margin); inferior if it lies below ``-margin``; inconclusive if it contains ``-margin``.
     Typical margins: :data:`DEFAULT_MARGINS` (0.02 AUROC, 0.01 Dice); the margin must be set before looking.
+    An interval of zero width is inconclusive (:func:`informative`) unless ``exact``: the caller knows it measured
+    the difference without spread (a case-level interval of two runs that score every case alike).
     """
     if not margin > 0:
         raise StatisticsError(f"the non-inferiority margin must be > 0, got {margin}")
     if not diff_low <= diff_high:
         raise StatisticsError(f"the interval must have low <= high, got [{diff_low}, {diff_high}]")
+    if not exact and not informative(diff_low, diff_high):
+        return Verdict.INCONCLUSIVE
     low, high = (diff_low, diff_high) if higher_is_better else (-diff_high, -diff_low)
     if low > 0:
         return Verdict.SUPERIOR

@@ -10,7 +10,8 @@ FTL). A verdict is one of:
 - ``contradicted``: the interval excludes the claimed effect (superiority: upper bound < the margin, i.e. at best
   a gain smaller than the margin; non-inferiority: upper bound < -margin);
 - ``inconclusive``: at this sample size the interval holds both, or it has zero width (every run gave the same
-  difference: nothing to estimate its spread from); ``not tested`` when the grid lacks an arm.
+  difference: nothing to estimate its spread from; :func:`medtl3d.stats.informative`, the search's rule too);
+  ``not tested`` when the grid lacks an arm.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ..analysis.predictions import feature_reuse
 from ..errors import AnalysisError, EvaluationError, Medtl3dError
 from ..evaluation import binary_arrays, compare_runs, load_run
 from ..search import annotate
-from ..stats import Interval, StatisticsError, auroc, bootstrap_ci, corrected_resampled_ttest
+from ..stats import Interval, StatisticsError, auroc, bootstrap_ci, corrected_resampled_ttest, informative
 
 LEVEL = 0.95
 POWER = 0.8
@@ -48,16 +49,10 @@ def paired_ttest(a: Mapping, b: Mapping, n_train: int, n_test: int):
         return None
 
 
-def _zero_width(low, high) -> bool:
-    """Every run gave the same difference: no spread to build an interval from (on a few validation cases a
-    discrete metric such as AUROC often does), which is no evidence either way."""
-    return low is not None and low == high
-
-
 def superiority(test, margin: float) -> str:
     """Verdict on "the difference is positive" from an interval with ``low`` / ``high`` (see the module docstring;
     ``margin`` >= 0); an interval of zero width is inconclusive."""
-    if test is None or _zero_width(test.low, test.high):
+    if test is None or not informative(test.low, test.high):
         return INCONCLUSIVE
     if test.low > 0:
         return SUPPORTED
@@ -228,15 +223,22 @@ def _versus_ftl(row: Mapping) -> dict:
 
 
 def _noninferior_claim(rows: Sequence[Mapping], picks: Mapping[str, str], strategy: str) -> tuple[str, dict | None]:
-    """(verdict, pick row) of "some cut of ``strategy`` is non-inferior to FTL"; a pick whose interval has zero
-    width leaves it inconclusive."""
+    """(verdict, pick row) of "some cut of ``strategy`` is non-inferior to FTL" (the search never picks a cut whose
+    interval has zero width)."""
     mine = [r for r in rows if r["strategy"] == strategy and not r["control"] and r["cut"] is not None]
     if strategy in picks:
-        pick = next(r for r in mine if r["label"] == picks[strategy])
-        versus = pick.get("vs_reference") or {}
-        return (INCONCLUSIVE if _zero_width(versus.get("low"), versus.get("high")) else SUPPORTED), pick
+        return SUPPORTED, next(r for r in mine if r["label"] == picks[strategy])
     inferior = all((r.get("vs_reference") or {}).get("verdict") == "inferior" for r in mine)
     return (CONTRADICTED if mine and inferior else INCONCLUSIVE), None
+
+
+def _zero_width_note(rows: Sequence[Mapping], strategy: str) -> str:
+    """Which cuts of ``strategy`` gave the same difference to FTL in every run (no verdict: :func:`informative`)."""
+    names = [r["name"] for r in rows if r["strategy"] == strategy and not r["control"] and r.get("vs_reference")
+             and r["vs_reference"].get("low") is not None
+             and not informative(r["vs_reference"]["low"], r["vs_reference"]["high"])]
+    return f"; {', '.join(names)}: the same difference to FTL in every run (an interval of zero width), too few " \
+           "validation cases to tell" if names else ""
 
 
 def _savings(row: Mapping) -> dict:
@@ -256,15 +258,13 @@ def claim_truncation(rows: Sequence[Mapping], picks: Mapping[str, str], records:
     comparisons = [_versus_ftl(r) for r in rows if r["strategy"] == "truncate"]
     extra: dict = {"pick": None}
     if pick is None:
-        statement = f"no truncated network is non-inferior to FTL at margin {margin:g} {key_metric} ({verdict})"
+        statement = (f"no truncated network is non-inferior to FTL at margin {margin:g} {key_metric} ({verdict})"
+                     + _zero_width_note(rows, "truncate"))
     else:
         extra = {"pick": pick["label"], **_savings(pick)}
         statement = (f"{pick['name']} is non-inferior to FTL at margin {margin:g} {key_metric}, saving "
                      + ", ".join(f"{extra[f'{n}_saved']:.0%} {n}" for n in ("params", "macs", "latency")
                                  if extra[f"{n}_saved"] is not None))
-        if verdict == INCONCLUSIVE:
-            statement = (f"{pick['name']} is the search's non-inferior pick, but every run gave the same difference "
-                         "to FTL (an interval of zero width): too few validation cases to tell")
         comparisons += on_test_cases(f"{pick['name']} - WT", folders, pick["label"], "full", margin, superior=False)
         control = f"RI-{pick['label']}"
         if records.get(control):
@@ -288,9 +288,8 @@ def claim_budget(rows: Sequence[Mapping], picks: Mapping[str, str], key_metric: 
     statements = []
     for strategy in tested:
         verdicts[strategy], pick = _noninferior_claim(rows, picks, strategy)
-        found = "no non-inferior cut" if pick is None else f"{pick['name']} non-inferior" + (
-            " (zero-width interval)" if verdicts[strategy] == INCONCLUSIVE else "")
-        statements.append(f"{strategy}: {found} ({verdicts[strategy]})")
+        found = "no non-inferior cut" if pick is None else f"{pick['name']} non-inferior"
+        statements.append(f"{strategy}: {found} ({verdicts[strategy]}){_zero_width_note(rows, strategy)}")
     values = set(verdicts.values())
     verdict = SUPPORTED if values == {SUPPORTED} else CONTRADICTED if CONTRADICTED in values else INCONCLUSIVE
     comparisons = [_versus_ftl(r) for r in rows if r["strategy"] in tested]

@@ -115,6 +115,7 @@ def run_study(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dict
     arms = expand_grid(body, strategies, cuts, weights)
     for strategy in dict.fromkeys(a.strategy for a in arms):  # a strategy the bundle cannot build stops here
         task.check_strategy(strategy, next(a.cut for a in arms if a.strategy == strategy))
+    task.check_cost_input()  # the cost step runs after every trial: its input must fit now
     split = task.split(0)
     folds = list(range(max(task.n_folds, 1)))
     config = {"study": True, "bundle": task.name, "bundle_configs": configs_hash(task),
