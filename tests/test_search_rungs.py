@@ -119,6 +119,16 @@ MACS = {"layer1": 0.1, "layer2": 0.2, "layer3": 0.4, "full": 1.0}
 FACTOR, T2 = 1 / 3 + 1 / 2, 4.302653
 
 
+def test_interval_of_a_mean_is_clipped_to_the_metrics_range():
+    rows, records = _rows_and_records({"layer1": [0.96, 1.0, 0.98], "full": [0.90, 0.94, 0.92]},
+                                      {"layer1": 0.1, "full": 1.0})
+    annotate(rows, records, "auroc", margin=0.02, reference="best", n_train=20, n_test=10, strategies=["truncate"])
+    half = T2 * math.sqrt(FACTOR * 4e-4)  # both: sample variance 4e-4; half-width 0.0786
+    # layer1: 0.98 +- 0.0786 = [0.9014, 1.0586]: its high end is AUROC's 1; full's [0.8414, 0.9986] is untouched
+    assert rows[0]["val_auroc_low"] == pytest.approx(0.98 - half) and rows[0]["val_auroc_high"] == 1.0
+    assert rows[1]["val_auroc_high"] == pytest.approx(0.92 + half) and 0.92 + half < 1
+
+
 def test_noninferior_pick_is_the_cheapest_cut_within_the_margin():
     rows, records = _rows_and_records(SCORES, MACS)
     picks = annotate(rows, records, "auroc", margin=0.02, reference="best", n_train=20, n_test=10,

@@ -110,7 +110,8 @@ def test_transfer_claim_contradicted_and_inconclusive():
     noisy = claim_transfer({"full": records(WT), "random": records(shifted(WT, [-0.2, 0.15, -0.1, 0.05]))},
                            "auroc", 0.02, N_TRAIN, N_TEST)
     assert noisy["verdict"] == INCONCLUSIVE
-    assert claim_transfer({"full": records(WT)}, "auroc", 0.02, N_TRAIN, N_TEST)["verdict"] == NOT_TESTED
+    untested = claim_transfer({"full": records(WT)}, "auroc", 0.02, N_TRAIN, N_TEST)
+    assert untested["verdict"] == NOT_TESTED and untested["statement"].startswith("the grid has no ")
     # every run the same gain: an interval of zero width is no evidence
     constant = claim_transfer({"full": records(WT), "random": records(shifted(WT, [-0.25] * 4))}, "auroc", 0.02,
                               N_TRAIN, N_TEST)
@@ -213,6 +214,7 @@ def test_representation_claim_by_depth_and_divergence():
     assert claim["verdict"] == SUPPORTED and claim["divergence_depth"] == "layer2"
     assert [row["depth"] for row in claim["by_depth"]] == depths
     assert claim["by_depth"][3]["wt_initial_final"] == pytest.approx(0.615)
+    assert claim["comparisons"][0]["method"].startswith("CKA on test cases; corrected resampled t-test")
     flipped = [{**row, "wt": row["ri"], "ri": row["wt"]} for row in cka]
     assert claim_representation(flipped, N_TRAIN, N_TEST, 0.5)["verdict"] == CONTRADICTED
     assert claim_representation(cka, N_TRAIN, N_TEST, 0.2)["divergence_depth"] is None

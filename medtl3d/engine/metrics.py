@@ -35,6 +35,11 @@ SEGMENTATION_METRICS = ("dice", "jaccard")
 AGGREGATIONS = ("max", "mean")
 
 
+def metric_range(name: str) -> tuple[float, float]:
+    """The values metric ``name`` can take: Cohen's kappa lies in [-1, 1], every other metric here in [0, 1]."""
+    return (-1.0, 1.0) if name == "kappa" else (0.0, 1.0)
+
+
 def _as_tensor(values, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
     try:
         tensor = torch.as_tensor(values) if not isinstance(values, torch.Tensor) else values.detach()

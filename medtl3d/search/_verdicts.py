@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
+from ..engine.metrics import metric_range
 from ..stats import StatisticsError, Verdict, corrected_resampled_ttest, informative, noninferiority
 
 LEVEL = 0.95
@@ -52,11 +53,14 @@ def annotate(rows: list[dict], records: Mapping[str, Sequence[Mapping]], key_met
     the cheapest complete candidate of each strategy non-inferior to the reference (none when no interval could
     be computed). ``reference``: ``best`` (the best complete candidate on mean validation score) or ``full``."""
     metric = f"val_{key_metric}_mean"
+    floor, ceiling = metric_range(key_metric)
     scores = {row["label"]: _scores(records[row["label"]], key_metric) for row in rows}
     complete = [r for r in rows if r["complete"] and not math.isnan(r.get(metric, math.nan))]
     for row in rows:
         test = _ttest(list(scores[row["label"]].values()), n_train, n_test)
-        row[f"val_{key_metric}_low"], row[f"val_{key_metric}_high"] = (test.low, test.high) if test else (None, None)
+        # a t-interval of a mean near a bound can pass it (AUROC 1.03): clipped to the values the metric can take
+        row[f"val_{key_metric}_low"], row[f"val_{key_metric}_high"] = (
+            (max(test.low, floor), min(test.high, ceiling)) if test else (None, None))
         row["vs_reference"] = row["vs_next"] = None
     if reference == "best":
         anchor = max(complete, key=lambda r: (r[metric], [-c for c in _cost(r)]), default=None)

@@ -89,12 +89,12 @@ def smallest_detectable(test) -> float | None:
     return float(quantile * test.se)
 
 
-def comparison(what: str, test, verdict: str) -> dict:
+def comparison(what: str, test, verdict: str, method: str = VALIDATION) -> dict:
     """One comparison of a claim: its difference, interval, p-value and number of paired runs."""
     if test is None:
         return {"comparison": what, "verdict": verdict, "runs": 0, "note": "fewer than two paired runs"}
     return {"comparison": what, "difference": test.mean_difference, "low": test.low, "high": test.high,
-            "p_value": test.p_value, "runs": test.runs, "verdict": verdict, "method": VALIDATION}
+            "p_value": test.p_value, "runs": test.runs, "verdict": verdict, "method": method}
 
 
 def _claim(number: int, title: str, test: str, verdict: str, statement: str, comparisons: list[dict],
@@ -104,7 +104,7 @@ def _claim(number: int, title: str, test: str, verdict: str, statement: str, com
 
 
 def not_tested(number: int, title: str, missing: str) -> dict:
-    return _claim(number, title, "-", NOT_TESTED, f"not tested: the grid has no {missing}", [])
+    return _claim(number, title, "-", NOT_TESTED, f"the grid has no {missing}", [])
 
 
 # ------------------------------------------------------------------------------------------------ claim 1
@@ -328,7 +328,8 @@ def claim_representation(cka: Sequence[Mapping], n_train: int, n_test: int, thre
         f"WT and RI stay above CKA {threshold:g} at every depth"
     return _claim(4, title, "linear CKA (pooled features) on test cases; mean over depths " + TTEST, verdict,
                   f"mean CKA(initial, final) WT - RI: {'-' if test is None else f'{test.mean_difference:+.3f}'} "
-                  f"({verdict}); {where}", [comparison("CKA(initial, final): WT - RI", test, verdict)],
+                  f"({verdict}); {where}", [comparison("CKA(initial, final): WT - RI", test, verdict,
+                                                     "CKA on test cases; " + TTEST)],
                   by_depth=by_depth, divergence_depth=divergence, divergence_threshold=threshold)
 
 
