@@ -92,8 +92,8 @@ class WindowDataset(torch.utils.data.Dataset):
     output (C, D, H, W) with D the slice axis; its random transforms must keep D. Volumes are loaded with
     :class:`~medtl3d.data.io.LoadCased` (``irregular`` passed on) and the deterministic part of ``transform`` is
     applied once: kept in memory with ``cache=True`` (MONAI ``CacheDataset``, ``num_workers`` threads; each window is
-    copied out of it, so in-place transforms leave it intact), recomputed
-    at every access with ``cache=False`` (then each volume is also preprocessed once up front to count windows).
+    copied out of it, so in-place transforms leave it intact), recomputed at every access with ``cache=False``
+    (then each volume is also preprocessed once up front to count windows).
     """
 
     def __init__(self, items: Sequence[Mapping[str, Any]], transform: Compose | Sequence | None,
