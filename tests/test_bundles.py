@@ -26,6 +26,7 @@ import torch
 
 from monai.bundle import ckpt_export, run, verify_metadata
 
+from medtl3d.engine import pause_after
 from medtl3d.weights import get_weights, is_cached
 from medtl3d.workflows import ConfigIdError, load_items, split_items
 
@@ -320,3 +321,33 @@ def test_user_datalist_through_dataset_dir(bundle, tmp_path):
     assert (out / "models" / "model.pt").is_file()
     ids = [row["id"] for row in _rows(out / "eval" / "predictions.csv")]
     assert ids and all(Path(i).parent == (dataset / "png").resolve() for i in ids)
+
+
+@pytest.mark.slow
+def test_ctpa_training_paused_and_continued_equals_the_uninterrupted_one(tmp_path):
+    """The cutoff search's rungs pause a trial (``pause_after``) and continue it from ``last.pt``: the continued CTPA
+    run must have the uninterrupted run's history and weights. Regression: windows were views of the cached volumes,
+    so the preset's in-place normalisation changed the cache whenever no random transform fired (here in epoch 2),
+    and the continued run, starting from a fresh cache, trained epoch 3 on other data."""
+    overrides = {**TINY["ctpa_pe_classification"], "phantom_cases": 24, "batch_size": 8, "epochs": 3, "lr": 3e-3,
+                 "num_threads": 1}
+
+    def train(name: str, pause: int | None = None) -> Path:
+        out = tmp_path / name
+        with pause_after(pause):
+            run(config_file=_configs("ctpa_pe_classification", "train.yaml")[0], output_dir=str(out),
+                ckpt_path=str(out / "models" / "model.pt"), **overrides)
+        return out / "train"
+
+    straight = train("straight")
+    train("continued", pause=2)
+    assert torch.load(tmp_path / "continued" / "train" / "last.pt", weights_only=True)["engine"]["epoch"] == 2
+    continued = train("continued")
+
+    def history(folder: Path) -> list[dict]:
+        rows = json.loads((folder / "train_summary.json").read_text())["history"]
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+    assert len(history(straight)) == 3 and history(continued) == history(straight)
+    a, b = (torch.load(folder / "last.pt", weights_only=True)["model"] for folder in (straight, continued))
+    assert all(torch.equal(a[k], b[k]) for k in a), "weights differ after continuing"

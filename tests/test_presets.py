@@ -238,3 +238,17 @@ def test_window_dataset_on_ctpa_phantoms(tmp_path):
     assert train[0]["image"].shape == (1, 8, 24, 24)  # random crop / affine run on the window
     with pytest.raises(DataError, match="label_key='lesion'"):
         WindowDataset(items, preset("ct", train=False, size=32), num_slices=8, label_from="mask")
+
+
+def test_window_dataset_serves_copies_so_in_place_transforms_leave_the_cache_intact(tmp_path):
+    """Random transforms that do not fire return their input; MONAI's NormalizeIntensity after them then works in
+    place. On a view of the cached volume that normalised the cache again at every access (a resumed run, starting
+    from a fresh cache, saw other data than the uninterrupted one)."""
+    datalist = generate_ctpa(tmp_path, 1, shape=(32, 32, 32), seed=1)
+    items = [{**item, "image": str(tmp_path / item["image"])} for item in json.loads(datalist.read_text())["training"]]
+    dataset = WindowDataset(items, preset("ct", train=True, size=32, prob=0.0, normalize=(0.5, 0.25)), num_slices=32)
+    assert type(dataset.random.transforms[-1]).__name__ == "NormalizeIntensityd"  # runs after the random ones
+    cached = dataset._volumes[0]["image"].clone()
+    first, second = dataset[0]["image"], dataset[0]["image"]
+    assert torch.equal(dataset._volumes[0]["image"], cached)
+    assert torch.allclose(first, (cached - 0.5) / 0.25) and torch.equal(first, second)

@@ -55,10 +55,12 @@ def _plain(x) -> torch.Tensor:
 
 
 def take_window(volume: torch.Tensor, start: int, stop: int, pad_value: float | None = None) -> torch.Tensor:
-    """Slices ``start:stop`` of a (C, D, H, W) volume as a plain tensor; past the end it is padded with
-    ``pad_value`` (default: the volume's minimum)."""
+    """Slices ``start:stop`` of a (C, D, H, W) volume as a new plain tensor; past the end it is padded with
+    ``pad_value`` (default: the volume's minimum). A copy, never a view: transforms that work in place (MONAI's
+    ``NormalizeIntensity`` when no random transform before it fired) must not change the cached volume, or a later
+    epoch - and a run resumed from a checkpoint, which starts from a fresh cache - would see other data."""
     volume = _plain(volume)
-    window = volume[:, start:stop]
+    window = volume[:, start:stop].clone()
     missing = stop - start - window.shape[1]
     if missing > 0:
         value = volume.min() if pad_value is None else pad_value
@@ -89,8 +91,9 @@ class WindowDataset(torch.utils.data.Dataset):
     ``mask_key``. ``transform`` is the preprocessing (e.g. ``preset("ct", train=..., label_key=mask_key)``) and must
     output (C, D, H, W) with D the slice axis; its random transforms must keep D. Volumes are loaded with
     :class:`~medtl3d.data.io.LoadCased` (``irregular`` passed on) and the deterministic part of ``transform`` is
-    applied once: kept in memory with ``cache=True`` (MONAI ``CacheDataset``, ``num_workers`` threads), recomputed
-    at every access with ``cache=False`` (then each volume is also preprocessed once up front to count windows).
+    applied once: kept in memory with ``cache=True`` (MONAI ``CacheDataset``, ``num_workers`` threads; each window is
+    copied out of it, so in-place transforms leave it intact), recomputed at every access with ``cache=False``
+    (then each volume is also preprocessed once up front to count windows).
     """
 
     def __init__(self, items: Sequence[Mapping[str, Any]], transform: Compose | Sequence | None,
