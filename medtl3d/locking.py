@@ -15,10 +15,11 @@ import json
 import os
 import socket
 import sys
-from contextlib import contextmanager
+import functools
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
 
@@ -83,3 +84,24 @@ def _remove_if_only_the_lock(folder: Path) -> None:
     if [p.name for p in folder.iterdir()] == [LOCK_NAME]:
         (folder / LOCK_NAME).unlink(missing_ok=True)
         folder.rmdir()
+
+
+def one_run_per_output(error: type[Exception]) -> Callable:
+    """Decorator for ``fn(bundle_dir, output_dir, **options)``: hold ``output_dir``'s lock for the whole call (a
+    second run on it is refused at once, as ``error``, instead of training the same trials again); ``fn`` gets
+    the resolved folder."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def locked(bundle_dir, output_dir, **options):
+            out = Path(output_dir).resolve()
+            with ExitStack() as stack:
+                try:
+                    stack.enter_context(output_lock(out))
+                except OutputLockedError as err:
+                    raise error(str(err)) from None
+                return fn(bundle_dir, out, **options)
+
+        return locked
+
+    return decorate

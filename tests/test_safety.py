@@ -27,7 +27,7 @@ from medtl3d import engine
 from medtl3d.cli import main as medtl3d_main
 from medtl3d.engine import _builders, load_model
 from medtl3d.engine._checkpoint import FORMAT, save_checkpoint
-from medtl3d.errors import OutputLockedError, SearchError, TrainingError
+from medtl3d.errors import OutputLockedError, SearchError, StudyError, TrainingError
 from medtl3d.locking import LOCK_NAME, output_lock
 from medtl3d.provenance import data_hash
 from medtl3d.workflows import ConfigIdError, build_classifier
@@ -244,17 +244,20 @@ def test_second_training_into_a_held_folder_refuses_and_leaves_the_first_intact(
         pass
 
 
-def test_second_search_on_one_output_refuses(tmp_path, capsys):
+@pytest.mark.parametrize("command", ["search", "study"])
+def test_second_search_or_study_on_one_output_refuses(tmp_path, capsys, command):
     from medtl3d.search import run_search
+    from medtl3d.study import run_study
 
-    with _held(tmp_path / "search"):
-        with pytest.raises(SearchError, match=rf"output folder {tmp_path / 'search'} is being written by another "
-                                              rf"run \(pid {os.getpid()}"):
-            run_search(REPO / "bundles" / "cxr_classification", tmp_path / "search")
-        assert medtl3d_main(["search", "--bundle", str(REPO / "bundles" / "cxr_classification"), "--output",
-                             str(tmp_path / "search")]) == 2
+    run, error = {"search": (run_search, SearchError), "study": (run_study, StudyError)}[command]
+    out = tmp_path / command
+    with _held(out):
+        with pytest.raises(error, match=rf"output folder {out} is being written by another run \(pid {os.getpid()}"):
+            run(REPO / "bundles" / "cxr_classification", out)
+        assert medtl3d_main([command, "--bundle", str(REPO / "bundles" / "cxr_classification"), "--output",
+                             str(out)]) == 2
         assert "is being written by another run" in capsys.readouterr().err
-    assert not (tmp_path / "search" / "trials.jsonl").exists()
+    assert not (out / "trials.jsonl").exists()
 
 
 def test_search_store_follows_data_content_not_paths(tmp_path, one_thread):

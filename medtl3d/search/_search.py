@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import OutputLockedError, SearchError
-from ..locking import output_lock
+from ..errors import SearchError
+from ..locking import one_run_per_output
 from ..provenance import sha256_file
 from ..stats import DEFAULT_MARGINS
 from ._bundle import BundleTask
@@ -74,24 +72,7 @@ def fingerprinted_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
             for key, value in overrides.items() if key not in _DATA_IDS}
 
 
-def _one_search_per_output(search_fn):
-    """Hold the output folder's lock for the whole search: a second search on it is refused at once (it would
-    train the same trials again)."""
-
-    @functools.wraps(search_fn)
-    def locked(bundle_dir, output_dir, **options):
-        out = Path(output_dir).resolve()
-        with ExitStack() as stack:
-            try:
-                stack.enter_context(output_lock(out))
-            except OutputLockedError as err:
-                raise SearchError(str(err)) from None
-            return search_fn(bundle_dir, out, **options)
-
-    return locked
-
-
-@_one_search_per_output
+@one_run_per_output(SearchError)
 def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dict[str, Any] | None = None,
                strategies: Sequence[str] = ("truncate",), references: Sequence[str] = ("full",),
                cuts: str | Sequence[str] = "block", stage2: bool = True, neighbourhood: int = 1,

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import OutputLockedError, StudyError, interface, setting
-from ..locking import output_lock
+from ..errors import StudyError, interface, setting
+from ..locking import one_run_per_output
 from ..search import (Budget, BundleTask, ResultsStore, StageRunner, add_costs, configs_hash,
                       fingerprinted_overrides, make_executor)
 from ..stats import DEFAULT_MARGINS
@@ -61,23 +59,7 @@ def _check(name: str, value, ok: bool, what: str) -> None:
         raise StudyError(f"{setting(name, value)}: {what}")
 
 
-def _one_study_per_output(study_fn):
-    """Hold the output folder's lock for the whole study: a second study on it is refused at once."""
-
-    @functools.wraps(study_fn)
-    def locked(bundle_dir, output_dir, **options):
-        out = Path(output_dir).resolve()
-        with ExitStack() as stack:
-            try:
-                stack.enter_context(output_lock(out))
-            except OutputLockedError as err:
-                raise StudyError(str(err)) from None
-            return study_fn(bundle_dir, out, **options)
-
-    return locked
-
-
-@_one_study_per_output
+@one_run_per_output(StudyError)
 def run_study(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dict[str, Any] | None = None,
               strategies: Sequence[str] = ("full", "stats", "truncate", "transfusion", "lwft"),
               weights: Sequence[str] = ("pretrained", "random"), cuts: str | Sequence[str] = "block",
