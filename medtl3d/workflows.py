@@ -66,7 +66,8 @@ def check_ids(**ids: Any) -> bool:
     """Validate the bundle's ids before anything is built; each problem names its id.
 
     Known ids: backbone, spatial_dims, in_channels, strategy, cut, freeze_up_to, weights, dataset_dir, datalist,
-    task, key_metric, num_classes, n_folds, fold, lr, epochs, batch_size, num_slices, overlap, aggregation, cuts, ckpt_path.
+    task, key_metric, num_classes, n_folds, fold, lr, epochs, batch_size, num_slices, overlap, aggregation, cuts,
+    ckpt_path.
     Inside a ``monai.bundle run`` call the overrides it was given are checked first (:func:`check_overrides`).
     """
     if interface() == "bundle":

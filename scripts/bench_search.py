@@ -155,9 +155,8 @@ def _replay(store: Path, backbone: str, spatial_dims: int, eta: int, min_epochs:
     """The default (hierarchical, successive-halving) search replayed on an exhaustive search's trials: every
     trial's schedule spans all epochs, so a trial stopped at a rung or continued from it should have the history
     of the uninterrupted one (CTPA's did not before the WindowDataset fix, see docs/cutoff_search_bench.md), and
-    the rung decisions (``promote`` on ``rung_score``) can be
-    taken from the exhaustive histories. Returns the epochs it would train and its pick (both stages, fully trained, best mean
-    validation AUROC): other ``eta`` / ``min_epochs`` measured without training again (``min_epochs`` = the
+    the rung decisions (``promote`` on ``rung_score``) can be taken from the exhaustive histories. Returns the
+    epochs it would train and its pick (both stages, fully trained, best mean validation AUROC): other ``eta`` / ``min_epochs`` measured without training again (``min_epochs`` = the
     trials' epochs: the hierarchical search without early termination)."""
     import statistics
 

@@ -15,6 +15,5 @@ from ._compare import Comparison, compare_runs, load_run
 from ._report import comparison_lines, write_comparison, write_evaluation
 from .handler import EvaluationReport, training_record
 
-__all__ = ["CaseReport", "Comparison", "EvaluationReport", "binary_arrays", "case_report", "choose_threshold", "compare_runs",
-           "comparison_lines", "load_run", "training_record", "write_comparison",
-           "write_evaluation"]
+__all__ = ["CaseReport", "Comparison", "EvaluationReport", "binary_arrays", "case_report", "choose_threshold",
+           "compare_runs", "comparison_lines", "load_run", "training_record", "write_comparison", "write_evaluation"]
