@@ -41,3 +41,33 @@ def test_activation_bar_only_on_a_terminal(monkeypatch, stream, shown):
     acts = collect_activations(model, data, ["0"], batch_size=1, progress=True)
     assert set(acts) == {"0"}
     assert ("activations" in err.getvalue()) is shown
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_window_dataset_caching_bar_follows_progress(tmp_path, monkeypatch, progress):
+    import json
+
+    from medtl3d.data.phantoms import generate_ctpa
+    from medtl3d.data.presets import preset
+    from medtl3d.data.windows import WindowDataset
+
+    datalist = generate_ctpa(tmp_path, 1, shape=(8, 16, 16), seed=1)
+    items = [{**item, "image": str(tmp_path / item["image"])} for item in json.loads(datalist.read_text())["training"]]
+    err = _Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    dataset = WindowDataset(items, preset("ct", train=False, size=16), num_slices=8, progress=progress)
+    assert len(dataset) == 1 and ("Loading dataset" in err.getvalue()) is progress
+
+
+def test_ctpa_bundle_datasets_show_the_caching_bar_on_a_terminal_only():
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    configs = Path(__file__).resolve().parents[1] / "bundles" / "ctpa_pe_classification" / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / name) for name in ("train.yaml", "evaluate.yaml", "analysis.yaml")])
+    names = [k for k, v in parser.get().items() if isinstance(v, dict) and str(v.get("_target_", "")).endswith(
+        "WindowDataset")]
+    assert sorted(names) == ["analysis_dataset", "eval_dataset", "probe_dataset", "train_dataset", "val_dataset"]
+    assert all(parser[f"{name}#progress"] == "$medtl3d.engine.runtime.on_terminal()" for name in names)

@@ -91,14 +91,15 @@ class WindowDataset(torch.utils.data.Dataset):
     ``mask_key``. ``transform`` is the preprocessing (e.g. ``preset("ct", train=..., label_key=mask_key)``) and must
     output (C, D, H, W) with D the slice axis; its random transforms must keep D. Volumes are loaded with
     :class:`~medtl3d.data.io.LoadCased` (``irregular`` passed on) and the deterministic part of ``transform`` is
-    applied once: kept in memory with ``cache=True`` (MONAI ``CacheDataset``, ``num_workers`` threads; each window is
+    applied once: kept in memory with ``cache=True`` (MONAI ``CacheDataset``, ``num_workers`` threads, its
+    "Loading dataset" bar with ``progress``: the bundles show it on a terminal only; each window is
     copied out of it, so in-place transforms leave it intact), recomputed at every access with ``cache=False``
     (then each volume is also preprocessed once up front to count windows).
     """
 
     def __init__(self, items: Sequence[Mapping[str, Any]], transform: Compose | Sequence | None,
                  num_slices: int = 24, overlap: int = 0, label_from: str = "series", mask_key: str = "lesion",
-                 cache: bool = True, num_workers: int = 1, irregular: str = "refuse") -> None:
+                 cache: bool = True, num_workers: int = 1, irregular: str = "refuse", progress: bool = True) -> None:
         if label_from not in LABEL_SOURCES:
             raise DataError(f"label_from={label_from!r}: expected one of {LABEL_SOURCES}")
         slice_windows(num_slices, num_slices, overlap)  # validates num_slices / overlap
@@ -116,7 +117,8 @@ class WindowDataset(torch.utils.data.Dataset):
         prepare = Compose([LoadCased(self.keys, irregular=irregular), *deterministic.transforms])
         with monai_errors_unwrapped():
             self._volumes = (CacheDataset(self.items, prepare, cache_rate=1.0, num_workers=num_workers,
-                                          copy_cache=False) if cache else Dataset(self.items, prepare))
+                                          copy_cache=False, progress=progress)
+                             if cache else Dataset(self.items, prepare))
         self.series = [str(item.get("series") or getattr(item["image"], "case_id", item["image"]))
                        for item in self.items]
         self.windows: list[tuple[int, int, int, int]] = []  # (item, window index, start, stop)
