@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from monai.bundle import ConfigParser, scripts
 
-from .errors import Medtl3dError
+from .errors import medtl3d_cause
 
 
 class ConfigIdError(SystemExit):
@@ -84,18 +84,6 @@ def _bundle_run_overrides() -> tuple[str | Sequence[str], dict] | None:
     return None
 
 
-def _medtl3d_error(error: BaseException | None) -> Medtl3dError | None:
-    """The first error medtl3d raised on purpose in ``error``'s chain of causes (MONAI wraps the errors of config
-    expressions and components in ``RuntimeError``s)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, Medtl3dError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
-
-
 def report_bundle_errors() -> None:
     """From now on, an uncaught error whose cause is a medtl3d error ends the process (status 1) with one line,
     ``medtl3d bundle: <its message>``, instead of MONAI's wrapper traceback; ``MEDTL3D_TRACEBACK=1`` shows the
@@ -105,7 +93,7 @@ def report_bundle_errors() -> None:
     previous = sys.excepthook
 
     def hook(kind, error, traceback) -> None:
-        ours = _medtl3d_error(error)
+        ours = medtl3d_cause(error)
         if ours is None or os.environ.get("MEDTL3D_TRACEBACK"):
             previous(kind, error, traceback)
         else:

@@ -122,3 +122,16 @@ def one_line(message: object, limit: int = 300) -> str:
 class NoPretrainedWeightsWarning(UserWarning):
     """A transfer strategy built without pretrained weights: the kept units start random, nothing is transferred.
     Rebuilding a saved model (whose checkpoint holds the tensors) is not that, and silences it."""
+
+
+def medtl3d_cause(error: BaseException | None) -> Medtl3dError | None:
+    """The first error medtl3d raised on purpose in ``error``'s chain of causes: MONAI wraps the errors of
+    transforms (``RuntimeError("applying transform ...")``, once per nested ``Compose`` / dataset), config
+    expressions and components."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, Medtl3dError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None

@@ -28,7 +28,7 @@ from . import engine
 from ._config_security import explain_config_security
 from .backbones import TIMM_PREFIX, build_backbone, get_entry, list_backbones
 from .config_ids import (_ID_TYPES, _TYPE_NAMES, ConfigIdError, _bundle_run_overrides, _check_type,  # noqa: F401
-                         _medtl3d_error, check_overrides, report_bundle_errors)
+                         check_overrides, report_bundle_errors)
 from .data.datalists import load_datalist
 from .data.io import LoadCased
 from .data.prepare import PHANTOMS, prepare_datalist  # noqa: F401

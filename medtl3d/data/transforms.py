@@ -14,7 +14,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, InvertibleTransform, MapTransform, RandomizableTransform
 
-from ..errors import DataError, Medtl3dError
+from ..errors import DataError, medtl3d_cause
 
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -136,18 +136,6 @@ class RandApplyd(RandomizableTransform, MapTransform):
         self.randomize(None)
         return self.transform(data) if self._do_transform else dict(data)
 
-
-
-def medtl3d_cause(err: BaseException) -> Medtl3dError | None:
-    """The medtl3d error behind ``err``: MONAI wraps every transform error in ``RuntimeError("applying
-    transform ...")`` (once per nested ``Compose``/dataset)."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, Medtl3dError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
 
 
 @contextmanager

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from monai.bundle import ConfigParser
 
-from ..config_ids import ConfigIdError, _medtl3d_error, check_overrides
+from ..config_ids import ConfigIdError, check_overrides
 from ..data.presets import parse_preset_options
-from ..errors import Medtl3dError
+from ..errors import Medtl3dError, medtl3d_cause
 
 
 def add_parser(commands) -> None:
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"medtl3d lr-find: error: --set {err.config_id}: {err.problem}", file=sys.stderr)
         return 2
     except (Medtl3dError, RuntimeError) as err:
-        ours = _medtl3d_error(err)
+        ours = medtl3d_cause(err)
         if ours is None:
             raise
         print(f"medtl3d lr-find: error: {' '.join(str(ours).split())}", file=sys.stderr)

@@ -43,14 +43,13 @@ from torch import nn
 
 from ..data.io import decoded_size_limit, find_cases, load_image
 from ..data.presets import preset as make_preset
-from ..data.transforms import medtl3d_cause
 from ..data.windows import slice_windows, take_window
 from ..engine import TASKS
 from ..engine._checks import resolve_device
 from ..engine.runtime import on_terminal
 from ..engine._tasks import check_outputs
 from ..engine.metrics import AGGREGATIONS
-from ..errors import DataError, OutputError, TrainingError, one_line
+from ..errors import DataError, OutputError, TrainingError, medtl3d_cause, one_line
 from ..locking import output_lock
 from ..reporting import atomic_write, write_csv, write_text
 from ._journal import JOURNAL_DIR, _Journal, _model_digest  # noqa: F401  (JOURNAL_DIR: where the journal lives)
