@@ -17,8 +17,9 @@ both stayed near chance (validation AUROC 0.25-0.75 from epoch to epoch), also w
 series and epochs (``scripts/bench_attribution.py``: 160 series, 24 epochs), which for a grid of about 30 trainings
 is far beyond 15 CPU minutes. The X-ray phantom at 64 px is learned in 5 epochs from 128 training images
 (full fine-tuning: validation AUROC 0.86-0.93 over the 3 folds); numbers in ``docs/study_reproduction.md``.
-The 3D numbers above predate the fix of a window-cache bug that re-normalised some cached CTPA volumes in place
-(``medtl3d.data.windows``); they have to be measured again (``docs/study_reproduction.md``).
+Measured again after the fix of a window-cache bug that re-normalised some cached CTPA volumes in place
+(``medtl3d.data.windows``): still near chance (``scripts/study_reproduction.py ctpa``: 96 series, 3 folds, 8 epochs;
+validation AUROC 0.51-0.66 for full fine-tuning, 0.54-0.67 for random init; ``docs/study_reproduction.md``).
 """
 
 from __future__ import annotations
