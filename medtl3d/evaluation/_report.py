@@ -5,7 +5,7 @@ segmentation).
 ``evaluation.json`` is the record to reproduce every figure from: the metric rows, threshold and operating point,
 the curves' points, and in ``metadata`` the per-case predictions' file (with its SHA-256), the checkpoint, its
 training seed and data hashes, the fold and data seed when given, and the bootstrap's settings. Comparison:
-``comparison.csv`` / ``.json`` / ``.md`` and the one-screen console summary.
+``comparison.csv`` / ``.json`` / ``.md``, its PNGs (:mod:`._compare_plot`) and the one-screen console summary.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 from ..reporting import markdown_table, pyplot, save_figure, write_csv, write_json, write_text
 from ._cases import CaseReport
 from ._compare import Comparison
+from ._compare_plot import plot_comparison
 
 METRIC_COLUMNS = ("metric", "estimate", "low", "high", "interval", "cases")
 
@@ -130,15 +131,15 @@ def comparison_lines(comparison: Comparison) -> list[str]:
     runs = (f"A = {comparison.runs_a[0]}, B = {comparison.runs_b[0]}" if len(comparison.runs_a) == 1 else
             f"A = {len(comparison.runs_a)} runs, B = {len(comparison.runs_b)} runs, paired by fold and seed")
     lines = [f"{comparison.task}, {comparison.cases} test cases; {runs}", "",
-             f"{'metric':<12}{'A':>9}{'B':>9}{'A - B':>10}  {'interval':<20}{'p':>8}  method"]
+             f"{'metric':<15}{'A':>9}{'B':>9}{'A - B':>10}  {'interval':<20}{'p':>8}  method"]
     for row in comparison.rows:
         interval = "-" if row.get("low") is None else f"[{row['low']:+.4f}, {row['high']:+.4f}]"
-        lines.append(f"{row['metric']:<12}{_number(row.get('estimate_a')):>9}{_number(row.get('estimate_b')):>9}"
+        lines.append(f"{row['metric']:<15}{_number(row.get('estimate_a')):>9}{_number(row.get('estimate_b')):>9}"
                      f"{_number(row.get('difference'), sign=True):>10}  {interval:<20}"
                      f"{_number(row.get('p_value')):>8}  {row['method']}")
     if comparison.mcnemar:
         m = comparison.mcnemar
-        lines += ["", f"McNemar (decisions at each run's threshold): only A right {m['only_a_correct']}, only B right "
+        lines += ["", f"McNemar (decisions {m['decisions']}): only A right {m['only_a_correct']}, only B right "
                       f"{m['only_b_correct']}, p = {_number(m['p_value'])} ({m['method']})"]
     lines += ["", f"verdict: A is {comparison.verdict.upper()} to B on {comparison.primary} (margin "
                   f"{comparison.margin:g}; {comparison.verdict_basis})"]
@@ -146,7 +147,8 @@ def comparison_lines(comparison: Comparison) -> list[str]:
 
 
 def write_comparison(output_dir: str | Path, comparison: Comparison) -> dict[str, Path]:
-    """``comparison.csv`` / ``.json`` / ``.md`` under ``output_dir``."""
+    """``comparison.csv`` / ``.json`` / ``.md`` and ``comparison.png`` (binary: ``comparison_roc.png``) under
+    ``output_dir``."""
     directory = Path(output_dir)
     document = asdict(comparison)
     files = {"csv": write_csv(directory / "comparison.csv", comparison.rows, COMPARISON_COLUMNS)}
@@ -160,6 +162,7 @@ def write_comparison(output_dir: str | Path, comparison: Comparison) -> dict[str
         lines.append(markdown_table([comparison.mcnemar], title="McNemar"))
     if comparison.pairs:
         lines.append(markdown_table(comparison.pairs, title="Per pair of runs (A - B)"))
-    files["md"] = write_text(directory / "comparison.md", "\n".join(lines))
+    files["md"] = write_text(directory / "comparison.md", "\n".join(lines + ["![A - B](comparison.png)", ""]))
     files["json"] = write_json(directory / "comparison.json", document)
+    files.update(plot_comparison(document, directory))
     return files
