@@ -20,7 +20,8 @@ every case alike, e.g. a run compared with itself, are "no difference", so non-i
 every pair gave the same difference, no spread to tell noise from an effect, so the verdict is inconclusive (the
 search's and the study's rule, :func:`medtl3d.stats.informative`), even for runs compared with themselves.
 
-Runs evaluated on different cases (or with different labels) are refused: a paired test needs the same cases.
+Runs evaluated on different cases (or with different labels) are refused: a paired test needs the same cases. HD95
+is compared only between runs that give it in one unit (``hd95_unit``: mm, or px where the masks record no spacing).
 """
 
 from __future__ import annotations
@@ -233,6 +234,7 @@ class Comparison:
     mcnemar: dict | None = None
     pairs: list[dict] = field(default_factory=list)
     curves: dict = field(default_factory=dict)
+    units: dict = field(default_factory=dict)
 
 
 def _verdict(primary: str, rows: list[dict], margin: float, *, exact: bool) -> tuple[str, str]:
@@ -327,6 +329,20 @@ def _several(runs_a, runs_b, margin: float, level: float):
     return ids, rows, pairs, *_verdict(PRIMARY[task], rows, margin, exact=False)
 
 
+def _hd95_unit(run: EvaluatedRun) -> str:
+    """``mm`` or ``px`` (runs evaluated before the unit was recorded: px); ``mm/px`` if its cases mix them."""
+    return "/".join(sorted({row.get("hd95_unit") or "px" for row in run.rows.values()}))
+
+
+def _without_hd95(comparison: Comparison, units: set[str]) -> None:
+    """HD95 in different units is not a difference: its rows say so, the pairs drop it (in place)."""
+    reason = f"none: HD95 in {' and '.join(sorted(units))} across the runs, not comparable"
+    rows = [row for row in comparison.rows if row["metric"] != "hd95"]
+    comparison.rows = rows + [{"metric": "hd95", "method": reason}]
+    for pair in comparison.pairs:
+        pair.pop("hd95", None)
+
+
 def compare_runs(arm_a: Sequence[str | Path], arm_b: Sequence[str | Path], *, margin: float | None = None,
                  level: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> Comparison:
     """Compare candidate arm ``arm_a`` with reference arm ``arm_b`` (folders of evaluated runs; see module doc)."""
@@ -343,6 +359,14 @@ def compare_runs(arm_a: Sequence[str | Path], arm_b: Sequence[str | Path], *, ma
     names = ([str(r.folder) for r in runs_a], [str(r.folder) for r in runs_b])
     if len(runs_a) == 1 and len(runs_b) == 1:
         ids, rows, mcnemar, curves, verdict, basis = _single(runs_a[0], runs_b[0], margin, level, n_resamples, seed)
-        return Comparison(task, primary, margin, verdict, basis, rows, *names, len(ids), mcnemar, curves=curves)
-    ids, rows, pairs, verdict, basis = _several(runs_a, runs_b, margin, level)
-    return Comparison(task, primary, margin, verdict, basis, rows, *names, len(ids), pairs=pairs)
+        comparison = Comparison(task, primary, margin, verdict, basis, rows, *names, len(ids), mcnemar, curves=curves)
+    else:
+        ids, rows, pairs, verdict, basis = _several(runs_a, runs_b, margin, level)
+        comparison = Comparison(task, primary, margin, verdict, basis, rows, *names, len(ids), pairs=pairs)
+    if task == "segmentation":
+        units = {_hd95_unit(run) for run in runs_a + runs_b}
+        if len(units) == 1:
+            comparison.units = {"hd95": units.pop()}
+        else:
+            _without_hd95(comparison, units)
+    return comparison

@@ -73,7 +73,7 @@ def _plot_per_class(directory: Path, curves: Mapping) -> dict[str, Path]:
     return {"roc_png": save_figure(figure, directory / "roc.png")}
 
 
-def _plot_cases(directory: Path, case_rows) -> dict[str, Path]:
+def _plot_cases(directory: Path, case_rows, units: Mapping) -> dict[str, Path]:
     plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(8, 3.5))
     for axis, name in zip(axes, ("dice", "hd95")):
@@ -81,7 +81,8 @@ def _plot_cases(directory: Path, case_rows) -> dict[str, Path]:
         values = values[np.isfinite(values)]
         axis.plot(np.random.default_rng(0).uniform(-0.1, 0.1, values.size), values, "o", alpha=0.6)
         axis.boxplot(values, positions=[0], widths=0.4, showfliers=False)
-        axis.set(title=f"{name} per case ({values.size})", xticks=[])
+        unit = f" ({units[name]})" if name in units else ""
+        axis.set(title=f"{name}{unit} per case ({values.size})", xticks=[])
     figure.tight_layout()
     return {"cases_png": save_figure(figure, directory / "cases.png")}
 
@@ -92,12 +93,14 @@ def write_evaluation(output_dir: str | Path, report: CaseReport, case_rows, meta
     directory = Path(output_dir)
     document = {"metadata": dict(metadata), "task": report.task, "cases": report.cases, "metrics": report.metrics,
                 "threshold": report.threshold, "operating_point": report.operating_point, "curves": report.curves}
-    files = {"csv": write_csv(directory / "evaluation.csv", report.metrics, METRIC_COLUMNS)}
+    units = {row["metric"]: row["unit"] for row in report.metrics if "unit" in row}  # HD95: mm or px
+    columns = METRIC_COLUMNS + (("unit",) if units else ())
+    files = {"csv": write_csv(directory / "evaluation.csv", report.metrics, columns)}
     level = metadata.get("bootstrap", {}).get("level", 0.95)
     lines = [f"# Evaluation ({report.task}, {report.cases} test cases)", "",
              f"Intervals: {level:.0%}, over test cases; per-case predictions in `{metadata.get('predictions')}`.", ""]
     rows = [{**row, "ci": _ci(row)} for row in report.metrics]
-    lines.append(markdown_table(rows, ["metric", "estimate", "ci", "interval", "cases"], "Metrics"))
+    lines.append(markdown_table(rows, ["metric", "estimate", "ci", "interval", "cases", *columns[6:]], "Metrics"))
     if report.threshold is not None:
         threshold = report.threshold
         lines += [f"Threshold **{threshold['threshold']:.4g}** ({threshold['rule']}); the metrics from sensitivity "
@@ -109,7 +112,7 @@ def write_evaluation(output_dir: str | Path, report: CaseReport, case_rows, meta
     if report.task == "binary" and report.curves:  # no curves when the test cases hold one class
         files.update(_plot_binary(directory, report, next(r for r in report.metrics if r["metric"] == "auroc")))
     elif report.task == "segmentation":
-        files.update(_plot_cases(directory, case_rows))
+        files.update(_plot_cases(directory, case_rows, units))
     elif report.curves.get("roc_per_class"):
         files.update(_plot_per_class(directory, report.curves["roc_per_class"]))
     document["files"] = {key: path.name for key, path in files.items()}
@@ -134,7 +137,8 @@ def comparison_lines(comparison: Comparison) -> list[str]:
              f"{'metric':<15}{'A':>9}{'B':>9}{'A - B':>10}  {'interval':<20}{'p':>8}  method"]
     for row in comparison.rows:
         interval = "-" if row.get("low") is None else f"[{row['low']:+.4f}, {row['high']:+.4f}]"
-        lines.append(f"{row['metric']:<15}{_number(row.get('estimate_a')):>9}{_number(row.get('estimate_b')):>9}"
+        name = row["metric"] + (f" ({comparison.units[row['metric']]})" if row["metric"] in comparison.units else "")
+        lines.append(f"{name:<15}{_number(row.get('estimate_a')):>9}{_number(row.get('estimate_b')):>9}"
                      f"{_number(row.get('difference'), sign=True):>10}  {interval:<20}"
                      f"{_number(row.get('p_value')):>8}  {row['method']}")
     if comparison.mcnemar:
@@ -157,6 +161,7 @@ def write_comparison(output_dir: str | Path, comparison: Comparison) -> dict[str
              f"{comparison.verdict_basis}).", "",
              "A: " + ", ".join(f"`{r}`" for r in comparison.runs_a), "",
              "B: " + ", ".join(f"`{r}`" for r in comparison.runs_b), ""]
+    lines += [f"{metric} in {unit}." for metric, unit in comparison.units.items()] + [""] * bool(comparison.units)
     lines.append(markdown_table(comparison.rows, COMPARISON_COLUMNS, "Differences"))
     if comparison.mcnemar:
         lines.append(markdown_table([comparison.mcnemar], title="McNemar"))
