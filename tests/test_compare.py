@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from scipy import stats
 from sklearn.metrics import roc_auc_score, roc_curve
-from test_stats import delong_by_pairs
 
 from medtl3d.cli import main
 from medtl3d.evaluation import compare_runs, plot_comparison, write_comparison
 from medtl3d.provenance import sha256_file
 from medtl3d.reporting import write_csv, write_json
 from medtl3d.stats import corrected_resampled_ttest
+from test_stats import delong_by_pairs  # the O(mn) DeLong reference
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

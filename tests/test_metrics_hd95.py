@@ -15,11 +15,11 @@ from monai.engines import SupervisedEvaluator
 from PIL import Image
 from torch import nn
 
+from medtl3d.data.presets import preset
 from medtl3d.engine import BatchPreparer
 from medtl3d.engine.components import case_metrics
 from medtl3d.engine.metrics import mask_spacing, segmentation_case_scores
 from medtl3d.evaluation import case_report, compare_runs
-from medtl3d.data.presets import preset
 from medtl3d.provenance import sha256_file
 from medtl3d.reporting import write_csv, write_json
 from medtl3d.workflows import image_dataset

@@ -1,7 +1,7 @@
 """Statistics: DeLong against the O(mn) structural components of DeLong et al. (1988) and the Hanley & McNeil (1982)
 rating data, the bootstrap (stratification, BCa fallback, seeds, pairing), McNemar, the corrected resampled t-test,
-non-inferiority verdicts, Holm's adjustment, the macro AUROC, thresholds, operating points and calibration, each against hand computations or an
-independent implementation (sklearn, scipy)."""
+non-inferiority verdicts, Holm's adjustment, the macro AUROC, thresholds, operating points and calibration, each
+against hand computations or an independent implementation (sklearn, scipy)."""
 
 from __future__ import annotations
 

@@ -185,7 +185,8 @@ class CaseCollector(Metric):
     or the arg-max mask). Classification keeps the probabilities and labels; with ``series_key`` the rows are
     aggregated per series (max or mean) first. Segmentation keeps per-case Dice, Jaccard and HD95 of the mask,
     never the masks; HD95 in mm where the batch's label ``MetaTensor`` records the spacing
-    (:func:`~medtl3d.engine.metrics.mask_spacing`), else in pixels, its unit in each row's ``hd95_unit``. ``rows`` holds the per-case (or per-series) predictions after ``compute``.
+    (:func:`~medtl3d.engine.metrics.mask_spacing`), else in pixels, its unit in each row's ``hd95_unit``.
+    ``rows`` holds the per-case (or per-series) predictions after ``compute``.
     Attached in ``flatten`` mode, so each metric lands in ``engine.state.metrics`` under its own name. With ``world > 1``
     each rank has seen the cases ``rank, rank + world, ...`` (MONAI's ``DistributedSampler`` without padding):
     ``compute`` gathers every rank's cases back into dataset order first, so the metrics are the single-process

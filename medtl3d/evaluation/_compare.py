@@ -4,16 +4,17 @@ RUN_A is the candidate, RUN_B the reference; every difference is ``A - B``. One 
 for AUROC, the paired stratified bootstrap for every metric (each run at its own threshold, chosen on its own
 validation data), McNemar's test of the two runs' correct / wrong decisions, and a non-inferiority verdict on the
 primary metric (AUROC's DeLong interval; Dice's bootstrap interval) with a margin set beforehand (default 0.02
-AUROC, 0.01 Dice).
+AUROC, 0.01 Dice). Several runs per arm (folds x seeds): runs are paired by fold (or, where no fold was recorded,
+by the content hash of their validation data) and training seed, and each metric's per-pair differences go through
+the corrected resampled t-test of Nadeau & Bengio, whose interval gives the verdict.
 
 Multi-class and multi-label runs: the macro AUROC difference with its paired bootstrap interval (stratified by class
 for multi-class; plain for multi-label, whose label sets are too many strata), which carries the verdict at the AUROC
 margin; each class's one-vs-rest AUROC by DeLong's paired test, its p-values Holm-adjusted over the classes (the
 family-wise error rate; the per-class intervals stay unadjusted at the stated level); multi-class also the arg-max
 accuracy difference and McNemar's test of the arg-max decisions. Multi-label has no decision threshold chosen on
-validation data, so no McNemar. Several runs per arm (folds x seeds): runs are paired by fold (or, where no fold was recorded,
-by the content hash of their validation data) and training seed, and each metric's per-pair differences go through
-the corrected resampled t-test of Nadeau & Bengio, whose interval gives the verdict.
+validation data, so no McNemar. Across folds x seeds the same metrics go through the corrected resampled t-test, the
+per-class p-values again Holm-adjusted.
 
 An interval of zero width: one run per arm, the case-level interval is an exact measurement (two runs that score
 every case alike, e.g. a run compared with itself, are "no difference", so non-inferior); several runs, it means
@@ -121,8 +122,14 @@ def _class_flags(y: np.ndarray, c: int) -> np.ndarray:
     return y == c if y.ndim == 1 else y[:, c].astype(bool)
 
 
-def _one_vs_rest(c: int):
-    return lambda y, scores: auroc(_class_flags(y, c), scores[:, c])
+@dataclass(frozen=True)
+class _OneVsRest:
+    """Class ``c``'s AUROC against the rest, as a metric of (labels, (N, K) scores)."""
+
+    c: int
+
+    def __call__(self, y, scores) -> float:
+        return auroc(_class_flags(y, self.c), scores[:, self.c])
 
 
 def _accuracy(y, decisions) -> float:
@@ -144,7 +151,7 @@ def _metric_functions(task: str, y=None, scores=None) -> dict:
     if task in ("multiclass", "multilabel"):
         columns = _defined_classes(y, scores.shape[1])
         functions = {"auroc (macro)": lambda labels, scores: macro_auroc(labels, scores, columns)}
-        functions.update({f"auroc [{c}]": _one_vs_rest(c) for c in columns})
+        functions.update({f"auroc [{c}]": _OneVsRest(c) for c in columns})
         if task == "multiclass":
             functions["accuracy"] = _accuracy
         return functions
@@ -164,9 +171,11 @@ def _multi_arrays(rows: Sequence[dict], task: str, what: str) -> tuple[np.ndarra
         labels = np.array([np.ravel(row["label"]) for row in rows]).astype(int)
     except (KeyError, TypeError, ValueError) as err:
         raise EvaluationError(f"{what}: {task} rows need a 'label' and one probability per class ({err})") from None
-    width = 1 if task == "multiclass" else scores.shape[1]
-    if scores.ndim != 2 or labels.shape != (len(rows), width) or not (0 <= labels).all() \
-            or not (labels < (scores.shape[1] if task == "multiclass" else 2)).all():
+    classes = scores.shape[1] if scores.ndim == 2 else 0
+    multiclass = task == "multiclass"
+    fits = (labels.shape == (len(rows), 1 if multiclass else classes)
+            and ((labels >= 0) & (labels < (classes if multiclass else 2))).all())
+    if not classes or not fits:
         raise EvaluationError(f"{what}: {task} labels of shape {labels.shape} do not fit the probabilities' "
                               f"{scores.shape} (class indices for multiclass, 0/1 per label for multilabel)")
     return (labels[:, 0] if task == "multiclass" else labels), scores
@@ -267,8 +276,8 @@ def _single(a: EvaluatedRun, b: EvaluatedRun, margin: float, level: float, n_res
         rows.append(_delong_row("auroc", y, arms_a["scores"], arms_b["scores"], level))
     for name, function in functions.items():
         labels, score_a, score_b = _paired(task, name, y, arms_a, arms_b)
-        if _per_class(name):  # one class's AUROC: DeLong's paired test (Holm-adjusted below)
-            c = int(name[len("auroc ["):-1])
+        if isinstance(function, _OneVsRest):  # DeLong's paired test (Holm-adjusted below)
+            c = function.c
             rows.append(_delong_row(name, _class_flags(y, c), score_a[:, c], score_b[:, c], level))
             continue
         try:
