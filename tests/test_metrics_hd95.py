@@ -1,20 +1,24 @@
 """HD95 in millimetres: constructed masks at anisotropic spacing against hand-computed distances, the spacing of a
 NIfTI mask read off its affine after the segmentation preset's resizing (through a real ``SupervisedEvaluator``
-with the bundles' batch preparer and case collector), pixels for a PNG mask, and no interval mixing the two."""
+with the bundles' batch preparer and case collector) and of a real CT label map after the ct preset, pixels for a
+PNG mask, and no interval mixing the two."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.data import DataLoader
+from monai.data import DataLoader, list_data_collate
 from monai.engines import SupervisedEvaluator
+from monai.transforms import Compose
 from PIL import Image
 from torch import nn
 
+from medtl3d.data.io import LoadCased
 from medtl3d.data.presets import preset
 from medtl3d.engine import BatchPreparer
 from medtl3d.engine.components import case_metrics
@@ -119,3 +123,24 @@ def test_mixed_units_never_share_an_interval(tmp_path):
     hd95_rows = [row for row in mixed.rows if row["metric"] == "hd95"]
     assert hd95_rows == [{"metric": "hd95", "method": "none: HD95 in mm and px across the runs, not comparable"}]
     assert mixed.units == {} and mixed.verdict == "non-inferior"  # Dice is still compared
+
+
+CT_SEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct_volumes" / "example_seg.nii.gz"
+
+
+@pytest.mark.skipif(not CT_SEG.is_file(), reason=f"real data not available ({CT_SEG} is absent)")
+def test_real_ct_label_map_spacing_after_the_ct_preset():
+    """TotalSegmentator's label map (122 x 101 x 30 voxels of 3 mm): in model order (D, H, W) after the ct preset's
+    in-plane resize to 32 x 32, 3 mm between slices, 101 * 3 / 32 mm between rows, 122 * 3 / 32 mm between columns."""
+    transform = preset("ct", train=False, keys=("image",), label_key="label", size=32)
+    batch = list_data_collate([Compose([LoadCased(["image", "label"]), *transform.transforms])(
+        {"image": str(CT_SEG), "label": str(CT_SEG)})])
+    label = batch["label"]
+    expected = [3.0, 101 * 3 / 32, 122 * 3 / 32]
+    assert label.shape[2:] == (30, 32, 32) and mask_spacing(label).tolist()[0] == pytest.approx(expected)
+    moved = torch.roll(label.as_tensor(), 1, dims=2)  # one slice along D
+    classes = int(label.max()) + 1
+    in_mm = segmentation_case_scores(moved, label.as_tensor(), classes, mask_spacing(label))[2]
+    by_hand = segmentation_case_scores(moved, label.as_tensor(), classes, [expected])[2]
+    assert torch.equal(torch.isnan(in_mm), torch.isnan(by_hand)) and (in_mm.nan_to_num() == by_hand.nan_to_num()).all()
+    assert torch.nanmean(in_mm) > torch.nanmean(segmentation_case_scores(moved, label.as_tensor(), classes)[2])
