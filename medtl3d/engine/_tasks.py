@@ -216,8 +216,8 @@ class CaseCollector(Metric):
         # and the label's spacing, which the prepared (plain-tensor) label no longer carries
         output, batch = engine.state.output, engine.state.batch
         pred, label = output[CommonKeys.PRED], output[CommonKeys.LABEL]
-        spacing = mask_spacing(batch.get(LABEL)) if self.task == "segmentation" and isinstance(batch, Mapping) \
-            else None
+        loaded = batch.get(LABEL) if isinstance(batch, Mapping) else None
+        spacing = mask_spacing(loaded) if self.task == "segmentation" else None
         self.update((pred, label, _ids(batch, self.series_key or self.id_key, pred.shape[0]), spacing))
 
     def update(self, output: tuple) -> None:

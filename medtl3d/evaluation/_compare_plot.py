@@ -1,7 +1,7 @@
 """The comparison's figures, drawn from ``comparison.json`` alone (so :func:`plot_comparison` on a saved comparison
 redraws them, as :func:`medtl3d.study.plot_figures` does for a study): ``comparison.png``, a forest plot of every
-difference A - B with its interval, zero and the non-inferiority margin drawn, the primary metric's rows coloured by
-the verdict (HD95, in its own units, on a panel of its own); for one binary run per arm also
+difference A - B with its interval, zero and the non-inferiority margin drawn, the row the verdict was read from
+coloured by the verdict (HD95, in its own units, on a panel of its own); for one binary run per arm also
 ``comparison_roc.png``, both runs' ROC curves overlaid."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Mapping
 
 from ..reporting import pyplot, save_figure
+from ._compare import LOWER_IS_BETTER
 
 VERDICT_COLOURS = {"superior": "tab:green", "non-inferior": "tab:green", "inferior": "tab:red",
                    "inconclusive": "tab:orange"}
@@ -17,21 +18,23 @@ SEPARATE_SCALE = ("hd95",)  # a distance, not on the [-1, 1] scale of the other 
 
 
 def _label(row: Mapping) -> str:
-    method = row["method"].split(";")[0].split(",")[0]
-    return f"{row['metric']}: {method[:32]}"
+    method = row["method"].split(";")[0].split(",")[0].split(" (")[0]  # e.g. "corrected resampled t-test"
+    return f"{row['metric']}: {method}"
 
 
 def _forest(axis, rows, document: Mapping, *, with_margin: bool) -> None:
     primary, margin = document["primary"], document["margin"]
     for position, row in enumerate(reversed(rows)):
-        colour = VERDICT_COLOURS.get(document["verdict"], "black") if row["metric"] == primary else "tab:blue"
+        basis = row["metric"] == primary and row["method"] == document["verdict_basis"]
+        colour = VERDICT_COLOURS[document["verdict"]] if basis else "tab:blue"
         axis.errorbar(row["difference"], position, xerr=[[row["difference"] - row["low"]],
                                                          [row["high"] - row["difference"]]],
                       fmt="o", color=colour, capsize=3)
     axis.set_yticks(range(len(rows)), [_label(row) for row in reversed(rows)], fontsize=7)
+    axis.set_ylim(-0.7, len(rows) - 0.3)
     axis.axvline(0.0, color="grey", linewidth=1)
     if with_margin:
-        sign = -1.0 if primary not in SEPARATE_SCALE else 1.0
+        sign = 1.0 if primary in LOWER_IS_BETTER else -1.0
         axis.axvline(sign * margin, color="tab:red", linestyle="--", linewidth=1)
         axis.annotate(f"margin {sign * margin:+g}", (sign * margin, 1.0), xycoords=("data", "axes fraction"),
                       xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7,
