@@ -130,6 +130,7 @@ def test_evaluate_scores_the_test_split(bundle):
     assert all((out / "eval" / f).is_file() for f in report["files"].values())
     if name == "cxr_lung_segmentation":
         assert {m["metric"] for m in report["metrics"]} == {"dice", "jaccard", "hd95"} and "hd95" in rows[0]
+        assert {row["hd95_unit"] for row in rows} == {"px"}  # PNG masks: pixels of the network's grid
     else:  # evaluate.yaml passes val_data: the operating point's threshold is chosen on the validation split
         threshold = report["threshold"]
         assert threshold["rule"].startswith("youden on ") and 0.0 < threshold["threshold"] < 1.0

@@ -284,7 +284,8 @@ def test_segmentation_trains_a_unet_built_by_a_registered_builder(tmp_path):
     rebuilt = load_model(result.best_checkpoint)
     scores = evaluate(rebuilt, rows[16:], task="segmentation")
     assert scores.metrics["dice"] == pytest.approx(result.best_metric, abs=1e-6)
-    assert set(scores.predictions[0]) == {"id", "dice", "jaccard", "hd95"}
+    assert set(scores.predictions[0]) == {"id", "dice", "jaccard", "hd95", "hd95_unit"}
+    assert scores.predictions[0]["hd95_unit"] == "px"  # in-memory tensors record no spacing
 
 
 def test_bad_options_and_labels_fail_before_the_first_iteration(tmp_path):

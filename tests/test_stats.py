@@ -1,7 +1,7 @@
 """Statistics: DeLong against the O(mn) structural components of DeLong et al. (1988) and the Hanley & McNeil (1982)
 rating data, the bootstrap (stratification, BCa fallback, seeds, pairing), McNemar, the corrected resampled t-test,
-non-inferiority verdicts, thresholds, operating points and calibration, each against hand computations or an
-independent implementation (sklearn, scipy)."""
+non-inferiority verdicts, Holm's adjustment, the macro AUROC, thresholds, operating points and calibration, each
+against hand computations or an independent implementation (sklearn, scipy)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ from medtl3d.stats import (
     delong_covariance,
     delong_paired_test,
     expected_calibration_error,
+    holm_adjust,
     informative,
+    macro_auroc,
     mcnemar_test,
     noninferiority,
     operating_point,
@@ -344,3 +346,27 @@ def test_average_precision_by_hand_and_against_sklearn():
         y[:2] = (0, 1)
         scores = rng.integers(0, 6, 30) / 5 if trial % 2 else rng.uniform(size=30)  # with and without ties
         assert average_precision(y, scores) == pytest.approx(average_precision_score(y, scores), abs=1e-12)
+
+
+def test_holm_adjust_by_hand():
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1: 0.02, 0.03, 0.06, 0.04 -> running maximum 0.02, 0.03, 0.06, 0.06
+    assert holm_adjust([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02], abs=1e-15)
+    assert holm_adjust([0.5, 0.6]) == pytest.approx([1.0, 1.0]) and holm_adjust([0.2]) == pytest.approx([0.2])
+    with pytest.raises(StatisticsError, match=r"p-values must lie in \[0, 1\]"):
+        holm_adjust([0.1, 1.5])
+
+
+def test_macro_auroc_against_sklearn_multiclass_and_multilabel():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 4, 60)
+    scores = rng.dirichlet(np.ones(4), 60) + 0.3 * np.eye(4)[y]
+    assert macro_auroc(y, scores) == pytest.approx(roc_auc_score(y, scores / scores.sum(1, keepdims=True),
+                                                                 multi_class="ovr"), abs=1e-12)
+    flags = (rng.uniform(size=(60, 3)) < 0.4).astype(int)
+    ties = rng.integers(0, 5, (60, 3)) / 4 + 0.2 * flags  # with ties
+    assert macro_auroc(flags, ties) == pytest.approx(roc_auc_score(flags, ties, average="macro"), abs=1e-12)
+    flags[:, 1] = 1  # a label on every case has no AUROC: averaged over labels 0 and 2 only
+    assert macro_auroc(flags, ties) == pytest.approx(np.mean([roc_auc_score(flags[:, k], ties[:, k]) for k in (0, 2)]))
+    assert macro_auroc(flags, ties, [2]) == pytest.approx(roc_auc_score(flags[:, 2], ties[:, 2]))
+    with pytest.raises(StatisticsError, match="no class has both"):
+        macro_auroc(np.ones((5, 2)), np.zeros((5, 2)))

@@ -5,6 +5,8 @@ window-level outputs can be aggregated per series first).
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -19,10 +21,12 @@ from torch import nn
 from ..errors import TrainingError
 from .metrics import (
     CLASSIFICATION_METRICS,
+    HD95_UNITS,
     SEGMENTATION_METRICS,
     _nanmean,
     aggregate_series,
     classification_metrics,
+    mask_spacing,
     segmentation_case_scores,
 )
 
@@ -180,7 +184,9 @@ class CaseCollector(Metric):
     ``postprocessing`` turns a batch of logits into what is scored (default :func:`post_transform`: probabilities,
     or the arg-max mask). Classification keeps the probabilities and labels; with ``series_key`` the rows are
     aggregated per series (max or mean) first. Segmentation keeps per-case Dice, Jaccard and HD95 of the mask,
-    never the masks. ``rows`` holds the per-case (or per-series) predictions after ``compute``.
+    never the masks; HD95 in mm where the batch's label ``MetaTensor`` records the spacing
+    (:func:`~medtl3d.engine.metrics.mask_spacing`), else in pixels, its unit in each row's ``hd95_unit``.
+    ``rows`` holds the per-case (or per-series) predictions after ``compute``.
     Attached in ``flatten`` mode, so each metric lands in ``engine.state.metrics`` under its own name. With ``world > 1``
     each rank has seen the cases ``rank, rank + world, ...`` (MONAI's ``DistributedSampler`` without padding):
     ``compute`` gathers every rank's cases back into dataset order first, so the metrics are the single-process
@@ -207,16 +213,22 @@ class CaseCollector(Metric):
 
     def iteration_completed(self, engine) -> None:
         # the ids live in the collated batch, which the default output-only path does not pass on
-        output = engine.state.output
+        # and the label's spacing, which the prepared (plain-tensor) label no longer carries
+        output, batch = engine.state.output, engine.state.batch
         pred, label = output[CommonKeys.PRED], output[CommonKeys.LABEL]
-        self.update((pred, label, _ids(engine.state.batch, self.series_key or self.id_key, pred.shape[0])))
+        loaded = batch.get(LABEL) if isinstance(batch, Mapping) else None
+        spacing = mask_spacing(loaded) if self.task == "segmentation" else None
+        self.update((pred, label, _ids(batch, self.series_key or self.id_key, pred.shape[0]), spacing))
 
-    def update(self, output: tuple[torch.Tensor, torch.Tensor, list | None]) -> None:
-        pred, label, ids = output
+    def update(self, output: tuple) -> None:
+        """``(pred, label, ids[, spacing])``: ``spacing`` (segmentation) as :func:`mask_spacing` gives it."""
+        pred, label, ids, spacing = (*output, None)[:4]
         pred, label = pred.detach().float(), label.detach()
         if self.task == "segmentation":
             masks = torch.as_tensor(self.postprocessing(pred)).cpu()
-            self._scores.append(torch.stack(segmentation_case_scores(masks, label.cpu(), pred.shape[1]), dim=1))
+            scores = segmentation_case_scores(masks, label.cpu(), pred.shape[1], spacing)
+            in_mm = torch.full_like(scores[0], float(spacing is not None))  # a column, so ranks gather it too
+            self._scores.append(torch.stack((*scores, in_mm), dim=1))
         else:
             check_outputs(self.task, pred.shape[1])
             self._scores.append(torch.as_tensor(self.postprocessing(pred)).float().cpu())
@@ -253,10 +265,16 @@ class CaseCollector(Metric):
             raise TrainingError("the evaluation data produced no batches")
         has_ids = any(i is not None for i in ids)
         if self.task == "segmentation":
-            dice, iou, hd95 = scores[:, 0], scores[:, 1], scores[:, 2]
+            dice, iou, hd95, in_mm = scores[:, 0], scores[:, 1], scores[:, 2], scores[:, 3, 0].bool()
+            if in_mm.any() and not in_mm.all():  # one interval over cases must not mix mm and pixels
+                warnings.warn(f"HD95 left out: {int(in_mm.sum())} of {len(in_mm)} test masks record their spacing "
+                              "(mm), the others do not (pixels); give them all in one format", RuntimeWarning,
+                              stacklevel=2)
+                hd95 = torch.full_like(hd95, math.nan)
             metrics = {"dice": _nanmean(dice), "jaccard": _nanmean(iou)}
             self.rows = [{**({"id": ids[i]} if has_ids else {}), "dice": _nanmean(dice[i]),
-                          "jaccard": _nanmean(iou[i]), "hd95": _nanmean(hd95[i])} for i in range(scores.shape[0])]
+                          "jaccard": _nanmean(iou[i]), "hd95": _nanmean(hd95[i]),
+                          "hd95_unit": HD95_UNITS[0] if in_mm[i] else HD95_UNITS[1]} for i in range(scores.shape[0])]
             return metrics
         labels = gathered_labels
         if self.task == "binary":

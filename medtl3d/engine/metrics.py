@@ -13,7 +13,9 @@ Classification metrics come from ``torchmetrics.functional``; segmentation metri
 - Segmentation: Dice and Jaccard (and per case the 95th-percentile Hausdorff distance) with the background channel
   excluded, averaged over every (case, class) pair that is defined: a class absent from both prediction and label
   is skipped, a class predicted where the label has none scores 0 (the nnU-Net convention; MONAI's
-  ``ignore_empty=True`` would skip such false positives).
+  ``ignore_empty=True`` would skip such false positives). HD95 is in millimetres where the masks' files record
+  their spacing (NIfTI, DICOM: :func:`mask_spacing` reads it off each case's affine after the preset's resizing),
+  else in pixels/voxels of the grid the network saw (PNG/JPEG record none); :data:`HD95_UNITS` names the two.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ CLASSIFICATION_TASKS = ("binary", "multiclass", "multilabel")
 CLASSIFICATION_METRICS = ("auroc", "auprc", "accuracy", "f1", "kappa")
 SEGMENTATION_METRICS = ("dice", "jaccard")
 AGGREGATIONS = ("max", "mean")
+HD95_UNITS = ("mm", "px")
+#: ``meta["kind"]`` of the files whose affine is in millimetres (:func:`medtl3d.data.io.load_image`).
+PHYSICAL_KINDS = ("nifti", "dicom")
 
 
 def metric_range(name: str) -> tuple[float, float]:
@@ -154,12 +159,34 @@ def _as_label_map(masks, name: str) -> torch.Tensor:
     return masks if masks.ndim >= 4 and masks.shape[1] == 1 else masks.unsqueeze(1)
 
 
-def segmentation_case_scores(pred_masks, labels, num_classes: int) -> tuple[torch.Tensor, ...]:
+def mask_spacing(masks) -> torch.Tensor | None:
+    """Each case's pixel/voxel spacing in mm along the array's spatial axes, ``(N, spatial_dims)``, of a batch of
+    masks ``(N, 1, *spatial)`` loaded as ``MetaTensor`` (collated by MONAI); ``None`` unless every case was read
+    from a file that records its spacing (``meta["kind"]`` in :data:`PHYSICAL_KINDS`; a PNG's affine is the
+    identity, pixels not millimetres).
+
+    The spacing is the length of each array axis's column of the affine, which MONAI's spatial transforms
+    (``Resized``, ``Spacingd``, crops, our axis reversal) update as they go, so it is that of the grid scored, not
+    the file's. (``monai.data.utils.affine_to_spacing`` reads only the first ``spatial_dims`` rows: for a 2D
+    image it would drop the world's third axis.)"""
+    meta = getattr(masks, "meta", None) or {}
+    kinds = meta.get("kind")
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds) if kinds is not None else []
+    if not kinds or any(kind not in PHYSICAL_KINDS for kind in kinds):
+        return None
+    spatial = masks.ndim - 2
+    affine = torch.as_tensor(masks.affine, dtype=torch.float64).reshape(-1, *masks.affine.shape[-2:])
+    spacing = torch.linalg.vector_norm(affine[:, :-1, :spatial], dim=1)
+    return spacing.expand(masks.shape[0], spatial)
+
+
+def segmentation_case_scores(pred_masks, labels, num_classes: int, spacing=None) -> tuple[torch.Tensor, ...]:
     """Per-case, per-foreground-class Dice, Jaccard and 95th-percentile Hausdorff distance ``(N, num_classes - 1)``.
 
     Dice and Jaccard are ``nan`` where prediction and label are both empty; HD95 (MONAI's
-    ``compute_hausdorff_distance(percentile=95)``, in pixels/voxels of the masks' grid) is ``nan`` where either is
-    empty (no surface to measure from)."""
+    ``compute_hausdorff_distance(percentile=95)``) is ``nan`` where either is empty (no surface to measure from).
+    HD95 is in the units of ``spacing``, one row per case along the masks' spatial axes (:func:`mask_spacing`:
+    mm), or in pixels/voxels of the masks' grid without it."""
     if num_classes < 2:
         raise TrainingError(f"segmentation needs num_classes >= 2 (background + foreground), got {num_classes}")
     pred = _as_label_map(pred_masks, "predicted masks")
@@ -176,7 +203,8 @@ def segmentation_case_scores(pred_masks, labels, num_classes: int) -> tuple[torc
     predicted, present = pred[:, 1:].sum(spatial) > 0, label[:, 1:].sum(spatial) > 0
     with warnings.catch_warnings():  # MONAI warns per empty mask; those are the nan cells
         warnings.simplefilter("ignore")
-        hd95 = compute_hausdorff_distance(pred, label, include_background=False, percentile=95)
+        hd95 = compute_hausdorff_distance(pred, label, include_background=False, percentile=95,
+                                          spacing=None if spacing is None else torch.as_tensor(spacing).tolist())
     both_empty = ~predicted & ~present
     return (dice.masked_fill(both_empty, math.nan), iou.masked_fill(both_empty, math.nan),
             hd95.float().masked_fill(~(predicted & present), math.nan))
@@ -219,9 +247,12 @@ def aggregate_series(probs, series_ids: Sequence[Hashable], how: str = "max") ->
 __all__ = [
     "AGGREGATIONS",
     "CLASSIFICATION_METRICS",
+    "HD95_UNITS",
+    "PHYSICAL_KINDS",
     "SEGMENTATION_METRICS",
     "aggregate_series",
     "classification_metrics",
+    "mask_spacing",
     "segmentation_case_scores",
     "segmentation_metrics",
 ]

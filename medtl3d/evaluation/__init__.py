@@ -5,15 +5,18 @@
   :class:`EvaluationReport` (a handler of the bundles' ``evaluate.yaml`` evaluator) writes it next to
   ``predictions.csv``.
 - :func:`compare_runs` (``medtl3d compare RUN_A RUN_B``): two evaluated runs (or arms of several runs, folds x
-  seeds) on the same test cases, with paired tests and a non-inferiority verdict.
+  seeds) on the same test cases, with paired tests and a non-inferiority verdict; :func:`plot_comparison` redraws
+  its PNGs from a saved ``comparison.json``.
 
 The statistics themselves are :mod:`medtl3d.stats`.
 """
 
 from ._cases import CaseReport, binary_arrays, case_report, choose_threshold
 from ._compare import Comparison, compare_runs, load_run
+from ._compare_plot import plot_comparison
 from ._report import comparison_lines, write_comparison, write_evaluation
 from .handler import EvaluationReport, training_record
 
 __all__ = ["CaseReport", "Comparison", "EvaluationReport", "binary_arrays", "case_report", "choose_threshold",
-           "compare_runs", "comparison_lines", "load_run", "training_record", "write_comparison", "write_evaluation"]
+           "compare_runs", "comparison_lines", "load_run", "plot_comparison", "training_record", "write_comparison",
+           "write_evaluation"]

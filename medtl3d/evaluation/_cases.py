@@ -5,7 +5,8 @@ Binary classification: AUROC (stratified BCa bootstrap and DeLong), AUPRC and th
 validation data (:func:`choose_threshold`), never at a fixed 0.5: an untrained model that calls every case positive
 can reach AUROC 0.78-0.96 and a flattering accuracy at 0.5. Multi-class and multi-label: the macro AUROC and each
 class's one-vs-rest AUROC and AUPRC. Segmentation: mean Dice, Jaccard and HD95 over cases, each over the cases where
-it is defined. The statistics are :mod:`medtl3d.stats`; this module decides which interval goes with which metric.
+it is defined (HD95 in its rows' ``hd95_unit``, mm or px). The statistics are :mod:`medtl3d.stats`; this module
+decides which interval goes with which metric.
 """
 
 from __future__ import annotations
@@ -169,6 +170,8 @@ def _segmentation(rows, intervals: _Intervals) -> CaseReport:
         else:
             intervals.rows.append({"metric": name, "estimate": None, "low": None, "high": None,
                                    "interval": "none: no case defines it", "cases": 0})
+    hd95 = next(row for row in intervals.rows if row["metric"] == "hd95")  # mm, or px where no spacing is known
+    hd95["unit"] = "/".join(sorted({row.get("hd95_unit", "px") for row in rows}))
     return CaseReport("segmentation", len(rows), intervals.rows)
 
 

@@ -8,12 +8,21 @@ AUROC, 0.01 Dice). Several runs per arm (folds x seeds): runs are paired by fold
 by the content hash of their validation data) and training seed, and each metric's per-pair differences go through
 the corrected resampled t-test of Nadeau & Bengio, whose interval gives the verdict.
 
+Multi-class and multi-label runs: the macro AUROC difference with its paired bootstrap interval (stratified by class
+for multi-class; plain for multi-label, whose label sets are too many strata), which carries the verdict at the AUROC
+margin; each class's one-vs-rest AUROC by DeLong's paired test, its p-values Holm-adjusted over the classes (the
+family-wise error rate; the per-class intervals stay unadjusted at the stated level); multi-class also the arg-max
+accuracy difference and McNemar's test of the arg-max decisions. Multi-label has no decision threshold chosen on
+validation data, so no McNemar. Across folds x seeds the same metrics go through the corrected resampled t-test, the
+per-class p-values again Holm-adjusted.
+
 An interval of zero width: one run per arm, the case-level interval is an exact measurement (two runs that score
 every case alike, e.g. a run compared with itself, are "no difference", so non-inferior); several runs, it means
 every pair gave the same difference, no spread to tell noise from an effect, so the verdict is inconclusive (the
 search's and the study's rule, :func:`medtl3d.stats.informative`), even for runs compared with themselves.
 
-Runs evaluated on different cases (or with different labels) are refused: a paired test needs the same cases.
+Runs evaluated on different cases (or with different labels) are refused: a paired test needs the same cases. HD95
+is compared only between runs that give it in one unit (``hd95_unit``: mm, or px where the masks record no spacing).
 """
 
 from __future__ import annotations
@@ -30,10 +39,11 @@ import numpy as np
 from ..errors import EvaluationError
 from ..provenance import sha256_file
 from ..stats import (DEFAULT_MARGINS, StatisticsError, auroc, average_precision, corrected_resampled_ttest,
-                     delong_paired_test, mcnemar_test, noninferiority, paired_bootstrap_diff)
+                     delong_paired_test, holm_adjust, macro_auroc, mcnemar_test, noninferiority,
+                     paired_bootstrap_diff, roc_curve)
 from ._cases import SEGMENTATION_COLUMNS, THRESHOLD_METRICS, _at_threshold, binary_arrays
 
-PRIMARY = {"binary": "auroc", "segmentation": "dice"}
+PRIMARY = {"binary": "auroc", "multiclass": "auroc (macro)", "multilabel": "auroc (macro)", "segmentation": "dice"}
 LOWER_IS_BETTER = {"hd95", "ece"}
 
 
@@ -99,7 +109,7 @@ def _same_cases(a: EvaluatedRun, b: EvaluatedRun) -> list[str]:
         raise EvaluationError(f"{a.folder} and {b.folder} were evaluated on different cases: {len(only_a)} only in "
                               f"the first (e.g. {only_a[:2]}), {len(only_b)} only in the second (e.g. {only_b[:2]})")
     ids = sorted(a.rows)
-    if a.task != "segmentation":
+    if a.task != "segmentation":  # multi-class / multi-label labels are JSON lists, compared as such
         differ = [i for i in ids if a.rows[i]["label"] != b.rows[i]["label"]]
         if differ:
             raise EvaluationError(f"{a.folder} and {b.folder} label {len(differ)} cases differently "
@@ -107,20 +117,77 @@ def _same_cases(a: EvaluatedRun, b: EvaluatedRun) -> list[str]:
     return ids
 
 
-def _metric_functions(task: str) -> dict:
+def _class_flags(y: np.ndarray, c: int) -> np.ndarray:
+    """Whether each case is of class / carries label ``c``: ``y`` holds class indices (N,) or 0/1 flags (N, K)."""
+    return y == c if y.ndim == 1 else y[:, c].astype(bool)
+
+
+@dataclass(frozen=True)
+class _OneVsRest:
+    """Class ``c``'s AUROC against the rest, as a metric of (labels, (N, K) scores)."""
+
+    c: int
+
+    def __call__(self, y, scores) -> float:
+        return auroc(_class_flags(y, self.c), scores[:, self.c])
+
+
+def _accuracy(y, decisions) -> float:
+    return float(np.mean(y == decisions))
+
+
+def _defined_classes(y: np.ndarray, classes: int) -> list[int]:
+    """The classes with both positive and negative test cases: those with an AUROC."""
+    return [c for c in range(classes) if 0 < _class_flags(y, c).sum() < len(y)]
+
+
+def _metric_functions(task: str, y=None, scores=None) -> dict:
     """``name -> metric``; a threshold metric gets each run's 0/1 decisions at its own threshold, so it is the
-    metric at 0.5 of those."""
+    metric at 0.5 of those. Multi-class / multi-label: the macro AUROC over the classes ``y`` defines (fixed, so
+    every resample and every run averages the same classes), each of them, and the arg-max accuracy (multi-class);
+    ``y`` and ``scores`` (N, K) are one run's labels and probabilities."""
     if task == "segmentation":
         return {name: np.mean for name in SEGMENTATION_COLUMNS}
+    if task in ("multiclass", "multilabel"):
+        columns = _defined_classes(y, scores.shape[1])
+        functions = {"auroc (macro)": lambda labels, scores: macro_auroc(labels, scores, columns)}
+        functions.update({f"auroc [{c}]": _OneVsRest(c) for c in columns})
+        if task == "multiclass":
+            functions["accuracy"] = _accuracy
+        return functions
     functions = {"auroc": auroc, "auprc": average_precision}
     functions.update({name: _at_threshold(name, 0.5) for name in THRESHOLD_METRICS})  # on 0/1 decisions
     return functions
+
+
+def _per_class(name: str) -> bool:
+    return name.startswith("auroc [")
+
+
+def _multi_arrays(rows: Sequence[dict], task: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, scores)``: class indices (N,) or 0/1 flags (N, K), and the (N, K) probabilities."""
+    try:
+        scores = np.array([np.ravel(row["probabilities"]) for row in rows], dtype=float)
+        labels = np.array([np.ravel(row["label"]) for row in rows]).astype(int)
+    except (KeyError, TypeError, ValueError) as err:
+        raise EvaluationError(f"{what}: {task} rows need a 'label' and one probability per class ({err})") from None
+    classes = scores.shape[1] if scores.ndim == 2 else 0
+    multiclass = task == "multiclass"
+    fits = (labels.shape == (len(rows), 1 if multiclass else classes)
+            and ((labels >= 0) & (labels < (classes if multiclass else 2))).all())
+    if not classes or not fits:
+        raise EvaluationError(f"{what}: {task} labels of shape {labels.shape} do not fit the probabilities' "
+                              f"{scores.shape} (class indices for multiclass, 0/1 per label for multilabel)")
+    return (labels[:, 0] if task == "multiclass" else labels), scores
 
 
 def _arrays(run: EvaluatedRun, ids: Sequence[str]):
     rows = [run.rows[i] for i in ids]
     if run.task == "segmentation":
         return None, {name: np.array([row[name] for row in rows], dtype=float) for name in SEGMENTATION_COLUMNS}
+    if run.task in ("multiclass", "multilabel"):
+        y, scores = _multi_arrays(rows, run.task, str(run.folder))
+        return y, {"scores": scores, "decisions": scores.argmax(axis=1)}
     y, p = binary_arrays(rows, str(run.folder))
     called = (p >= run.document["threshold"]["threshold"]).astype(float)
     return y, {"scores": p, "decisions": called}
@@ -132,8 +199,26 @@ def _paired(task: str, name: str, y, arms_a: dict, arms_b: dict) -> tuple:
     if task == "segmentation":
         both = np.isfinite(arms_a[name]) & np.isfinite(arms_b[name])
         return None, arms_a[name][both], arms_b[name][both]
-    source = "scores" if name in ("auroc", "auprc") else "decisions"
+    source = "scores" if name.startswith(("auroc", "auprc")) else "decisions"
     return y, arms_a[source], arms_b[source]
+
+
+def _holm(rows: list[dict]) -> None:
+    """Holm-adjust the p-values of the per-class rows that have one, over the classes (in place)."""
+    tested = [row for row in rows if _per_class(row["metric"]) and row.get("p_value") is not None]
+    if len(tested) < 2:
+        return
+    for row, adjusted in zip(tested, holm_adjust([row["p_value"] for row in tested])):
+        row.update(p_unadjusted=row["p_value"], p_value=float(adjusted),
+                   method=f"{row['method']}; p Holm-adjusted over {len(tested)} classes")
+
+
+def _roc_curves(y, scores_a, scores_b) -> dict:
+    """Both runs' ROC points (binary), for the comparison plot to redraw from the JSON."""
+    if len(np.unique(y)) < 2:
+        return {}
+    return {"roc": {arm: dict(zip(("fpr", "tpr"), (v.tolist() for v in roc_curve(y, s)[:2])))
+                    for arm, s in (("a", scores_a), ("b", scores_b))}}
 
 
 def _value(function, labels, values) -> float:
@@ -157,6 +242,8 @@ class Comparison:
     cases: int
     mcnemar: dict | None = None
     pairs: list[dict] = field(default_factory=list)
+    curves: dict = field(default_factory=dict)
+    units: dict = field(default_factory=dict)
 
 
 def _verdict(primary: str, rows: list[dict], margin: float, *, exact: bool) -> tuple[str, str]:
@@ -171,28 +258,42 @@ def _verdict(primary: str, rows: list[dict], margin: float, *, exact: bool) -> t
     return verdict.value, row["method"]
 
 
+def _delong_row(name: str, y, score_a, score_b, level: float) -> dict:
+    try:
+        return {"metric": name, **delong_paired_test(y, score_a, score_b, level).as_dict()}
+    except StatisticsError as err:
+        return {"metric": name, "method": f"DeLong paired: none: {err}"}
+
+
 def _single(a: EvaluatedRun, b: EvaluatedRun, margin: float, level: float, n_resamples: int, seed: int):
     ids = _same_cases(a, b)
     task = a.task
-    functions = _metric_functions(task)
     y, arms_a = _arrays(a, ids)
     _, arms_b = _arrays(b, ids)
-    rows, mcnemar = [], None
+    functions = _metric_functions(task, y, arms_a.get("scores"))
+    rows, mcnemar, curves = [], None, {}
     if task == "binary":
-        test = delong_paired_test(y, arms_a["scores"], arms_b["scores"], level)
-        rows.append({"metric": "auroc", **test.as_dict()})
+        rows.append(_delong_row("auroc", y, arms_a["scores"], arms_b["scores"], level))
     for name, function in functions.items():
         labels, score_a, score_b = _paired(task, name, y, arms_a, arms_b)
+        if isinstance(function, _OneVsRest):  # DeLong's paired test (Holm-adjusted below)
+            c = function.c
+            rows.append(_delong_row(name, _class_flags(y, c), score_a[:, c], score_b[:, c], level))
+            continue
         try:
             diff = paired_bootstrap_diff(function, labels, score_a, score_b, level=level, n_resamples=n_resamples,
-                                         seed=seed)
+                                         seed=seed, stratified=np.ndim(labels) == 1)
         except StatisticsError as err:
             rows.append({"metric": name, "method": f"none: {err}"})
             continue
         rows.append({"metric": name, **diff.as_dict()})
-    if task == "binary":
+    _holm(rows)
+    if task in ("binary", "multiclass"):
         mcnemar = mcnemar_test(arms_a["decisions"] == y, arms_b["decisions"] == y).as_dict()
-    return ids, rows, mcnemar, *_verdict(PRIMARY[task], rows, margin, exact=True)
+        mcnemar["decisions"] = "arg-max class" if task == "multiclass" else "at each run's own threshold"
+    if task == "binary":
+        curves = _roc_curves(y, arms_a["scores"], arms_b["scores"])
+    return ids, rows, mcnemar, curves, *_verdict(PRIMARY[task], rows, margin, exact=True)
 
 
 def _several(runs_a, runs_b, margin: float, level: float):
@@ -206,7 +307,8 @@ def _several(runs_a, runs_b, margin: float, level: float):
     task, ids = runs_a[0].task, sorted(runs_a[0].rows)
     for run in runs_a[1:] + runs_b:
         _same_cases(runs_a[0], run)
-    functions = _metric_functions(task)
+    y, arms = _arrays(runs_a[0], ids)
+    functions = _metric_functions(task, y, arms.get("scores"))
     pairs = []
     for run_a in runs_a:
         run_b = by_key[run_a.key]
@@ -232,7 +334,22 @@ def _several(runs_a, runs_b, margin: float, level: float):
         rows.append({"metric": name, "difference": test.mean_difference, "low": test.low, "high": test.high,
                      "p_value": test.p_value, "level": level, "method": f"{test.method}, {test.runs} runs",
                      "se": test.se, "runs": test.runs})
+    _holm(rows)
     return ids, rows, pairs, *_verdict(PRIMARY[task], rows, margin, exact=False)
+
+
+def _hd95_unit(run: EvaluatedRun) -> str:
+    """``mm`` or ``px`` (runs evaluated before the unit was recorded: px); ``mm/px`` if its cases mix them."""
+    return "/".join(sorted({row.get("hd95_unit") or "px" for row in run.rows.values()}))
+
+
+def _without_hd95(comparison: Comparison, units: set[str]) -> None:
+    """HD95 in different units is not a difference: its rows say so, the pairs drop it (in place)."""
+    reason = f"none: HD95 in {' and '.join(sorted(units))} across the runs, not comparable"
+    rows = [row for row in comparison.rows if row["metric"] != "hd95"]
+    comparison.rows = rows + [{"metric": "hd95", "method": reason}]
+    for pair in comparison.pairs:
+        pair.pop("hd95", None)
 
 
 def compare_runs(arm_a: Sequence[str | Path], arm_b: Sequence[str | Path], *, margin: float | None = None,
@@ -245,12 +362,20 @@ def compare_runs(arm_a: Sequence[str | Path], arm_b: Sequence[str | Path], *, ma
         raise EvaluationError(f"the runs are of different tasks ({', '.join(sorted(tasks))}); compare like with like")
     task = tasks.pop()
     if task not in PRIMARY:
-        raise EvaluationError(f"compare handles binary and segmentation runs; these are {task}")
+        raise EvaluationError(f"compare handles {', '.join(PRIMARY)} runs; these are {task}")
     primary = PRIMARY[task]
-    margin = DEFAULT_MARGINS[primary] if margin is None else float(margin)
+    margin = DEFAULT_MARGINS["dice" if task == "segmentation" else "auroc"] if margin is None else float(margin)
     names = ([str(r.folder) for r in runs_a], [str(r.folder) for r in runs_b])
     if len(runs_a) == 1 and len(runs_b) == 1:
-        ids, rows, mcnemar, verdict, basis = _single(runs_a[0], runs_b[0], margin, level, n_resamples, seed)
-        return Comparison(task, primary, margin, verdict, basis, rows, *names, len(ids), mcnemar)
-    ids, rows, pairs, verdict, basis = _several(runs_a, runs_b, margin, level)
-    return Comparison(task, primary, margin, verdict, basis, rows, *names, len(ids), pairs=pairs)
+        ids, rows, mcnemar, curves, verdict, basis = _single(runs_a[0], runs_b[0], margin, level, n_resamples, seed)
+        comparison = Comparison(task, primary, margin, verdict, basis, rows, *names, len(ids), mcnemar, curves=curves)
+    else:
+        ids, rows, pairs, verdict, basis = _several(runs_a, runs_b, margin, level)
+        comparison = Comparison(task, primary, margin, verdict, basis, rows, *names, len(ids), pairs=pairs)
+    if task == "segmentation":
+        units = {_hd95_unit(run) for run in runs_a + runs_b}
+        if len(units) == 1:
+            comparison.units = {"hd95": units.pop()}
+        else:
+            _without_hd95(comparison, units)
+    return comparison

@@ -5,7 +5,7 @@ segmentation).
 ``evaluation.json`` is the record to reproduce every figure from: the metric rows, threshold and operating point,
 the curves' points, and in ``metadata`` the per-case predictions' file (with its SHA-256), the checkpoint, its
 training seed and data hashes, the fold and data seed when given, and the bootstrap's settings. Comparison:
-``comparison.csv`` / ``.json`` / ``.md`` and the one-screen console summary.
+``comparison.csv`` / ``.json`` / ``.md``, its PNGs (:mod:`._compare_plot`) and the one-screen console summary.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 from ..reporting import markdown_table, pyplot, save_figure, write_csv, write_json, write_text
 from ._cases import CaseReport
 from ._compare import Comparison
+from ._compare_plot import plot_comparison
 
 METRIC_COLUMNS = ("metric", "estimate", "low", "high", "interval", "cases")
 
@@ -72,7 +73,7 @@ def _plot_per_class(directory: Path, curves: Mapping) -> dict[str, Path]:
     return {"roc_png": save_figure(figure, directory / "roc.png")}
 
 
-def _plot_cases(directory: Path, case_rows) -> dict[str, Path]:
+def _plot_cases(directory: Path, case_rows, units: Mapping) -> dict[str, Path]:
     plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(8, 3.5))
     for axis, name in zip(axes, ("dice", "hd95")):
@@ -80,7 +81,8 @@ def _plot_cases(directory: Path, case_rows) -> dict[str, Path]:
         values = values[np.isfinite(values)]
         axis.plot(np.random.default_rng(0).uniform(-0.1, 0.1, values.size), values, "o", alpha=0.6)
         axis.boxplot(values, positions=[0], widths=0.4, showfliers=False)
-        axis.set(title=f"{name} per case ({values.size})", xticks=[])
+        unit = f" ({units[name]})" if name in units else ""
+        axis.set(title=f"{name}{unit} per case ({values.size})", xticks=[])
     figure.tight_layout()
     return {"cases_png": save_figure(figure, directory / "cases.png")}
 
@@ -91,12 +93,14 @@ def write_evaluation(output_dir: str | Path, report: CaseReport, case_rows, meta
     directory = Path(output_dir)
     document = {"metadata": dict(metadata), "task": report.task, "cases": report.cases, "metrics": report.metrics,
                 "threshold": report.threshold, "operating_point": report.operating_point, "curves": report.curves}
-    files = {"csv": write_csv(directory / "evaluation.csv", report.metrics, METRIC_COLUMNS)}
+    units = {row["metric"]: row["unit"] for row in report.metrics if "unit" in row}  # HD95: mm or px
+    columns = METRIC_COLUMNS + (("unit",) if units else ())
+    files = {"csv": write_csv(directory / "evaluation.csv", report.metrics, columns)}
     level = metadata.get("bootstrap", {}).get("level", 0.95)
     lines = [f"# Evaluation ({report.task}, {report.cases} test cases)", "",
              f"Intervals: {level:.0%}, over test cases; per-case predictions in `{metadata.get('predictions')}`.", ""]
     rows = [{**row, "ci": _ci(row)} for row in report.metrics]
-    lines.append(markdown_table(rows, ["metric", "estimate", "ci", "interval", "cases"], "Metrics"))
+    lines.append(markdown_table(rows, ["metric", "estimate", "ci", "interval", "cases", *columns[6:]], "Metrics"))
     if report.threshold is not None:
         threshold = report.threshold
         lines += [f"Threshold **{threshold['threshold']:.4g}** ({threshold['rule']}); the metrics from sensitivity "
@@ -108,7 +112,7 @@ def write_evaluation(output_dir: str | Path, report: CaseReport, case_rows, meta
     if report.task == "binary" and report.curves:  # no curves when the test cases hold one class
         files.update(_plot_binary(directory, report, next(r for r in report.metrics if r["metric"] == "auroc")))
     elif report.task == "segmentation":
-        files.update(_plot_cases(directory, case_rows))
+        files.update(_plot_cases(directory, case_rows, units))
     elif report.curves.get("roc_per_class"):
         files.update(_plot_per_class(directory, report.curves["roc_per_class"]))
     document["files"] = {key: path.name for key, path in files.items()}
@@ -130,15 +134,16 @@ def comparison_lines(comparison: Comparison) -> list[str]:
     runs = (f"A = {comparison.runs_a[0]}, B = {comparison.runs_b[0]}" if len(comparison.runs_a) == 1 else
             f"A = {len(comparison.runs_a)} runs, B = {len(comparison.runs_b)} runs, paired by fold and seed")
     lines = [f"{comparison.task}, {comparison.cases} test cases; {runs}", "",
-             f"{'metric':<12}{'A':>9}{'B':>9}{'A - B':>10}  {'interval':<20}{'p':>8}  method"]
+             f"{'metric':<15}{'A':>9}{'B':>9}{'A - B':>10}  {'interval':<20}{'p':>8}  method"]
     for row in comparison.rows:
         interval = "-" if row.get("low") is None else f"[{row['low']:+.4f}, {row['high']:+.4f}]"
-        lines.append(f"{row['metric']:<12}{_number(row.get('estimate_a')):>9}{_number(row.get('estimate_b')):>9}"
+        name = row["metric"] + (f" ({comparison.units[row['metric']]})" if row["metric"] in comparison.units else "")
+        lines.append(f"{name:<15}{_number(row.get('estimate_a')):>9}{_number(row.get('estimate_b')):>9}"
                      f"{_number(row.get('difference'), sign=True):>10}  {interval:<20}"
                      f"{_number(row.get('p_value')):>8}  {row['method']}")
     if comparison.mcnemar:
         m = comparison.mcnemar
-        lines += ["", f"McNemar (decisions at each run's threshold): only A right {m['only_a_correct']}, only B right "
+        lines += ["", f"McNemar (decisions {m['decisions']}): only A right {m['only_a_correct']}, only B right "
                       f"{m['only_b_correct']}, p = {_number(m['p_value'])} ({m['method']})"]
     lines += ["", f"verdict: A is {comparison.verdict.upper()} to B on {comparison.primary} (margin "
                   f"{comparison.margin:g}; {comparison.verdict_basis})"]
@@ -146,7 +151,8 @@ def comparison_lines(comparison: Comparison) -> list[str]:
 
 
 def write_comparison(output_dir: str | Path, comparison: Comparison) -> dict[str, Path]:
-    """``comparison.csv`` / ``.json`` / ``.md`` under ``output_dir``."""
+    """``comparison.csv`` / ``.json`` / ``.md`` and ``comparison.png`` (binary: ``comparison_roc.png``) under
+    ``output_dir``."""
     directory = Path(output_dir)
     document = asdict(comparison)
     files = {"csv": write_csv(directory / "comparison.csv", comparison.rows, COMPARISON_COLUMNS)}
@@ -155,11 +161,13 @@ def write_comparison(output_dir: str | Path, comparison: Comparison) -> dict[str
              f"{comparison.verdict_basis}).", "",
              "A: " + ", ".join(f"`{r}`" for r in comparison.runs_a), "",
              "B: " + ", ".join(f"`{r}`" for r in comparison.runs_b), ""]
+    lines += [f"{metric} in {unit}." for metric, unit in comparison.units.items()] + [""] * bool(comparison.units)
     lines.append(markdown_table(comparison.rows, COMPARISON_COLUMNS, "Differences"))
     if comparison.mcnemar:
         lines.append(markdown_table([comparison.mcnemar], title="McNemar"))
     if comparison.pairs:
         lines.append(markdown_table(comparison.pairs, title="Per pair of runs (A - B)"))
-    files["md"] = write_text(directory / "comparison.md", "\n".join(lines))
+    files["md"] = write_text(directory / "comparison.md", "\n".join(lines + ["![A - B](comparison.png)", ""]))
     files["json"] = write_json(directory / "comparison.json", document)
+    files.update(plot_comparison(document, directory))
     return files

@@ -24,6 +24,25 @@ def auroc(y_true, y_score) -> float:
     return float((below.sum() + not_above.sum()) / (2.0 * m * n))
 
 
+def macro_auroc(y_true, y_score, columns=None) -> float:
+    """One-vs-rest AUROC averaged over classes (the unweighted "macro" mean of
+    ``sklearn.metrics.roc_auc_score(multi_class="ovr")``, Provost & Domingos 2000): ``y_true`` holds class indices
+    ``(N,)`` (multi-class) or 0/1 flags ``(N, K)`` (multi-label), ``y_score`` the ``(N, K)`` scores. ``columns``:
+    the classes to average over (default every class with both positive and negative cases); fixing them keeps a
+    bootstrap's statistic the same quantity in every resample."""
+    scores = np.asarray(y_score, dtype=float)
+    labels = np.asarray(y_true)
+    if scores.ndim != 2 or labels.shape[0] != scores.shape[0] or labels.ndim not in (1, 2):
+        raise StatisticsError(f"macro AUROC needs (N, K) scores and (N,) class indices or (N, K) flags, got "
+                              f"shapes {labels.shape} and {scores.shape}")
+    flags = labels if labels.ndim == 2 else labels[:, None] == np.arange(scores.shape[1])
+    if columns is None:
+        columns = [c for c in range(scores.shape[1]) if 0 < flags[:, c].sum() < flags.shape[0]]
+    if not len(columns):
+        raise StatisticsError("macro AUROC: no class has both positive and negative cases")
+    return float(np.mean([auroc(flags[:, c], scores[:, c]) for c in columns]))
+
+
 def roc_curve(y_true, y_score) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(fpr, tpr, thresholds)`` with one point per distinct score, thresholds descending, a case positive when
     ``score >= threshold``; the first point ``(0, 0)`` has threshold ``+inf`` (as ``sklearn.metrics.roc_curve``

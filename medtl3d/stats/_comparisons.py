@@ -66,6 +66,21 @@ def mcnemar_test(correct_a, correct_b, *, exact_below: int = 25) -> McNemarResul
     return McNemarResult(only_a, only_b, statistic, p_value, method, float(a.mean()), float(b.mean()), a.size)
 
 
+def holm_adjust(p_values) -> np.ndarray:
+    """Holm's (1979, Scand J Stat 6:65-70) step-down adjusted p-values, controlling the family-wise error rate of
+    ``m`` tests: sorted ascending, ``p_(i)`` becomes ``max_{j <= i} min(1, (m - j + 1) p_(j))``; a test is rejected
+    at ``alpha`` when its adjusted p-value is ``<= alpha``. (statsmodels' ``multipletests(method="holm")``; not a
+    dependency for these few lines.)"""
+    p = np.asarray(p_values, dtype=float).ravel()
+    if not np.isfinite(p).all() or ((p < 0) | (p > 1)).any():
+        raise StatisticsError(f"p-values must lie in [0, 1], got {p.tolist()}")
+    order = np.argsort(p, kind="stable")
+    stepped = np.minimum(1.0, (p.size - np.arange(p.size)) * p[order])
+    adjusted = np.empty_like(p)
+    adjusted[order] = np.maximum.accumulate(stepped)
+    return adjusted
+
+
 @dataclass(frozen=True)
 class ResampledTTest:
     """The corrected resampled t-test: mean difference, corrected standard error, t, p, interval, and the number
