@@ -81,17 +81,20 @@ class CaseRows:
         for item in data["cases"]:
             row, source = item["row"], item.get("source")
             if "data" in item:
-                out = next(outputs)
-                try:
-                    if isinstance(out, BaseException):
-                        raise out
-                    fields = self._mask(item, out) if self.task == "segmentation" else self._classify(out)
-                    row = {**row, "status": "ok", "reason": "", **fields}
-                except Exception as err:  # noqa: BLE001 - the case fails, the run goes on
-                    row = failed(row, err)
+                row = self._row(item, next(outputs))
             rows.append(Finished(row, source, bool(item.get("resumed"))))
         data["rows"] = rows
         return data
+
+    def _row(self, item: dict, out: torch.Tensor | Exception) -> dict:
+        """The row of a case the model saw: ``out`` is its logits or the error that stopped it."""
+        if isinstance(out, Exception):
+            return failed(item["row"], out)
+        try:
+            fields = self._mask(item, out) if self.task == "segmentation" else self._classify(out)
+        except Exception as err:  # noqa: BLE001 - the case fails, the run goes on
+            return failed(item["row"], err)
+        return {**item["row"], "status": "ok", "reason": "", **fields}
 
     def _classify(self, logits: torch.Tensor) -> dict:
         """``logits``: (windows, K) for one case."""
