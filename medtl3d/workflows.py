@@ -1,5 +1,5 @@
-"""What the MONAI bundle configs call besides their components: the id checks, locations and data helpers, and
-one function per orchestrating step (folder inference, efficiency, search, learning-rate scan).
+"""What the MONAI bundle configs call besides their components: the id checks, locations and data helpers, one
+function per orchestrating step (efficiency, search, learning-rate scan) and folder inference's outcome.
 
 The bundles under ``bundles/`` hold configuration only (``python -m monai.bundle run --config_file ...``); every
 transfer-learning choice there is a config id (backbone, weights, strategy, cut, width factor, learning rates,
@@ -38,7 +38,7 @@ from .engine.lr_finder import find_lr
 from .engine.results import settings_path
 from .engine.runtime import on_terminal
 from .errors import DataError, Medtl3dError, SearchError, UnknownBackboneError, UnknownCutPointError, interface
-from .inference import infer_folder, load_network
+from .inference import PredictionWriter, load_network
 from .models import TruncatedUNet
 from .models.builders import _weights_id, build_classifier, build_segmenter  # noqa: F401
 from .search import run_search
@@ -262,15 +262,19 @@ def train(model: nn.Module, train_data, val_data, *, task: str, output_dir: str,
     return json.loads(summary.read_text()) if summary.is_file() else {}
 
 
-def infer(network: nn.Module, settings: Mapping[str, Any], input_dir: str, output_dir: str, **options: Any) -> dict:
-    """Folder inference (:func:`medtl3d.inference.infer_folder`) of ``network`` with the preprocessing it was
-    trained with (``settings``: :func:`inference_settings` of its checkpoint; ``options`` such as device, batch size
-    or threshold add to them). A run where some cases failed writes every row, then exits with status 1."""
+def check_input_dir(input_dir) -> bool:
+    """``input_dir`` of ``inference.yaml`` must be a folder (refused in one line naming the config id)."""
     if input_dir is None or not Path(str(input_dir)).is_dir():
         raise ConfigIdError("input_dir", f"directory {input_dir} does not exist")
-    settings = {**settings, **{k: v for k, v in options.items() if v is not None}}
-    preset = settings.pop("preset")
-    summary = infer_folder(network, preset, input_dir, output_dir, **settings)
+    return True
+
+
+def inference_outcome(handlers: Sequence[Any]) -> dict | None:
+    """After ``inference.yaml``'s evaluator ran: print what its :class:`~medtl3d.inference.PredictionWriter` (if
+    still among ``handlers``) published; a run where some cases failed wrote every row, then exits with status 1."""
+    summary = next((h.summary for h in handlers if isinstance(h, PredictionWriter)), None)
+    if summary is None:
+        return None
     print(f"medtl3d: {summary.n_ok}/{summary.n_cases} cases predicted -> {summary.csv_path}")
     if summary.n_failed:
         raise SystemExit(f"medtl3d: {summary.n_failed} case(s) failed or were skipped; reasons in {summary.csv_path}")

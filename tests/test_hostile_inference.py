@@ -26,11 +26,11 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 import medtl3d.data._discovery as data_discovery  # where case discovery reads file heads
-import medtl3d.inference._folder as folder_module
+import medtl3d.inference._dataset as dataset_module  # where cases are loaded
 from medtl3d.data.io import _unique_ids, find_cases
 from medtl3d.engine._checkpoint import save_checkpoint
 from medtl3d.errors import DataError, OutputError, OutputLockedError, WeightsError
-from medtl3d.inference import infer_folder
+from medtl3d.inference import JOURNAL_DIR, infer_folder
 from medtl3d.inference.cli import add_parser, run
 from medtl3d.locking import output_lock
 from medtl3d.strategies import create_model
@@ -282,7 +282,7 @@ def test_interrupted_run_leaves_no_partial_file_and_the_rerun_completes_only_mis
     (folder / "notes.txt").write_text("not an image\n")
     model = _model_2d()
     loads: list[str] = []
-    real_load = folder_module.load_image
+    real_load = dataset_module.load_image
 
     def load(case, **kwargs):
         if len(loads) == interrupt_after:
@@ -290,7 +290,7 @@ def test_interrupted_run_leaves_no_partial_file_and_the_rerun_completes_only_mis
         loads.append(case.case_id)
         return real_load(case, **kwargs)
 
-    monkeypatch.setattr(folder_module, "load_image", load)
+    monkeypatch.setattr(dataset_module, "load_image", load)
     run_args = dict(task="binary", preset_options={"size": 16}, batch_size=1, progress=False)
 
     interrupt_after = None  # the reference: an uninterrupted run
@@ -309,7 +309,7 @@ def test_interrupted_run_leaves_no_partial_file_and_the_rerun_completes_only_mis
     summary = infer_folder(model, "cxr", folder, out, **run_args)
     assert loads == ["film3", "film4"] and summary.n_resumed == 3  # only the missing cases were read
     assert (out / "predictions.csv").read_bytes() == reference
-    assert not (out / folder_module.JOURNAL_DIR).exists()
+    assert not (out / JOURNAL_DIR).exists()
 
     # interrupted again, a finished case's file changes: the re-run predicts it again
     loads[:], interrupt_after = [], 2

@@ -22,7 +22,7 @@ from medtl3d.data.presets import preset
 from medtl3d.data.windows import slice_windows, take_window
 from medtl3d.engine._checkpoint import save_checkpoint
 from medtl3d.errors import DataError, TrainingError
-from medtl3d.inference import infer_folder
+from medtl3d.inference import CaseInferer, infer_folder
 from medtl3d.inference.cli import add_parser, parse_preset_options, run
 from medtl3d.locking import LOCK_NAME
 from medtl3d.strategies import create_model
@@ -229,3 +229,28 @@ def test_a_model_that_fails_fails_its_cases_not_the_run(ctpa, tmp_path):
                            progress=False)
     assert summary.n_ok == 0 and summary.n_failed == 2
     assert all("RuntimeError: CUDA out of memory (simulated)" == f["reason"] for f in summary.failures)
+
+
+def test_case_inferer_batches_windows_across_cases_and_fails_only_the_batch_the_model_fails_on():
+    """Windows of one shape share a batch across cases (at most batch_size); a shape change runs the batch; a batch
+    the model fails on fails its cases, the others get their windows' logits (here each window's sum)."""
+    calls = []
+
+    class Sum(nn.Module):
+        def forward(self, x):
+            calls.append(tuple(x.shape))
+            if (x < 0).any():
+                raise RuntimeError("negative input")
+            return x.flatten(1).sum(1, keepdim=True)
+
+    film = torch.ones(1, 4, 4)  # 2D: no slices to window
+    a = torch.ones(1, 4, 2, 2)  # 2 windows of 2 slices
+    b = torch.full((1, 2, 3, 3), 2.0)  # 1 window of another shape
+    c = -torch.ones(1, 2, 3, 3)  # the model fails on it, and on b, in the same batch
+    d = torch.ones(1, 6, 2, 2)  # 3 windows
+    film_out, a_out, b_out, c_out, d_out = CaseInferer("binary", num_slices=2, batch_size=3)([film, a, b, c, d],
+                                                                                           Sum())
+    assert calls == [(2, 1, 2, 2, 2), (2, 1, 2, 3, 3), (3, 1, 2, 2, 2)]
+    assert isinstance(film_out, DataError) and "num_slices needs 3D (C, D, H, W) inputs" in str(film_out)
+    assert b_out is c_out and str(c_out) == "negative input"
+    assert a_out.tolist() == [[8.0], [8.0]] and d_out.tolist() == [[8.0], [8.0], [8.0]]

@@ -1,5 +1,6 @@
 """The journal of a folder inference run: one file per finished case, so an interrupted run resumes without
-predicting a case again, unless its files or the model and settings changed."""
+predicting a case again, unless its files or the model and settings changed. :class:`Journal` is the evaluator's
+handler that keeps it; without it in the handler list, an interrupted run starts over."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import shutil
 from pathlib import Path
 
 import torch
+from ignite.engine import Engine, Events
 from torch import nn
 
 from ..reporting import write_json
 
-logger = logging.getLogger("medtl3d.inference._folder")  # the journal's messages belong to the run
+logger = logging.getLogger(__name__)
 
 JOURNAL_DIR = ".medtl3d-run"
 
@@ -81,3 +83,41 @@ class _Journal:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder)
+
+
+class Journal:
+    """Handler: at ``STARTED`` opens the journal of ``output_dir`` for this model (``engine.network``) and
+    ``settings`` (discarding one written with others, with a warning naming what differs) and lets the dataset
+    (``engine.data_loader.dataset``, a :class:`~medtl3d.inference.CaseDataset`) take the finished cases' rows from
+    it instead of reading them again; journals each case as it finishes; removes the journal at ``COMPLETED``.
+    List it after :class:`~medtl3d.engine.handlers.OutputLock` (the journal is read and written under the lock)
+    and after the handler that publishes the run (:class:`~medtl3d.inference.PredictionWriter`), so the journal
+    goes only once the predictions are written."""
+
+    def __init__(self, output_dir: str | os.PathLike, settings: dict) -> None:
+        self.output_dir, self.settings = Path(output_dir), dict(settings)
+        self.store: _Journal | None = None
+        self.resumed = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.open)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.put)
+        engine.add_event_handler(Events.COMPLETED, self.close)
+
+    def open(self, engine: Engine) -> None:
+        self.store = _Journal(self.output_dir, {"model": _model_digest(engine.network), **self.settings})
+        self.resumed = 0
+        engine.data_loader.dataset.resume = self.store.finished
+
+    def put(self, engine: Engine) -> None:
+        for finished in engine.state.output["rows"]:
+            if finished.resumed:
+                self.resumed += 1
+            elif finished.source is not None:
+                self.store.put(finished.source, finished.row)
+
+    def close(self, engine: Engine) -> None:
+        engine.data_loader.dataset.resume = None
+        self.store.remove()
+        if self.resumed:
+            logger.info("resumed an interrupted run: %d case(s) taken from %s", self.resumed, self.store.folder)
