@@ -1,20 +1,28 @@
 """Study-level evaluation and the threshold component: series rows aggregated to studies by hand, which study each
 evaluated series belongs to, the threshold chosen on validation rows of the level reported (or fixed), splits that
 keep a study's series together, and CTPA phantoms with several series per study (DICOM StudyInstanceUID found by
-case discovery)."""
+case discovery); end to end, the CTPA bundle's study-level report and the threshold swapped on the command
+line."""
 
 from __future__ import annotations
 
+import csv
+import json
 import math
+from pathlib import Path
 
 import pytest
+from monai.bundle import run
+from sklearn.metrics import roc_auc_score
 
+from medtl3d.cli import main
 from medtl3d.data.datalists import case_group, load_datalist
 from medtl3d.data.io import find_cases
 from medtl3d.data.phantoms import generate_ctpa
 from medtl3d.data.splits import holdout_split, kfold_split
 from medtl3d.errors import DataError, EvaluationError
 from medtl3d.evaluation import FixedThreshold, StudyLevel, ValidationThreshold, aggregate_studies
+from medtl3d.workflows import load_items, split_items
 
 SERIES = [  # (series, study, label, probability)
     ("s1", "A", 0, 0.2), ("s2", "A", 1, 0.7), ("s3", "B", 0, 0.1), ("s4", "C", 0, 0.4), ("s5", "B", 0, 0.3),
@@ -144,3 +152,70 @@ def test_ctpa_phantom_with_several_series_per_study(tmp_path):
     assert all("study" not in i for i in plain)  # the default writes what it always wrote
     with pytest.raises(DataError, match="series_per_study must be a positive integer, got 0"):
         generate_ctpa(tmp_path / "bad", 2, series_per_study=0)
+
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "ctpa_pe_classification" / "configs"
+CTPA = {"backbone": "cbr_tiny", "weights": "null", "phantom_cases": 48, "phantom_shape": [16, 32, 32],
+        "num_slices": 16, "image_size": 32, "batch_size": 8, "n_folds": 2, "epochs": 1, "device": "cpu",
+        "amp": False, "tensorboard": False, "phantom_series_per_study": 2, "num_threads": 1,
+        "evaluate#handlers#1#n_resamples": 50}
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return [{**row, "label": json.loads(row["label"]), "probabilities": json.loads(row["probabilities"])}
+                for row in csv.DictReader(handle)]
+
+
+@pytest.mark.slow  # trains one CTPA epoch and evaluates four times: about 70 s on the shared 2-core machine
+def test_ctpa_bundle_reports_per_study_and_swaps_its_threshold(tmp_path, capsys):
+    """Phantom studies of two series: eval/study holds the full report of the series predictions aggregated by
+    hand (max, any positive), its threshold chosen on the validation studies; `medtl3d compare` reads it (48 series:
+    3 positive and 2 negative test studies, as DeLong needs at least 2 of each); the
+    threshold component is swapped for a fixed value and for a target-sensitivity rule on the command line."""
+    common = {"output_dir": str(tmp_path), "ckpt_path": str(tmp_path / "m.pt"), **CTPA}
+    train, evaluate = str(BUNDLE / "train.yaml"), [str(BUNDLE / "train.yaml"), str(BUNDLE / "evaluate.yaml")]
+    run(config_file=train, **{k: v for k, v in common.items() if not k.startswith("evaluate#")})
+    run(config_file=evaluate, **common)
+    eval_dir, study_dir = tmp_path / "eval", tmp_path / "eval" / "study"
+    items = load_items(str(tmp_path / "phantoms" / "datalist.json"), task="binary", num_classes=1)
+    split = split_items(items, n_folds=2, fold=0, seed=0, test_fraction=0.2)
+    study_of = {item["image"]: item["study"] for item in items}
+    series = _csv(eval_dir / "predictions.csv")
+    expected: dict[str, dict] = {}
+    for row in series:
+        study = expected.setdefault(study_of[row["id"]], {"label": 0, "p": 0.0, "series": 0})
+        study["label"] = max(study["label"], row["label"])
+        study["p"] = max(study["p"], row["probabilities"][0])
+        study["series"] += 1
+    studies = {row["id"]: row for row in _csv(study_dir / "predictions.csv")}
+    assert set(studies) == set(expected) and len(studies) < len(series)
+    for name, hand in expected.items():
+        assert studies[name]["label"] == hand["label"] and int(studies[name]["series"]) == hand["series"]
+        assert studies[name]["probabilities"][0] == pytest.approx(hand["p"])
+    report = json.loads((study_dir / "evaluation.json").read_text())
+    y = [hand["label"] for hand in expected.values()]
+    auroc = next(m for m in report["metrics"] if m["metric"] == "auroc")
+    assert auroc["estimate"] == pytest.approx(roc_auc_score(y, [hand["p"] for hand in expected.values()]))
+    val_studies = {item["study"] for item in split["val"]}
+    assert report["threshold"]["rule"] == f"youden on {len(val_studies)} validation cases"
+    assert report["metadata"]["level"] == "study" and report["cases"] == len(expected)
+    assert all((study_dir / f).is_file() for f in report["files"].values()) and "roc_png" in report["files"]
+    series_report = json.loads((eval_dir / "evaluation.json").read_text())
+    assert series_report["metadata"]["study_level"]["studies"] == len(expected)
+    assert series_report["threshold"]["rule"] == f"youden on {len(split['val'])} validation cases"
+    assert main(["compare", str(study_dir), str(study_dir), "--output", str(tmp_path / "cmp"),
+                 "--resamples", "50"]) == 0
+    assert f"binary, {len(expected)} test cases" in capsys.readouterr().out
+
+    run(config_file=evaluate, **common, **{"evaluate#threshold": 0.3})  # a fixed value: no validation run
+    for folder in (eval_dir, study_dir):
+        fixed = json.loads((folder / "evaluation.json").read_text())["threshold"]
+        assert fixed["threshold"] == 0.3 and fixed["rule"].startswith("fixed 0.3 ")
+    run(config_file=evaluate, **common, **{"evaluate#threshold#target_sensitivity": 1.0})
+    for folder, cases in ((eval_dir, len(split["val"])), (study_dir, len(val_studies))):
+        rule = json.loads((folder / "evaluation.json").read_text())["threshold"]
+        assert rule["rule"] == f"sensitivity >= 1 on {cases} validation cases" and rule["sensitivity"] == 1.0
+    run(config_file=evaluate, **common, **{"evaluate#study#_disabled_": True})  # no study level: nor its old report
+    assert not study_dir.exists() and "study_level" not in json.loads((eval_dir / "evaluation.json").read_text())[
+        "metadata"]
