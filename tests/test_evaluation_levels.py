@@ -45,6 +45,7 @@ def test_aggregate_studies_by_hand():
     assert [r["probabilities"][0] for r in by_max] == pytest.approx([0.7, 0.3, 0.6])
     by_mean = aggregate_studies(series_rows(), STUDIES, "mean")
     assert [r["probabilities"][0] for r in by_mean] == pytest.approx([0.45, 0.2, 0.5])
+    assert [r["label"] for r in by_mean] == [1, 0, 0]  # any positive, whatever the probabilities' aggregation
     # multi-label: per finding, any positive and the maximum
     rows = [{"id": "s1", "label": [1, 0], "probabilities": [0.9, 0.1]},
             {"id": "s2", "label": [0, 0], "probabilities": [0.2, 0.3]}]
