@@ -10,6 +10,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from monai.bundle import run
@@ -21,7 +22,8 @@ from medtl3d.data.io import find_cases
 from medtl3d.data.phantoms import generate_ctpa
 from medtl3d.data.splits import holdout_split, kfold_split
 from medtl3d.errors import DataError, EvaluationError
-from medtl3d.evaluation import FixedThreshold, StudyLevel, ValidationThreshold, aggregate_studies
+from medtl3d.evaluation import (EvaluationReport, FixedThreshold, StudyLevel, ValidationThreshold,
+                                aggregate_studies)
 from medtl3d.workflows import load_items, split_items
 
 SERIES = [  # (series, study, label, probability)
@@ -220,3 +222,34 @@ def test_ctpa_bundle_reports_per_study_and_swaps_its_threshold(tmp_path, capsys)
     run(config_file=evaluate, **common, **{"evaluate#study#_disabled_": True})  # no study level: nor its old report
     assert not study_dir.exists() and "study_level" not in json.loads((eval_dir / "evaluation.json").read_text())[
         "metadata"]
+
+
+def _engine(rows, items):
+    """What the report handler reads from MONAI's evaluator: the metrics and the evaluated dataset."""
+    metrics = {"auroc": 0.5, "auprc": 0.5, "accuracy": 0.5, "f1": 0.5, "kappa": 0.0}
+    return SimpleNamespace(state=SimpleNamespace(metrics=metrics), data_loader=SimpleNamespace(dataset=items))
+
+
+def test_report_handler_writes_the_study_level_and_names_it_when_it_cannot_choose(tmp_path):
+    """Six series in three studies at a fixed threshold: eval/study holds three study rows, recorded in the series
+    report; validation studies of one class cannot choose a threshold, and the error says which level and what to
+    do."""
+    items = [{"id": s, "image": f"/x/{s}", "label": y, "study": study} for s, study, y, _ in SERIES]
+    cases = SimpleNamespace(rows=series_rows())
+    report = EvaluationReport(tmp_path, cases, task="binary", checkpoint="model.ts", threshold=0.5,
+                              study=StudyLevel("study", items, items), n_resamples=20)
+    report(_engine(cases.rows, items))
+    study = json.loads((tmp_path / "study" / "evaluation.json").read_text())
+    assert study["cases"] == 3 and study["threshold"]["threshold"] == 0.5 and study["metadata"]["series"] == 6
+    assert [row["id"] for row in _csv(tmp_path / "study" / "predictions.csv")] == ["A", "B", "C"]
+    assert json.loads((tmp_path / "evaluation.json").read_text())["metadata"]["study_level"]["studies"] == 3
+    # validation series of both classes, but one positive series in every study: studies of one class
+    validator = _Validator([{**row, "label": int(row["id"] in ("s2", "s3", "s6"))} for row in series_rows()])
+    report = EvaluationReport(tmp_path, cases, task="binary", checkpoint="model.ts",
+                              threshold=ValidationThreshold(validator, validator),
+                              study=StudyLevel("study", items, items), n_resamples=20)
+    with pytest.raises(EvaluationError, match=r"study level \(study_key='study'\): cannot choose a threshold on "
+                                              r"the validation data: .*--evaluate#study#_disabled_ true"):
+        report(_engine(cases.rows, items))
+    with pytest.raises(EvaluationError, match="study_key='study': a study level needs a task where"):
+        EvaluationReport(tmp_path, cases, task="multiclass", checkpoint="m.ts", study=StudyLevel("study", items))

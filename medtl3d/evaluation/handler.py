@@ -13,8 +13,8 @@ from ignite.engine import Engine, Events
 
 from ..data.splits import split_summary
 from ..engine import load_checkpoint, task_metrics
-from ..provenance import data_hash, dataset_items, sha256_file
 from ..errors import EvaluationError
+from ..provenance import data_hash, dataset_items, sha256_file
 from ..reporting import markdown_table, write_csv, write_text
 from ._cases import CaseReport, case_report, choose_threshold
 from ._levels import STUDY_TASKS, StudyLevel
@@ -96,7 +96,11 @@ class EvaluationReport:
                 shutil.rmtree(folder)
             return None
         rows = self.study.test(self.cases.rows)
-        threshold = self._threshold(self.study.validation)
+        try:
+            threshold = self._threshold(self.study.validation)
+        except EvaluationError as err:
+            raise EvaluationError(f"study level (study_key={self.study.key!r}): {err}; set a fixed threshold "
+                                  "(--evaluate#threshold 0.5) or --evaluate#study#_disabled_ true") from None
         level = {"level": "study", "study_key": self.study.key, "aggregation": self.study.aggregation,
                  "studies": len(rows), "series": len(self.cases.rows)}
         report = self._report(folder, rows, threshold, {**metadata, **level,
