@@ -129,9 +129,9 @@ def find_cases(root: str | Path) -> tuple[list[Case], list[tuple[Path, str]]]:
     """Walk ``root`` recursively and return (cases, skipped).
 
     DICOM files are recognised by content (not extension) and grouped per folder by SeriesInstanceUID: one case
-    per series, with its SeriesInstanceUID and StudyInstanceUID (case_id = folder path relative to ``root`` joined by "_", plus ``_<last 8 UID characters>`` when the
-    folder holds several series, or ``_<file stem>`` for one-file series); an enhanced multi-frame file is a case on
-    its own. ``.nii``/``.nii.gz`` files and 2D images (``.png .jpg .jpeg .bmp .tif .tiff``) are one case each
+    per series, with its SeriesInstanceUID and StudyInstanceUID (case_id = folder path relative to ``root`` joined
+    by "_", plus ``_<last 8 UID characters>`` when the folder holds several series, or ``_<file stem>`` for one-file
+    series); an enhanced multi-frame file is a case on its own. ``.nii``/``.nii.gz`` files and 2D images (``.png .jpg .jpeg .bmp .tif .tiff``) are one case each
     (case_id = relative path without extension). Case ids are unique ignoring case and do not depend on listing
     order: ids that collide keep the file's extension, and if they still collide get a hash of the relative path
     (:func:`_unique_ids`). Everything else is returned in ``skipped`` with the reason:

@@ -12,8 +12,8 @@ Formats read by :func:`load_datalist`:
 Relative paths (``image``; ``label`` for segmentation; fields named in ``path_keys``) are resolved against
 ``base_dir`` (default: the datalist's folder) into absolute strings. Every item gets a ``patient``, the group no
 split may cut (:func:`case_group`: its ``patient`` or ``group``, else its ``study``, else the image's file stem).
-Every row is checked before anything trains; all problems are reported at once in one DataError naming the file, the 1-based row (CSV
-header not counted) and the field.
+Every row is checked before anything trains; all problems are reported at once in one DataError naming the file,
+the 1-based row (CSV header not counted) and the field.
 
 Patient-grouped splits of these items live in :mod:`medtl3d.data.splits`.
 """
@@ -145,8 +145,9 @@ def load_datalist(path: str | Path, *, base_dir: str | Path | None = None, key: 
     its values must be class indices 0..num_classes-1 (a 0/1 mask needs num_classes 2; a 0/255 one must be
     converted to 0/1 first), so a mask in another label convention stops here, not inside the first batch.
     ``study_key`` names the field holding a series' study (the group where no ``patient`` is given, see
-    :func:`case_group`; None: none). ``every_class`` (training data) refuses a datalist in which some class never occurs (for multi-label: a finding
-    that is never, or always, positive; for segmentation: a class in no mask): its metrics would be undefined.
+    :func:`case_group`; None: none). ``every_class`` (training data) refuses a datalist in which some class never
+    occurs (for multi-label: a finding that is never, or always, positive; for segmentation: a class in no mask):
+    its metrics would be undefined.
     """
     path = Path(path)
     if task not in TASKS:

@@ -220,7 +220,8 @@ def _load_with_monai(case: Case, reader: str, volume_index: int | None, limit_mb
     if case.kind == "nifti" and img.shape[0] > 1:
         img = img[volume_index or 0: (volume_index or 0) + 1]
     img.meta.update(case_id=case.case_id, kind=case.kind, modality="unknown", series_uid="", study_uid="",
-                    resampled=False, geometry_problems="", spacing=affine_to_spacing(img.affine, r=img.ndim - 1).numpy())
+                    resampled=False, geometry_problems="",
+                    spacing=affine_to_spacing(img.affine, r=img.ndim - 1).numpy())
     return img
 
 
