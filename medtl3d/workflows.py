@@ -186,9 +186,10 @@ def split_items(items: Sequence[dict], *, n_folds: int = 5, fold: int = 0, seed:
 
 
 def load_items(datalist: str, *, task: str, num_classes: int, key: str = "training",
-               path_keys: Sequence[str] = (), label_key: str = "label") -> list[dict]:
+               path_keys: Sequence[str] = (), label_key: str = "label", study_key: str | None = "study") -> list[dict]:
     """Datalist entries for ``task`` (see :func:`medtl3d.data.datalists.load_datalist`; ``label_key`` is the
-    field holding the label, e.g. ``mask``); a missing ``key`` section gives an empty list (a datalist without a
+    field holding the label, e.g. ``mask``; ``study_key`` the one naming a series' study, the group a split keeps
+    whole where no patient is given); a missing ``key`` section gives an empty list (a datalist without a
     separate test split). Invalid rows (labels and mask values included) stop the run with every problem listed,
     under config id ``datalist``; so does training data in which a class never occurs (it would train a model whose
     validation metric is undefined)."""
@@ -201,7 +202,7 @@ def load_items(datalist: str, *, task: str, num_classes: int, key: str = "traini
     kind = "segmentation" if task == "segmentation" else ("multilabel" if task == "multilabel" else "classification")
     try:
         return load_datalist(datalist, key=key, task=kind, num_classes=num_classes, path_keys=tuple(path_keys),
-                             label_key=label_key, every_class=key == "training")
+                             label_key=label_key, every_class=key == "training", study_key=study_key)
     except DataError as err:
         raise ConfigIdError("datalist", str(err)) from None
 

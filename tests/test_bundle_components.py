@@ -76,7 +76,7 @@ def test_a_torch_scheduler_steps_per_epoch_a_removed_handler_is_gone_and_evaluat
     evaluate = str(BUNDLES / "cxr_classification" / "configs" / "evaluate.yaml")
     run(config_file=[_train_yaml("cxr_classification"), evaluate], output_dir=str(tmp_path),
         ckpt_path=str(tmp_path / "m.pt"), **{**TINY, "tensorboard": True}, **{
-            "evaluate#handlers#1#target_sensitivity": 1.0, "evaluate#handlers#1#n_resamples": 50})
+            "evaluate#threshold#target_sensitivity": 1.0, "evaluate#handlers#1#n_resamples": 50})
     report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert report["threshold"]["rule"].startswith("sensitivity >= 1 on ") and report["threshold"]["sensitivity"] == 1
     assert report["metadata"]["bootstrap"]["n_resamples"] == 50

@@ -7,7 +7,7 @@ import hashlib
 import logging
 import os
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -23,13 +23,16 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 @dataclass(frozen=True)
 class Case:
-    """One image to load: a DICOM series (``path`` = its folder, ``files`` = its files), a NIfTI file or a 2D image."""
+    """One image to load: a DICOM series (``path`` = its folder, ``files`` = its files), a NIfTI file or a 2D image.
+    A DICOM case carries its SeriesInstanceUID and StudyInstanceUID (the clinical study its series belongs to: the
+    level a CTPA decision is made at, and the group a split keeps whole)."""
 
     case_id: str
     kind: str  # "dicom" | "nifti" | "image"
     path: Path  # file, or the DICOM folder
     files: tuple[Path, ...] = ()  # the series' DICOM files
     series_uid: str | None = None
+    study_uid: str | None = None
 
 
 def _suffix(path: Path) -> str:
@@ -126,9 +129,9 @@ def find_cases(root: str | Path) -> tuple[list[Case], list[tuple[Path, str]]]:
     """Walk ``root`` recursively and return (cases, skipped).
 
     DICOM files are recognised by content (not extension) and grouped per folder by SeriesInstanceUID: one case
-    per series (case_id = folder path relative to ``root`` joined by "_", plus ``_<last 8 UID characters>`` when the
-    folder holds several series, or ``_<file stem>`` for one-file series); an enhanced multi-frame file is a case on
-    its own. ``.nii``/``.nii.gz`` files and 2D images (``.png .jpg .jpeg .bmp .tif .tiff``) are one case each
+    per series, with its SeriesInstanceUID and StudyInstanceUID (case_id = folder path relative to ``root`` joined
+    by "_", plus ``_<last 8 UID characters>`` when the folder holds several series, or ``_<file stem>`` for one-file
+    series); an enhanced multi-frame file is a case on its own. ``.nii``/``.nii.gz`` files and 2D images (``.png .jpg .jpeg .bmp .tif .tiff``) are one case each
     (case_id = relative path without extension). Case ids are unique ignoring case and do not depend on listing
     order: ids that collide keep the file's extension, and if they still collide get a hash of the relative path
     (:func:`_unique_ids`). Everything else is returned in ``skipped`` with the reason:
@@ -191,12 +194,14 @@ def find_cases(root: str | Path) -> tuple[list[Case], list[tuple[Path, str]]]:
     for folder, series in dicom.items():
         folder_id = rel_id(folder) if folder != base else (root.stem if root.is_file() else root.name)
         groups: list[tuple[str, list[Path]]] = []
+        studies: dict[str, str | None] = {}
         for uid, members in series.items():
             multi = [p for p, ds in members if int(ds.get("NumberOfFrames", 1) or 1) > 1]
             single = [p for p, ds in members if p not in multi]
             groups += [(uid, [p]) for p in multi]
             if single:
                 groups.append((uid, single))
+            studies[uid] = str(members[0][1].get("StudyInstanceUID", "")) or None
         for uid, files in groups:
             if len(groups) == 1:
                 cid = folder_id
@@ -206,10 +211,9 @@ def find_cases(root: str | Path) -> tuple[list[Case], list[tuple[Path, str]]]:
                 cid = f"{folder_id}_{uid[-8:].strip('.') or 'nouid'}"
             path = files[0] if len(files) == 1 and len(groups) > 1 else folder
             key = f"{path.relative_to(base).as_posix()}#{uid}"
-            cases.append(((cid, cid, key), Case("", "dicom", path, tuple(files), uid or None)))
+            cases.append(((cid, cid, key), Case("", "dicom", path, tuple(files), uid or None, studies[uid])))
 
     ids = _unique_ids([names for names, _ in cases])
-    out = sorted((Case(i, c.kind, c.path, c.files, c.series_uid) for i, (_, c) in zip(ids, cases)),
-                 key=lambda c: c.case_id)
+    out = sorted((replace(c, case_id=i) for i, (_, c) in zip(ids, cases)), key=lambda c: c.case_id)
     logger.info("%s: %d case(s), %d skipped", root, len(out), len(skipped))
     return out, skipped

@@ -4,14 +4,16 @@ Formats read by :func:`load_datalist`:
 
 - JSON: ``{"training": [{"image": ..., "label": ..., "patient": ...}, ...]}`` (another top-level key with ``key=``)
   or a plain list of such items. Multi-label labels are lists of 0/1 flags.
-- CSV: columns ``image``, ``label`` and optionally ``patient`` (or ``group``); other columns are kept as strings.
+- CSV: columns ``image``, ``label`` and optionally ``patient`` (or ``group``) and ``study``; other columns are kept
+  as strings.
   Multi-label labels are either one ``label`` column of ``;``-joined 0/1 flags (``0;1;1``) or several ``label_*``
   columns (one 0/1 flag each, classes in column order); :func:`write_datalist` writes the ``;`` form.
 
 Relative paths (``image``; ``label`` for segmentation; fields named in ``path_keys``) are resolved against
-``base_dir`` (default: the datalist's folder) into absolute strings. Every item gets a ``patient`` (default: the image's file stem). Every row is checked
-before anything trains; all problems are reported at once in one DataError naming the file, the 1-based row (CSV
-header not counted) and the field.
+``base_dir`` (default: the datalist's folder) into absolute strings. Every item gets a ``patient``, the group no
+split may cut (:func:`case_group`: its ``patient`` or ``group``, else its ``study``, else the image's file stem).
+Every row is checked before anything trains; all problems are reported at once in one DataError naming the file,
+the 1-based row (CSV header not counted) and the field.
 
 Patient-grouped splits of these items live in :mod:`medtl3d.data.splits`.
 """
@@ -33,7 +35,7 @@ from medtl3d.data.io import load_image
 from medtl3d.errors import DataError, setting
 from medtl3d.reporting import write_text
 
-__all__ = ["TASKS", "load_datalist", "write_datalist"]
+__all__ = ["TASKS", "case_group", "load_datalist", "write_datalist"]
 
 TASKS = ("classification", "multilabel", "segmentation")
 _MAX_REPORTED = 20
@@ -51,6 +53,20 @@ def image_stem(image) -> str:
     """An image's (or the first of a list's) file or folder name without the image extension
     (``ct_01.nii.gz`` -> ``ct_01``)."""
     return _stem(str(image[0] if isinstance(image, list) else image))
+
+
+def case_group(row: dict, study_key: str | None = "study") -> str:
+    """The group a split keeps whole: the row's ``patient`` (or ``group``); without one its study, the field
+    ``study_key`` (the clinical study, e.g. a CTPA StudyInstanceUID, whose series must stay together); else
+    :func:`image_stem` of its image. A study belongs to one patient, so grouping by patient keeps every study whole
+    as well."""
+    for key in ("patient", "group", *([study_key] if study_key else [])):
+        value = row.get(key)
+        if isinstance(value, float) and math.isnan(value):
+            continue
+        if value not in (None, ""):
+            return str(value)
+    return image_stem(row.get("image"))
 
 
 def item_id(item: dict) -> str:
@@ -115,7 +131,7 @@ def _as_int(value: Any) -> int | None:
 def load_datalist(path: str | Path, *, base_dir: str | Path | None = None, key: str = "training",
                   task: str = "classification", num_classes: int | None = None, check_files: bool = True,
                   labels: bool = True, path_keys: Sequence[str] = (), label_key: str = "label",
-                  every_class: bool = False) -> list[dict]:
+                  every_class: bool = False, study_key: str | None = "study") -> list[dict]:
     """Read and validate a datalist; returns items with absolute path strings, ``label`` and ``patient``.
 
     ``label_key`` is the field holding the label (e.g. ``mask`` in a datalist that also has a class label); the
@@ -128,8 +144,10 @@ def load_datalist(path: str | Path, *, base_dir: str | Path | None = None, key: 
     ``check_files`` checks that images, segmentation masks and ``path_keys`` files exist, and reads every mask:
     its values must be class indices 0..num_classes-1 (a 0/1 mask needs num_classes 2; a 0/255 one must be
     converted to 0/1 first), so a mask in another label convention stops here, not inside the first batch.
-    ``every_class`` (training data) refuses a datalist in which some class never occurs (for multi-label: a finding
-    that is never, or always, positive; for segmentation: a class in no mask): its metrics would be undefined.
+    ``study_key`` names the field holding a series' study (the group where no ``patient`` is given, see
+    :func:`case_group`; None: none). ``every_class`` (training data) refuses a datalist in which some class never
+    occurs (for multi-label: a finding that is never, or always, positive; for segmentation: a class in no mask):
+    its metrics would be undefined.
     """
     path = Path(path)
     if task not in TASKS:
@@ -220,11 +238,7 @@ def load_datalist(path: str | Path, *, base_dir: str | Path | None = None, key: 
                 if check_files and not Path(item["label"]).is_file():
                     bad("label", f"mask file not found: {item['label']}")
 
-        patient = row.get("patient", row.get("group"))
-        if isinstance(patient, float) and math.isnan(patient):
-            patient = None
-        first_image = item["image"][0] if isinstance(item["image"], list) else item["image"]
-        item["patient"] = str(patient) if patient not in (None, "") else _stem(first_image)
+        item["patient"] = case_group(item, study_key)
         items.append(item)
 
     if errors:

@@ -13,7 +13,7 @@ same file type: (C, x, y[, z]) with x = columns, y = rows, z = slices (ascending
 series reader orders them), an RAS affine, ``float32`` values; DICOM pixel values in modality units (RescaleSlope /
 Intercept or the Modality LUT applied, so CT is in HU). Compressed transfer syntaxes are decoded by pydicom's pixel
 handlers (JPEG 2000 needs ``pylibjpeg`` + ``pylibjpeg-openjpeg``). Meta keys added to MONAI's: ``case_id``, ``kind``,
-``modality``, ``series_uid``, ``spacing``, ``resampled`` and ``geometry_problems``.
+``modality``, ``series_uid``, ``study_uid``, ``spacing``, ``resampled`` and ``geometry_problems``.
 
 Hostile files are refused from their headers, before any pixel is decoded: a NIfTI, DICOM series or 2D image whose
 dimensions decode to more than the decoded-size limit (:func:`decoded_size_limit`, 2048 MB by default), and a 2D
@@ -176,6 +176,7 @@ def _load_dicom(case: Case, volume_index: int | None, irregular: str, limit_mb: 
     affine = orientation_ras_lps(affine)
     meta = _meta(affine, arr.shape[1:], str(case.path), case_id=case.case_id, kind="dicom",
                  modality=str(ds.get("Modality", "unknown")), series_uid=str(ds.get("SeriesInstanceUID", "")),
+                 study_uid=str(ds.get("StudyInstanceUID", "")),
                  photometric=str(ds.get("PhotometricInterpretation", "")), resampled=resampled,
                  geometry_problems="; ".join(geom.problems), num_slices=geom.num_slices)
     if not geom.has_patient_geometry:
@@ -218,8 +219,9 @@ def _load_with_monai(case: Case, reader: str, volume_index: int | None, limit_mb
         raise DataError(f"{path}: cannot read as {case.kind}: {type(e).__name__}: {one_line(e)}") from e
     if case.kind == "nifti" and img.shape[0] > 1:
         img = img[volume_index or 0: (volume_index or 0) + 1]
-    img.meta.update(case_id=case.case_id, kind=case.kind, modality="unknown", series_uid="", resampled=False,
-                    geometry_problems="", spacing=affine_to_spacing(img.affine, r=img.ndim - 1).numpy())
+    img.meta.update(case_id=case.case_id, kind=case.kind, modality="unknown", series_uid="", study_uid="",
+                    resampled=False, geometry_problems="",
+                    spacing=affine_to_spacing(img.affine, r=img.ndim - 1).numpy())
     return img
 
 
@@ -244,7 +246,8 @@ def _case_of(source: Case | str | Path) -> Case:
     ds = _dicom_header(path)
     if ds is None:
         raise DataError(f"{path}: not a DICOM, NIfTI or PNG/JPEG image")
-    return Case(path.stem, "dicom", path, (path,), str(ds.get("SeriesInstanceUID", "")) or None)
+    return Case(path.stem, "dicom", path, (path,), str(ds.get("SeriesInstanceUID", "")) or None,
+                str(ds.get("StudyInstanceUID", "")) or None)
 
 
 def load_image(source: Case | str | Path, *, volume_index: int | None = None, irregular: str = "refuse",

@@ -3,8 +3,9 @@
 :func:`kfold_split` and :func:`holdout_split` are scikit-learn's ``StratifiedGroupKFold`` (``GroupKFold`` where
 there is no class to stratify on): no patient in two parts, classes balanced over folds, the assignment a function
 of ``seed`` alone. Stratification key: the class index (classification), the first positive class or -1 for none
-(multi-label), none for segmentation (group-only). A patient is the item's ``patient`` (or ``group``) field, else
-its image's file stem. :func:`split_summary` describes the parts (cases, classes, groups, the largest group's
+(multi-label), none for segmentation (group-only). A patient is :func:`~medtl3d.data.datalists.case_group`: the
+item's ``patient`` (or ``group``) field, else its ``study`` (so the series of one study stay together), else its
+image's file stem. :func:`split_summary` describes the parts (cases, classes, groups, the largest group's
 share) and flags a part that one group dominates.
 """
 
@@ -18,17 +19,10 @@ import numpy as np
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 from ..errors import DataError
-from .datalists import _as_int, image_stem
+from .datalists import _as_int, case_group
 
 __all__ = ["format_split", "holdout_split", "kfold_split", "split_summary"]
 
-
-
-def _patient(item: dict) -> str:
-    p = item.get("patient", item.get("group"))
-    if p not in (None, ""):
-        return str(p)
-    return image_stem(item.get("image"))
 
 
 def _stratum(item: dict) -> int | None:
@@ -53,7 +47,7 @@ def _fold_indices(items: list[dict], n_folds: int, seed: int, stratify: bool, op
     are classes to stratify on (balancing classes over folds while keeping each patient in one fold), else
     ``GroupKFold``; both shuffled with ``seed``, so the assignment is a function of ``seed`` alone. ``option`` names
     the setting a refusal is about; every class needs ``min_per_class`` patients."""
-    groups = [_patient(it) for it in items]
+    groups = [case_group(it) for it in items]
     n_patients = len(set(groups))
     if n_patients < n_folds:
         raise DataError(f"{option}: needs {n_folds} patient-grouped folds but there are {n_patients} patients")
@@ -100,7 +94,7 @@ def holdout_split(items: Sequence[dict], test_fraction: float, *, seed: int = 0,
     smaller = min(float(test_fraction), 1.0 - float(test_fraction))
     n_folds = max(2, round(1.0 / smaller))
     option = f"test_fraction={test_fraction:g} (1 of {n_folds} patient-grouped folds)"
-    patients = len({_patient(it) for it in items})
+    patients = len({case_group(it) for it in items})
     if patients < 2:
         raise DataError(f"{option}: needs at least 2 patients, got {patients}")
     rest, held = _fold_indices(items, min(n_folds, patients), seed, stratify, option, 2)[0]
@@ -124,12 +118,12 @@ def split_summary(parts: Mapping[str, Sequence[dict]], *, max_group_share: float
     rows, warnings_ = [], []
     for name, items in parts.items():
         items = list(items or [])
-        groups = Counter(_patient(it) for it in items)
+        groups = Counter(case_group(it) for it in items)
         classes: dict[int, Counter] = defaultdict(Counter)
         for item in items:
             key = _stratum(item)
             if key is not None:
-                classes[key][_patient(item)] += 1
+                classes[key][case_group(item)] += 1
         largest, held = groups.most_common(1)[0] if groups else (None, 0)
         row = {"part": name, "cases": len(items), "groups": len(groups),
                "classes": " ".join(f"{k}:{sum(c.values())}" for k, c in sorted(classes.items())) or "-",

@@ -29,6 +29,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--fmt", choices=("nifti", "dicom"), default="nifti", help="CTPA image format")
     p.add_argument("--shape", type=_ints, default=(32, 64, 64), help="CTPA slices x rows x cols (default 32x64x64)")
     p.add_argument("--spacing", type=_floats, default=(2.0, 1.0, 1.0), help="CTPA mm, slices x rows x cols")
+    p.add_argument("--series-per-study", type=int, default=1,
+                   help="CTPA series per study (default 1; > 1 adds the datalist field 'study')")
     p.add_argument("--size", type=int, default=128, help="CXR / histology image side (default 128)")
     p.set_defaults(func=run)
 
@@ -38,7 +40,7 @@ def run(args) -> int:
     common = {"positive_fraction": args.positive_fraction, "seed": args.seed}
     generators: dict[str, Callable[[], Path]] = {
         "ctpa": lambda: generate_ctpa(args.output, args.n or 16, shape=args.shape, spacing=args.spacing,
-                                      fmt=args.fmt, **common),
+                                      fmt=args.fmt, series_per_study=args.series_per_study, **common),
         "cxr": lambda: generate_cxr(args.output, args.n or 32, size=args.size, **common),
         "histology": lambda: generate_histology(args.output, args.n or 32, size=args.size, **common),
     }

@@ -273,14 +273,15 @@ def _ctpa_geometry(shape: Sequence[int], spacing: Sequence[float]) -> tuple[np.n
 
 
 def _write_dicom_series(folder: Path, hu: np.ndarray, spacing: Sequence[float], patient: str, case: str,
-                        seed: int) -> None:
-    """One CT Image Storage file per slice, explicit VR little endian, int16 with intercept -1024."""
-    def uid(*parts: object):
-        return generate_uid(entropy_srcs=["medtl3d-phantom", str(seed), case, *map(str, parts)])
+                        seed: int, study: str, series_number: int) -> None:
+    """One CT Image Storage file per slice, explicit VR little endian, int16 with intercept -1024; series of one
+    ``study`` share its StudyInstanceUID (and StudyID, AccessionNumber)."""
+    def uid(*parts: object, of: str = case):
+        return generate_uid(entropy_srcs=["medtl3d-phantom", str(seed), of, *map(str, parts)])
 
     sz, sy, sx = spacing
     origin, _ = _ctpa_geometry(hu.shape, spacing)
-    study, series, frame = uid("study"), uid("series"), uid("frame")
+    study_uid, series, frame = uid("study", of=study), uid("series"), uid("frame")
     stored = (hu.astype(np.int32) + 1024).astype(np.int16)
     for k in range(hu.shape[0]):
         sop = uid("instance", k)
@@ -291,13 +292,13 @@ def _write_dicom_series(folder: Path, hu: np.ndarray, spacing: Sequence[float], 
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         ds = FileDataset(f"{k}.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series, frame
         ds.Modality, ds.ImageType = "CT", ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.Manufacturer, ds.SeriesDescription = "medtl3d phantom", "CTPA phantom"
-        ds.PatientID, ds.PatientName, ds.StudyID, ds.AccessionNumber = patient, f"Phantom^{patient}", case, case
+        ds.PatientID, ds.PatientName, ds.StudyID, ds.AccessionNumber = patient, f"Phantom^{patient}", study, study
         ds.StudyDate = ds.SeriesDate = ds.ContentDate = "20200101"
         ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
-        ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
+        ds.SeriesNumber, ds.InstanceNumber = series_number, k + 1
         ds.ImagePositionPatient = [round(float(v), 4) for v in (origin[0], origin[1], origin[2] + k * sz)]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.PixelSpacing = [sy, sx]
@@ -317,7 +318,7 @@ def _write_dicom_series(folder: Path, hu: np.ndarray, spacing: Sequence[float], 
 def generate_ctpa(out_dir: str | os.PathLike, n_cases: int = 16, *, shape: Sequence[int] = (32, 64, 64),
                   spacing: Sequence[float] = (2.0, 1.0, 1.0), positive_fraction: float = 0.5, fmt: str = "nifti",
                   seed: int = 0, rv_strain: bool = True, emboli: Sequence[int] = (1, 3),
-                  embolus_length: Sequence[float] = (2.0, 3.5)) -> Path:
+                  embolus_length: Sequence[float] = (2.0, 3.5), series_per_study: int = 1) -> Path:
     """Write CTPA-like phantoms (label 1 = pulmonary emboli present) and return the ``datalist.json`` path.
 
     ``shape``/``spacing`` are (slices, rows, cols) / mm. Files: ``images/<case>.nii.gz`` (``fmt="nifti"``) or
@@ -341,6 +342,13 @@ def generate_ctpa(out_dir: str | os.PathLike, n_cases: int = 16, *, shape: Seque
     numbers they drew before the options existed. A heavier burden makes a larger filling defect, not a
     different kind of cue (measured in ``scripts/demo.py``: at 32^3 voxels and 48-64 training series, neither
     burden was learned from image labels in 8 CPU epochs).
+
+    ``series_per_study`` > 1 groups consecutive cases into clinical studies of that many series (the last may
+    hold fewer): each item gets ``study`` (``S0000``, ...), the series of a study share one patient (one patient
+    in about five has a second study) and, in DICOM, one StudyInstanceUID with SeriesNumber 1, 2, ... Series labels
+    are drawn as before, independently, so a study may mix positive and negative series (emboli seen in one
+    reconstruction only); its label is "any series positive". The default 1 writes no ``study`` and the exact
+    files and datalists it always wrote.
     """
     _check_common(n_cases, positive_fraction, seed)
     if fmt not in ("nifti", "dicom"):
@@ -355,14 +363,20 @@ def generate_ctpa(out_dir: str | os.PathLike, n_cases: int = 16, *, shape: Seque
     if len(embolus_length) != 2 or not 0 < embolus_length[0] <= embolus_length[1]:
         raise DataError(f"generate_ctpa: embolus_length must be a range [low, high] of artery radii with "
                         f"0 < low <= high, got {tuple(embolus_length)!r}")
+    if int(series_per_study) != series_per_study or series_per_study < 1:
+        raise DataError(f"generate_ctpa: series_per_study must be a positive integer, got {series_per_study!r}")
     shape, spacing = tuple(int(s) for s in shape), tuple(float(s) for s in spacing)
     emboli, embolus_length = tuple(int(n) for n in emboli), tuple(float(x) for x in embolus_length)
     out = Path(out_dir)
     labels, patients = _labels_and_patients(n_cases, positive_fraction, seed)
+    per_study = int(series_per_study)
+    if per_study > 1:  # the patients of the studies: a study's series all belong to its patient
+        _, of_study = _labels_and_patients(-(-n_cases // per_study), positive_fraction, seed)
+        patients = [of_study[i // per_study] for i in range(n_cases)]
     _, affine = _ctpa_geometry(shape, spacing)
     items, chests = [], {}
     for i in _progress(range(n_cases), n_cases, "CTPA phantoms"):
-        case, patient = f"ctpa_{i:04d}", f"P{patients[i]:04d}"
+        case, patient, study = f"ctpa_{i:04d}", f"P{patients[i]:04d}", f"S{i // per_study:04d}"
         if patients[i] not in chests:
             chests = {patients[i]: _Chest(_rng(seed, _PATIENT, patients[i]), shape, spacing)}
         hu, mask = _ctpa_case(chests[patients[i]], _rng(seed, _CASE, i), bool(labels[i]), bool(rv_strain),
@@ -372,9 +386,13 @@ def generate_ctpa(out_dir: str | os.PathLike, n_cases: int = 16, *, shape: Seque
             write_bytes(out / image, _nifti_bytes(hu.transpose(2, 1, 0), affine))
         else:
             image = f"dicom/{case}"
-            _write_dicom_series(out / image, hu, spacing, patient, case, seed)
+            _write_dicom_series(out / image, hu, spacing, patient, case, seed,
+                                study=case if per_study == 1 else study, series_number=i % per_study + 1)
         lesion = f"masks/{case}.nii.gz"
         write_bytes(out / lesion, _nifti_bytes(mask.transpose(2, 1, 0), affine))
-        items.append({"image": image, "label": int(labels[i]), "patient": patient, "lesion": lesion,
+        items.append({"image": image, "label": int(labels[i]), "patient": patient,
+                      **({"study": study} if per_study > 1 else {}), "lesion": lesion,
                       "slice_labels": mask.any(axis=(1, 2)).astype(int).tolist()})
-    return _write_datalist(out, items, ("image", "label", "patient", "lesion"))
+    columns = ("image", "label", "patient", "study", "lesion") if per_study > 1 else ("image", "label", "patient",
+                                                                                      "lesion")
+    return _write_datalist(out, items, columns)
