@@ -91,15 +91,20 @@ def load_run(folder: str | Path) -> EvaluatedRun:
     return EvaluatedRun(path.parent, document, {row["id"]: row for row in rows})
 
 
-def find_runs(path: str | Path) -> list[EvaluatedRun]:
-    """One run (``path`` holds ``evaluation.json`` or ``eval/evaluation.json``) or every evaluation below it."""
+def find_runs(path: str | Path, *, study: bool = False) -> list[EvaluatedRun]:
+    """One run (``path`` holds ``evaluation.json`` or ``eval/evaluation.json``) or every evaluation below it: the
+    case-level (series) ones, or with ``study`` the study-level ones (``eval/study``, CTPA), never both in one arm."""
     path = Path(path)
+    if study and (path / "eval" / "study" / "evaluation.json").is_file():
+        return [load_run(path / "eval" / "study")]
     if (path / "evaluation.json").is_file() or (path / "eval" / "evaluation.json").is_file():
         return [load_run(path)]
     found = sorted(path.rglob("evaluation.json")) if path.is_dir() else []
-    if not found:
-        raise EvaluationError(f"{path}: no evaluation.json in it or below it")
-    return [load_run(p.parent) for p in found]
+    runs = [run for run in map(load_run, (p.parent for p in found))
+            if (run.document["metadata"].get("level") == "study") == study]
+    if not runs:
+        raise EvaluationError(f"{path}: no {'study-level ' if study else ''}evaluation.json in it or below it")
+    return runs
 
 
 def _same_cases(a: EvaluatedRun, b: EvaluatedRun) -> list[str]:
@@ -353,10 +358,11 @@ def _without_hd95(comparison: Comparison, units: set[str]) -> None:
 
 
 def compare_runs(arm_a: Sequence[str | Path], arm_b: Sequence[str | Path], *, margin: float | None = None,
-                 level: float = 0.95, n_resamples: int = 2000, seed: int = 0) -> Comparison:
-    """Compare candidate arm ``arm_a`` with reference arm ``arm_b`` (folders of evaluated runs; see module doc)."""
-    runs_a = [run for path in arm_a for run in find_runs(path)]
-    runs_b = [run for path in arm_b for run in find_runs(path)]
+                 level: float = 0.95, n_resamples: int = 2000, seed: int = 0, study: bool = False) -> Comparison:
+    """Compare candidate arm ``arm_a`` with reference arm ``arm_b`` (folders of evaluated runs; see module doc);
+    ``study``: their study-level evaluations (CTPA series aggregated to clinical studies)."""
+    runs_a = [run for path in arm_a for run in find_runs(path, study=study)]
+    runs_b = [run for path in arm_b for run in find_runs(path, study=study)]
     tasks = {run.task for run in runs_a + runs_b}
     if len(tasks) != 1:
         raise EvaluationError(f"the runs are of different tasks ({', '.join(sorted(tasks))}); compare like with like")

@@ -27,6 +27,8 @@ def add_parser(commands) -> None:
     compare.add_argument("--level", type=float, default=0.95, help="confidence level (default 0.95)")
     compare.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
     compare.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    compare.add_argument("--study", action="store_true",
+                         help="compare the study-level evaluations (eval/study: CTPA series aggregated to studies)")
     compare.add_argument("--output", default="comparison",
                          help="folder for comparison.csv/json/md (default ./comparison)")
 
@@ -34,7 +36,7 @@ def add_parser(commands) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         comparison = compare_runs([args.run_a], [args.run_b], margin=args.margin, level=args.level,
-                                  n_resamples=args.resamples, seed=args.seed)
+                                  n_resamples=args.resamples, seed=args.seed, study=args.study)
         with output_lock(args.output):
             files = write_comparison(args.output, comparison)
     except Medtl3dError as err:
