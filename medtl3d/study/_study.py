@@ -6,7 +6,7 @@ import inspect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..errors import StudyError, interface, setting
 from ..locking import one_run_per_output
@@ -55,21 +55,25 @@ class StudyResult:
         return next(c for c in self.claims if c["claim"] == number)
 
 
-def _check(name: str, value, ok: bool, what: str) -> None:
+def _check(name: str, value, ok: bool, what: str, describe: Callable[[str, Any], str] = setting) -> None:
     if not ok:
-        raise StudyError(f"{setting(name, value)}: {what}")
+        raise StudyError(f"{describe(name, value)}: {what}")
 
 
 def check_study_options(*, seeds: int | Sequence[int], margin: float | None, cka_cases: int, divergence_cka: float,
-                        convergence_fraction: float, processes_per_trial: int, **_: Any) -> list[int]:
-    """Refuse the options of :func:`run_study` that no bundle could make valid; returns the seeds as a list."""
+                        convergence_fraction: float, processes_per_trial: int,
+                        describe: Callable[[str, Any], str] = setting, **_: Any) -> list[int]:
+    """Refuse the options of :func:`run_study` that no bundle could make valid, each named by ``describe(name,
+    value)`` (default: as the user's interface sets it); returns the seeds as a list."""
     given, seeds = seeds, list(range(int(seeds))) if isinstance(seeds, int) else [int(s) for s in seeds]
-    _check("seeds", given, bool(seeds), "give at least one seed")
-    _check("margin", margin, margin is None or margin > 0, "must be > 0")
-    _check("cka_cases", cka_cases, int(cka_cases) >= 4, "must be >= 4 (CKA needs a few cases)")
-    _check("divergence_cka", divergence_cka, 0 < divergence_cka < 1, "must be in (0, 1)")
-    _check("convergence_fraction", convergence_fraction, 0 < convergence_fraction <= 1, "must be in (0, 1]")
-    _check("processes_per_trial", processes_per_trial, int(processes_per_trial) >= 1, "must be an integer >= 1")
+    for name, value, ok, what in (
+            ("seeds", given, bool(seeds), "give at least one seed"),
+            ("margin", margin, margin is None or margin > 0, "must be > 0"),
+            ("cka_cases", cka_cases, int(cka_cases) >= 4, "must be >= 4 (CKA needs a few cases)"),
+            ("divergence_cka", divergence_cka, 0 < divergence_cka < 1, "must be in (0, 1)"),
+            ("convergence_fraction", convergence_fraction, 0 < convergence_fraction <= 1, "must be in (0, 1]"),
+            ("processes_per_trial", processes_per_trial, int(processes_per_trial) >= 1, "must be an integer >= 1")):
+        _check(name, value, ok, what, describe)
     return seeds
 
 
@@ -177,7 +181,7 @@ class Study:
         try:
             bound = inspect.signature(run_study).bind(bundle_dir, output_dir, **options)
             bound.apply_defaults()
-            check_study_options(**bound.arguments)
+            check_study_options(**bound.arguments, describe=lambda name, value: f"{name}={value!r}")
             check_grid(bound.arguments["strategies"], bound.arguments["weights"])
         except (TypeError, StudyError) as err:
             raise StudyError(f"study: {err}") from None
