@@ -1,6 +1,6 @@
 """What the bundles' ``analysis.yaml`` calls: the representation analyses of a trained bundle model as extra run ids.
 
-``analysis.yaml`` is merged with ``train.yaml`` and holds ids only; :func:`check_analyses` runs first (its
+``analysis.yaml`` is merged with ``train.yaml``; :func:`check_analyses` runs first (its
 ``initialize``), so a wrong analysis name stops with one line naming the ``analyses`` id before any data is loaded;
 its ``analysis`` component (:class:`BundleAnalyses`) checks the other options when the config is parsed, then runs
 the chosen analyses on the checkpoint ``ckpt_path`` and writes them under ``output_dir`` through the same report

@@ -167,7 +167,8 @@ def _metadata(backbone: Backbone, strategy: str, shape, batch_sizes, device: tor
 
 
 def check_efficiency_options(backbone: str | Backbone, input_shape: str | Sequence[int] | None,
-                             batch_sizes: Sequence[int], device: str | torch.device, dtype: str) -> torch.device:
+                             batch_sizes: Sequence[int], device: str | torch.device, dtype: str, runs: int,
+                             warmup: int) -> torch.device:
     """Refuse the options of :func:`efficiency_report` that cannot be measured, before any model is built;
     returns the device."""
     target = resolve_device(device)
@@ -175,11 +176,15 @@ def check_efficiency_options(backbone: str | Backbone, input_shape: str | Sequen
         raise EfficiencyError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if any(int(b) < 1 for b in batch_sizes) or not batch_sizes:
         raise EfficiencyError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
+    for name, value in (("runs", runs), ("warmup", warmup)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise EfficiencyError(f"{name} must be an integer >= 0, got {value!r}")
     if isinstance(backbone, str):
         entry = get_entry(backbone)
         dims = len(parse_shape(input_shape)) - 1 if input_shape is not None else entry.spatial_dims[0]
         if dims not in entry.spatial_dims:
-            raise EfficiencyError(f"{backbone} supports {entry.spatial_dims}D input, input shape {input_shape} is {dims}D")
+            raise EfficiencyError(f"{backbone} supports {entry.spatial_dims}D input, input shape {input_shape} "
+                                  f"is {dims}D")
     return target
 
 
@@ -212,7 +217,7 @@ def efficiency_report(
     its peak memory and ``warmup`` untimed runs each; ``stopwatch`` times one run (default: the one that times
     ``device`` correctly, :func:`stopwatch_for`).
     """
-    target = check_efficiency_options(backbone, input_shape, batch_sizes, device, dtype)
+    target = check_efficiency_options(backbone, input_shape, batch_sizes, device, dtype, runs, warmup)
     stopwatch = stopwatch or stopwatch_for(target)
     if isinstance(backbone, str):
         dims = len(parse_shape(input_shape)) - 1 if input_shape is not None else get_entry(backbone).spatial_dims[0]
@@ -300,12 +305,9 @@ class EfficiencyBenchmark:
         try:
             bound = inspect.signature(efficiency_report).bind(backbone, output_dir=output_dir, **options)
             bound.apply_defaults()
-            arguments = bound.arguments
-            check_efficiency_options(backbone, arguments["input_shape"], arguments["batch_sizes"],
-                                     arguments["device"], arguments["dtype"])
-            for name in ("runs", "warmup"):
-                if isinstance(arguments[name], bool) or not isinstance(arguments[name], int) or arguments[name] < 0:
-                    raise EfficiencyError(f"{name} must be an integer >= 0, got {arguments[name]!r}")
+            given = bound.arguments
+            check_efficiency_options(backbone, given["input_shape"], given["batch_sizes"], given["device"],
+                                     given["dtype"], given["runs"], given["warmup"])
         except (TypeError, Medtl3dError) as err:
             raise EfficiencyError(f"efficiency: {err}") from None
         if segmentation_classes is not None:

@@ -141,6 +141,6 @@ class LRFinder:
     def run(self) -> LRFindResult:
         """Scan, write ``lr_find.csv/json/md/png`` to ``output_dir`` and print the suggested rate."""
         result = find_lr(self.model, self.train_data, **self.options)
-        print(f"medtl3d: suggested lr {result.suggestion:.3g} (scanned {result.lrs[0]:.3g} .. {result.lrs[-1]:.3g}); "
-              f"plot in {result.files['png']}")
+        print(f"medtl3d: suggested lr {result.suggestion:.3g} (scanned {result.lrs[0]:.3g} .. "
+              f"{result.lrs[-1]:.3g}); plot in {result.files['png']}")
         return result

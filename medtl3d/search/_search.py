@@ -280,7 +280,6 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
     return SearchResult(rows, picks, probes, search.trained, search.reused, seconds, cost, paths)
 
 
-
 class CutoffSearch:
     """The cutoff search as a bundle component: ``search.yaml`` builds it from its ids and runs ``$@search.run()``.
 
@@ -300,6 +299,7 @@ class CutoffSearch:
 
     def run(self) -> SearchResult:
         return run_search(self.bundle_dir, self.output_dir, **self.options)
+
 
 def _cost_summary(store: ResultsStore, body, strategies: Sequence[str], references: Sequence[str], runs: int,
                   max_epochs: int) -> dict:

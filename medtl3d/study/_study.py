@@ -55,11 +55,6 @@ class StudyResult:
         return next(c for c in self.claims if c["claim"] == number)
 
 
-def _check(name: str, value, ok: bool, what: str, describe: Callable[[str, Any], str] = setting) -> None:
-    if not ok:
-        raise StudyError(f"{describe(name, value)}: {what}")
-
-
 def check_study_options(*, seeds: int | Sequence[int], margin: float | None, cka_cases: int, divergence_cka: float,
                         convergence_fraction: float, processes_per_trial: int,
                         describe: Callable[[str, Any], str] = setting, **_: Any) -> list[int]:
@@ -73,7 +68,8 @@ def check_study_options(*, seeds: int | Sequence[int], margin: float | None, cka
             ("divergence_cka", divergence_cka, 0 < divergence_cka < 1, "must be in (0, 1)"),
             ("convergence_fraction", convergence_fraction, 0 < convergence_fraction <= 1, "must be in (0, 1]"),
             ("processes_per_trial", processes_per_trial, int(processes_per_trial) >= 1, "must be an integer >= 1")):
-        _check(name, value, ok, what, describe)
+        if not ok:
+            raise StudyError(f"{describe(name, value)}: {what}")
     return seeds
 
 
