@@ -1,5 +1,8 @@
-"""What the MONAI bundle configs call besides their components: the id checks, locations and data helpers, one
-function per orchestrating step (efficiency, search, learning-rate scan) and folder inference's outcome.
+"""What the MONAI bundle configs call besides their components: the id checks, locations and data helpers, the
+training step and folder inference's outcome. The other procedures are components of their own (``search``:
+:class:`medtl3d.search.CutoffSearch`, ``study``: :class:`medtl3d.study.Study`, ``efficiency``:
+:class:`medtl3d.efficiency.EfficiencyBenchmark`, ``analysis``: :class:`medtl3d.analysis.bundle.BundleAnalyses`,
+``lr_find``: :class:`medtl3d.engine.lr_finder.LRFinder`).
 
 The bundles under ``bundles/`` hold configuration only (``python -m monai.bundle run --config_file ...``); every
 transfer-learning choice there is a config id (backbone, weights, strategy, cut, width factor, learning rates,
@@ -34,15 +37,11 @@ from .data.io import LoadCased
 from .data.prepare import PHANTOMS, prepare_datalist  # noqa: F401
 from .data.splits import format_split, holdout_split, kfold_split, split_summary
 from .engine import load_checkpoint
-from .engine.lr_finder import find_lr
 from .engine.results import settings_path
 from .engine.runtime import on_terminal
-from .errors import DataError, Medtl3dError, SearchError, UnknownBackboneError, UnknownCutPointError, interface
-from .inference import PredictionWriter, load_network
-from .models import TruncatedUNet
+from .errors import DataError, UnknownBackboneError, UnknownCutPointError, interface
+from .inference import PredictionWriter, load_network  # noqa: F401  (load_network: the configs call it here)
 from .models.builders import _weights_id, build_classifier, build_segmenter  # noqa: F401
-from .search import run_search
-from .study import run_study
 from .strategies import CUT_STRATEGIES, STRATEGIES
 from .weights import is_weights_name, weights_for, weights_or_none
 
@@ -280,52 +279,3 @@ def inference_outcome(handlers: Sequence[Any]) -> dict | None:
     if summary.n_failed:
         raise SystemExit(f"medtl3d: {summary.n_failed} case(s) failed or were skipped; reasons in {summary.csv_path}")
     return {"n_cases": summary.n_cases, "n_ok": summary.n_ok, "csv": str(summary.csv_path)}
-
-
-def efficiency(backbone: str, *, strategy: str, cuts, input_shape: Sequence[int], output_dir: str,
-               segmentation_classes: int | None = None, **options: Any):
-    """Params / MACs / latency per cut point (:func:`medtl3d.efficiency.efficiency_report`); with
-    ``segmentation_classes`` the measured models are the bundle's U-Nets at each cut."""
-    # imported here, not at the top: fvcore scripts functions with torch.jit when imported, which prints a
-    # FutureWarning on stderr; the other bundle steps (and their one-line errors) stay free of it
-    from .efficiency import efficiency_report
-
-    builder = None
-    if segmentation_classes is not None:
-        builder = lambda body, name, num_classes, cut=None, **_: TruncatedUNet(body, segmentation_classes, cut=cut)  # noqa: E731
-    shape = "x".join(str(int(s)) for s in input_shape)
-    try:
-        report = efficiency_report(backbone, strategy, cuts, shape, output_dir=output_dir, model_builder=builder,
-                                   **options)
-    except Medtl3dError as err:
-        raise ConfigIdError("efficiency", str(err)) from None
-    print(report.to_markdown())
-    print(f"medtl3d: efficiency report written to {output_dir}")
-    return report
-
-
-def search(bundle_dir: str, *, output_dir: str, overrides: Mapping[str, Any], **options: Any):
-    """The hierarchical cutoff search (:func:`medtl3d.search.run_search`) of this bundle; ``overrides`` are the
-    train.yaml ids every trial shares (search.yaml forwards them all)."""
-    try:
-        return run_search(bundle_dir, output_dir, overrides=dict(overrides), **options)
-    except SearchError as err:
-        raise ConfigIdError("search", str(err)) from None
-
-
-def study(bundle_dir: str, *, output_dir: str, overrides: Mapping[str, Any], **options: Any):
-    """The study of this bundle (:func:`medtl3d.study.run_study`); ``overrides`` are the train.yaml ids every trial
-    shares (study.yaml forwards them all)."""
-    try:
-        return run_study(bundle_dir, output_dir, overrides=dict(overrides), **options)
-    except SearchError as err:  # StudyError is one
-        raise ConfigIdError("study", str(err)) from None
-
-
-def lr_find(model: nn.Module, train_data, *, task: str, output_dir: str, **options: Any):
-    """The learning-rate range test (:func:`medtl3d.engine.lr_finder.find_lr`) of the bundle's model on its
-    training split; writes ``lr_find.csv/json/md/png`` to ``output_dir`` and prints the suggested rate."""
-    result = find_lr(model, train_data, task=task, output_dir=output_dir, **options)
-    print(f"medtl3d: suggested lr {result.suggestion:.3g} (scanned {result.lrs[0]:.3g} .. {result.lrs[-1]:.3g}); "
-          f"plot in {result.files['png']}")
-    return result

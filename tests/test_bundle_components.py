@@ -38,7 +38,8 @@ def _train_yaml(name: str) -> str:
     return str(BUNDLES / name / "configs" / "train.yaml")
 
 
-@pytest.mark.parametrize("config", ["train.yaml", "evaluate.yaml", "inference.yaml"])
+@pytest.mark.parametrize("config", ["train.yaml", "evaluate.yaml", "inference.yaml", "search.yaml", "study.yaml",
+                                    "efficiency.yaml", "analysis.yaml", "lr_find.yaml"])
 def test_the_components_block_is_the_same_in_every_bundle(config):
     """MONAI cannot include a file relative to the including one (``%file#id`` macros resolve against the current
     directory), and a bundle must stay self-contained: each config repeats the block, and this test keeps the

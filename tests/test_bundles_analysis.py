@@ -119,7 +119,8 @@ def test_other_bundles_analysis_yaml_parses_and_checks_its_ids(name, tmp_path):
     parser.read_config(_configs(name, "train.yaml", "analysis.yaml"))
     assert parser["analyses"] == ["weights", "reinit", "cka", "probes", "gradcam"]
     assert "$import medtl3d.analysis.bundle" in parser["imports"] and "$import medtl3d.workflows" in parser["imports"]
-    assert "run_bundle_analyses" in parser["run"][0] and ("series_key='series'" in parser["run"][0]) == (
+    assert parser["analysis"]["_target_"] == "medtl3d.analysis.bundle.BundleAnalyses"
+    assert parser["run"] == ["$@analysis.run()"] and (parser["series_key"] == "series") == (
         name == "ctpa_pe_classification")
     common = {"output_dir": str(tmp_path / "out"), "ckpt_path": str(tmp_path / "model.pt")}
     with pytest.raises(ConfigIdError, match="config id 'ckpt_path'"):

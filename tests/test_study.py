@@ -258,7 +258,7 @@ def test_study_yaml_forwards_every_train_id(bundle):
     train = yaml.safe_load((configs / "train.yaml").read_text())
     assert set(study["study_trial_ids"]) == _forwarded_ids(train)
     assert all(value == f"@{key}" for key, value in study["study_trial_ids"].items())
-    assert "study_seeds" in study and study["run"][0].startswith("$medtl3d.workflows.study(")
+    assert study["study"]["seeds"] == "@study_seeds" and study["run"] == ["$@study.run()"]
 
 
 @pytest.mark.parametrize("option, value, message", [

@@ -1,14 +1,16 @@
 """Efficiency reports per cut point: parameters, MACs (fvcore, cross-checked) and wall-clock latency.
 
-``efficiency_report(backbone, strategy, cuts, input_shape, ...)`` builds the full model and the strategy's model at
-every requested cut point, counts each once, times them all at every batch size, interleaved (round-robin, so that
-a change of machine load hits every cut alike; each row says whether its timings are reliable), and returns an
-:class:`EfficiencyReport` (rows + context) that writes CSV, JSON, Markdown and a PNG plot.
+``efficiency_report(backbone, strategy, cuts, input_shape, ...)`` (as a bundle component:
+:class:`EfficiencyBenchmark`) builds the full model and the strategy's model at every requested cut point, counts
+each once, times them all at every batch size, interleaved (round-robin, so that a change of machine load hits
+every cut alike; each row says whether its timings are reliable), and returns an :class:`EfficiencyReport` (rows +
+context) that writes CSV, JSON, Markdown and a PNG plot.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import platform
 from typing import Callable, Sequence
@@ -17,14 +19,17 @@ import torch
 from torch import nn
 
 from ..backbones import Backbone, CutPoint, build_backbone, get_entry
-from ..errors import EfficiencyError, StrategyNotApplicableError, UnknownBackboneError
+from ..errors import EfficiencyError, Medtl3dError, StrategyNotApplicableError, UnknownBackboneError
+from ..models import TruncatedUNet
 from ..strategies import CUT_STRATEGIES, apply_strategy
 from ._counting import EXCLUDED_OPS, MAC_CONVENTION, MacCount, count_macs, count_params, pooling_rules
 from ._report import EfficiencyReport, EfficiencyRow
 from ._timing import (
     RELIABLE_RELATIVE_IQR,
+    CudaEventStopwatch,
     LatencyStats,
     PeakMemory,
+    PerfCounterStopwatch,
     measure_interleaved,
     measure_latency,
     paired_ratio,
@@ -33,6 +38,7 @@ from ._timing import (
 )
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_TIMERS = {CudaEventStopwatch: "CUDA events + synchronize", PerfCounterStopwatch: "time.perf_counter"}
 
 
 def parse_shape(shape: str | Sequence[int]) -> tuple[int, ...]:
@@ -104,7 +110,7 @@ def _runner(model: nn.Module, example: torch.Tensor, device: torch.device, amp: 
 
 
 def _time_interleaved(models: Sequence[nn.Module], rows: Sequence[EfficiencyRow], example: torch.Tensor,
-                      device: torch.device, amp: bool, warmup: int, runs: int) -> None:
+                      device: torch.device, amp: bool, warmup: int, runs: int, stopwatch) -> None:
     """Fill the latency, memory and ratio columns of ``rows`` (one per model, the full model first, one batch size).
 
     Peak memory comes from one untimed run per model on its own; then the models are timed interleaved
@@ -115,7 +121,7 @@ def _time_interleaved(models: Sequence[nn.Module], rows: Sequence[EfficiencyRow]
         with PeakMemory(device) as memory:
             run()
         row.peak_memory_mib = memory.peak_mib
-    timed = measure_interleaved(runners, stopwatch_for(device), warmup, runs, synchronizer_for(device))
+    timed = measure_interleaved(runners, stopwatch, warmup, runs, synchronizer_for(device))
     for row, stats in zip(rows, timed):
         row.latency_median_ms, row.latency_p90_ms = stats.median_ms, stats.p90_ms
         row.latency_min_ms, row.latency_max_ms = stats.min_ms, stats.max_ms
@@ -126,7 +132,7 @@ def _time_interleaved(models: Sequence[nn.Module], rows: Sequence[EfficiencyRow]
 
 
 def _metadata(backbone: Backbone, strategy: str, shape, batch_sizes, device: torch.device, dtype: str, amp: bool,
-              channels_last: bool, warmup: int, runs: int, num_classes: int) -> dict:
+              channels_last: bool, warmup: int, runs: int, num_classes: int, stopwatch) -> dict:
     cuda = device.type == "cuda"
     return {
         "backbone": backbone.name,
@@ -149,7 +155,7 @@ def _metadata(backbone: Backbone, strategy: str, shape, batch_sizes, device: tor
         "channels_last": channels_last,
         "warmup": warmup,
         "runs": runs,
-        "timer": "CUDA events + synchronize" if cuda else "time.perf_counter",
+        "timer": _TIMERS.get(type(stopwatch), type(stopwatch).__name__),
         "schedule": (f"interleaved: {warmup} warm-up runs per model, then {runs} rounds of one timed run per model "
                      f"(rotating order); reliable when IQR <= {RELIABLE_RELATIVE_IQR:g} x median; latency / full "
                      "is the median of per-round ratios"),
@@ -158,6 +164,28 @@ def _metadata(backbone: Backbone, strategy: str, shape, batch_sizes, device: tor
         "pooling_rules": pooling_rules(),
         "excluded_ops": list(EXCLUDED_OPS),
     }
+
+
+def check_efficiency_options(backbone: str | Backbone, input_shape: str | Sequence[int] | None,
+                             batch_sizes: Sequence[int], device: str | torch.device, dtype: str, runs: int,
+                             warmup: int) -> torch.device:
+    """Refuse the options of :func:`efficiency_report` that cannot be measured, before any model is built;
+    returns the device."""
+    target = resolve_device(device)
+    if dtype not in DTYPES:
+        raise EfficiencyError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if any(int(b) < 1 for b in batch_sizes) or not batch_sizes:
+        raise EfficiencyError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
+    for name, value in (("runs", runs), ("warmup", warmup)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise EfficiencyError(f"{name} must be an integer >= 0, got {value!r}")
+    if isinstance(backbone, str):
+        entry = get_entry(backbone)
+        dims = len(parse_shape(input_shape)) - 1 if input_shape is not None else entry.spatial_dims[0]
+        if dims not in entry.spatial_dims:
+            raise EfficiencyError(f"{backbone} supports {entry.spatial_dims}D input, input shape {input_shape} "
+                                  f"is {dims}D")
+    return target
 
 
 def efficiency_report(
@@ -175,6 +203,7 @@ def efficiency_report(
     num_classes: int = 2,
     output_dir: str | None = None,
     model_builder: Callable[..., nn.Module] | None = None,
+    stopwatch=None,
     **strategy_kwargs,
 ) -> EfficiencyReport:
     """Measure the full model and ``strategy`` at each of ``cuts``; ``runs=0`` counts without timing.
@@ -185,18 +214,13 @@ def efficiency_report(
     ``model_builder(backbone, strategy, num_classes, cut=..., **strategy_kwargs)`` replaces
     :func:`~medtl3d.strategies.apply_strategy` to measure other models built on the cut backbone (e.g. a U-Net).
     The models are timed interleaved: ``runs`` rounds of one run each, after one untimed run each that measures
-    its peak memory and ``warmup`` untimed runs each.
+    its peak memory and ``warmup`` untimed runs each; ``stopwatch`` times one run (default: the one that times
+    ``device`` correctly, :func:`stopwatch_for`).
     """
-    target = resolve_device(device)
-    if dtype not in DTYPES:
-        raise EfficiencyError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if any(int(b) < 1 for b in batch_sizes) or not batch_sizes:
-        raise EfficiencyError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
+    target = check_efficiency_options(backbone, input_shape, batch_sizes, device, dtype, runs, warmup)
+    stopwatch = stopwatch or stopwatch_for(target)
     if isinstance(backbone, str):
-        entry = get_entry(backbone)
-        dims = len(parse_shape(input_shape)) - 1 if input_shape is not None else entry.spatial_dims[0]
-        if dims not in entry.spatial_dims:
-            raise EfficiencyError(f"{backbone} supports {entry.spatial_dims}D input, input shape {input_shape} is {dims}D")
+        dims = len(parse_shape(input_shape)) - 1 if input_shape is not None else get_entry(backbone).spatial_dims[0]
         channels = parse_shape(input_shape)[0] if input_shape is not None else None
         backbone = build_backbone(backbone, dims, in_channels=channels)  # e.g. 1-channel CT into an RGB design
     if input_shape is None:
@@ -250,10 +274,10 @@ def efficiency_report(
             if channels_last:
                 batch_input = batch_input.contiguous(memory_format=memory_format)
             _time_interleaved(timed_models, [r for r in rows if r.batch == batch], batch_input, target, amp,
-                              warmup, runs)
+                              warmup, runs, stopwatch)
     _add_ratios(rows)
     report = EfficiencyReport(rows, _metadata(backbone, strategy, shape, batch_sizes, target, dtype, amp, channels_last,
-                                              warmup, runs, num_classes), notes)
+                                              warmup, runs, num_classes, stopwatch), notes)
     if output_dir is not None:
         report.write(output_dir)
     return report
@@ -268,7 +292,39 @@ def _add_ratios(rows: list[EfficiencyRow]) -> None:
         row.macs_ratio = row.macs_g / base.macs_g if base.macs_g else None
 
 
+class EfficiencyBenchmark:
+    """:func:`efficiency_report` as a bundle component: ``efficiency.yaml`` builds it from its ids and runs
+    ``$@efficiency.run()``. The options are :func:`efficiency_report`'s, checked here
+    (:func:`check_efficiency_options`), so a wrong value stops while the config is parsed; errors start with
+    ``efficiency:``, the component's id in the bundles. ``segmentation_classes`` measures the bundle's U-Net
+    (:class:`~medtl3d.models.TruncatedUNet`) at each cut instead of a classifier; ``stopwatch``
+    (``efficiency#stopwatch``) times one run."""
+
+    def __init__(self, backbone: str, output_dir: str, *, segmentation_classes: int | None = None,
+                 **options) -> None:
+        try:
+            bound = inspect.signature(efficiency_report).bind(backbone, output_dir=output_dir, **options)
+            bound.apply_defaults()
+            given = bound.arguments
+            check_efficiency_options(backbone, given["input_shape"], given["batch_sizes"], given["device"],
+                                     given["dtype"], given["runs"], given["warmup"])
+        except (TypeError, Medtl3dError) as err:
+            raise EfficiencyError(f"efficiency: {err}") from None
+        if segmentation_classes is not None:
+            options["model_builder"] = lambda body, name, num_classes, cut=None, **_: TruncatedUNet(
+                body, segmentation_classes, cut=cut)
+        self.backbone, self.output_dir, self.options = backbone, output_dir, options
+
+    def run(self) -> EfficiencyReport:
+        """Measure, write the report (CSV, JSON, Markdown, PNG) to ``output_dir``, print its table; return it."""
+        report = efficiency_report(self.backbone, output_dir=self.output_dir, **self.options)
+        print(report.to_markdown())
+        print(f"medtl3d: efficiency report written to {self.output_dir}")
+        return report
+
+
 __all__ = [
-    "EfficiencyReport", "EfficiencyRow", "LatencyStats", "MacCount", "MAC_CONVENTION", "count_macs", "count_params",
-    "efficiency_report", "measure_interleaved", "measure_latency", "parse_shape", "resolve_device",
+    "CudaEventStopwatch", "EfficiencyBenchmark", "EfficiencyReport", "EfficiencyRow", "LatencyStats", "MacCount",
+    "MAC_CONVENTION", "PerfCounterStopwatch", "check_efficiency_options", "count_macs", "count_params",
+    "efficiency_report", "measure_interleaved", "measure_latency", "parse_shape", "resolve_device", "stopwatch_for",
 ]

@@ -9,6 +9,7 @@ done, so the model leaves the finder with the weights it came with.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,18 @@ class LRFindResult:
     files: dict[str, Path]
 
 
+def check_lr_find_options(*, start_lr: float, end_lr: float, num_iter: int, optimizer: str, batch_size: int,
+                          **_) -> None:
+    """Refuse the options of :func:`find_lr` that no model or data could make valid."""
+    if optimizer not in OPTIMIZERS:
+        raise TrainingError(f"optimizer={optimizer!r} is not supported; choose one of {', '.join(OPTIMIZERS)}")
+    if not 0 < start_lr < end_lr:
+        raise TrainingError(f"start_lr must be > 0 and below end_lr, got start_lr={start_lr!r}, end_lr={end_lr!r}")
+    for name, value, low in (("num_iter", num_iter, 3), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise TrainingError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
 def find_lr(model: nn.Module, train_data, *, task: str, output_dir, start_lr: float = 1e-7, end_lr: float = 1.0,
             num_iter: int = 100, weight_decay: float = 0.0, optimizer: str = "adamw", batch_size: int = 8,
             num_workers: int = 0, device="cpu", seed: int = 0, num_threads: int | None = None,
@@ -48,13 +61,8 @@ def find_lr(model: nn.Module, train_data, *, task: str, output_dir, start_lr: fl
     ``diverge_th`` x its best); write ``lr_find.csv/json/md`` and ``lr_find.png`` (loss vs learning rate, log
     scale, suggestion marked) to ``output_dir`` and return the suggestion: the rate of the steepest loss descent
     before the minimum (ignite's ``lr_suggestion``). The model's weights are left as they were."""
-    if optimizer not in OPTIMIZERS:
-        raise TrainingError(f"optimizer={optimizer!r} is not supported; choose one of {', '.join(OPTIMIZERS)}")
-    if not 0 < start_lr < end_lr:
-        raise TrainingError(f"start_lr must be > 0 and below end_lr, got start_lr={start_lr!r}, end_lr={end_lr!r}")
-    for name, value, low in (("num_iter", num_iter, 3), ("batch_size", batch_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise TrainingError(f"{name} must be an integer >= {low}, got {value!r}")
+    check_lr_find_options(start_lr=start_lr, end_lr=end_lr, num_iter=num_iter, optimizer=optimizer,
+                          batch_size=batch_size)
     device, _ = _device_and_amp(device, False)
     set_determinism(seed=seed)
     model.to(device)
@@ -113,3 +121,26 @@ def _write(output_dir: Path, lrs: list[float], losses: list[float], suggestion: 
     figure.tight_layout()
     files["png"] = save_figure(figure, output_dir / "lr_find.png")
     return files
+
+
+class LRFinder:
+    """The range test as a bundle component: ``lr_find.yaml`` builds it from its ids and runs
+    ``$@lr_find.run()``. The options are :func:`find_lr`'s, checked here (:func:`check_lr_find_options`), so a
+    wrong value stops while the config is parsed; errors start with ``lr_find:``, the component's id in the
+    bundles."""
+
+    def __init__(self, model: nn.Module, train_data, **options) -> None:
+        try:
+            bound = inspect.signature(find_lr).bind(model, train_data, **options)
+            bound.apply_defaults()
+            check_lr_find_options(**bound.arguments)
+        except (TypeError, TrainingError) as err:
+            raise TrainingError(f"lr_find: {err}") from None
+        self.model, self.train_data, self.options = model, train_data, options
+
+    def run(self) -> LRFindResult:
+        """Scan, write ``lr_find.csv/json/md/png`` to ``output_dir`` and print the suggested rate."""
+        result = find_lr(self.model, self.train_data, **self.options)
+        print(f"medtl3d: suggested lr {result.suggestion:.3g} (scanned {result.lrs[0]:.3g} .. "
+              f"{result.lrs[-1]:.3g}); plot in {result.files['png']}")
+        return result

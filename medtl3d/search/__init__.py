@@ -21,18 +21,19 @@ candidate sets of a cut-point search, and neither knows bundles, folds or costs;
 """
 
 from ._bundle import BundleTask
-from ._executors import EXECUTORS, LocalExecutor, RayExecutor, TrialError, make_executor
+from ._executors import EXECUTORS, Executor, LocalExecutor, RayExecutor, TrialError, make_executor
 from ._plan import REFERENCES, SEARCH_STRATEGIES, SHORT_NAMES, Candidate, neighbourhood, stage1_cuts, stage2_cuts
 from ._probes import probe_ranking, spearman
 from ._report import pareto_front, write_search_report
 from ._runner import Budget, StageRunner
-from ._search import SearchResult, add_costs, configs_hash, fingerprinted_overrides, run_search
+from ._search import (CutoffSearch, SearchResult, add_costs, check_search_options, configs_hash,
+                      fingerprinted_overrides, run_search)
 from ._store import ResultsStore
 from ._trial import TrialSpec, run_trial
 from ._verdicts import annotate
 
-__all__ = ["Budget", "BundleTask", "Candidate", "EXECUTORS", "LocalExecutor", "RayExecutor", "REFERENCES",
-           "ResultsStore", "SEARCH_STRATEGIES", "SHORT_NAMES", "SearchResult", "StageRunner", "TrialError",
-           "TrialSpec", "add_costs", "annotate", "configs_hash", "fingerprinted_overrides", "make_executor",
-           "neighbourhood", "pareto_front", "probe_ranking", "run_search", "run_trial", "spearman", "stage1_cuts",
-           "stage2_cuts", "write_search_report"]
+__all__ = ["Budget", "BundleTask", "Candidate", "CutoffSearch", "EXECUTORS", "Executor", "LocalExecutor",
+           "RayExecutor", "REFERENCES", "ResultsStore", "SEARCH_STRATEGIES", "SHORT_NAMES", "SearchResult",
+           "StageRunner", "TrialError", "TrialSpec", "add_costs", "annotate", "check_search_options", "configs_hash",
+           "fingerprinted_overrides", "make_executor", "neighbourhood", "pareto_front", "probe_ranking", "run_search",
+           "run_trial", "spearman", "stage1_cuts", "stage2_cuts", "write_search_report"]

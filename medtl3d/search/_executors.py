@@ -8,12 +8,22 @@ started with ``num_cpus``. Ray is optional (``pip install medtl3d[distributed]``
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 from ..errors import SearchError
 from ._trial import TrialSpec, run_trial
 
 EXECUTORS = ("local", "ray")
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """What runs trials: ``map`` calls ``on_result`` with each finished trial's record, in this process; ``name``
+    goes into the report. A bundle's ``search#executor`` / ``study#executor`` may be any such component."""
+
+    name: str
+
+    def map(self, specs: Sequence[TrialSpec], on_result: Callable[[dict], None]) -> None: ...
 
 
 class TrialError(SearchError):
@@ -77,8 +87,12 @@ class RayExecutor:
                 raise _failure(spec, " in a Ray worker", err.cause if getattr(err, "cause", None) else err) from None
 
 
-def make_executor(name: str, *, address: str | None = None, num_cpus: int | None = None,
-                  gpus_per_trial: float = 0):
+def make_executor(name: str | Executor, *, address: str | None = None, num_cpus: int | None = None,
+                  gpus_per_trial: float = 0) -> Executor:
+    """The executor called ``name`` (``local`` or ``ray``, with Ray's options); an executor object is returned
+    as it is (a bundle builds it as a component)."""
+    if isinstance(name, Executor):
+        return name
     if name == "local":
         return LocalExecutor()
     if name == "ray":

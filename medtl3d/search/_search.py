@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from ..locking import one_run_per_output
 from ..provenance import sha256_file
 from ..stats import DEFAULT_MARGINS
 from ._bundle import BundleTask
-from ._executors import make_executor
+from ._executors import Executor, make_executor
 from ._plan import (REFERENCES, SEARCH_STRATEGIES, SHORT_NAMES, Candidate, applicable_cuts, candidates_for,
                     stage1_cuts, stage2_cuts)
 from ._plan import neighbourhood as neighbourhood_cuts
@@ -72,13 +73,53 @@ def fingerprinted_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
             for key, value in overrides.items() if key not in _DATA_IDS}
 
 
+def check_search_options(*, strategies: Sequence[str], references: Sequence[str], seeds: int | Sequence[int],
+                         probe_top_m: int | None, probe_rank_by: str, processes_per_trial: int,
+                         gpus_per_trial: float, noninferior_to: str, margin: float | None,
+                         budget_epochs: float | None, budget_device_hours: float | None, **_: Any) -> dict[str, Any]:
+    """Refuse the options of :func:`run_search` that no bundle could make valid (before anything is read or
+    trained); returns the normalised ones: ``strategies`` and ``references`` (FTL first) without repeats, ``seeds``
+    as a list, ``processes_per_trial`` as an int."""
+    strategies, references = list(dict.fromkeys(strategies)), list(dict.fromkeys(["full", *references]))
+    if not strategies:
+        raise SearchError("search strategies: give at least one of " + ", ".join(SEARCH_STRATEGIES))
+    for name in strategies:
+        if name not in SEARCH_STRATEGIES:
+            raise SearchError(f"search strategy {name!r} is not a cut strategy; choose from "
+                              f"{', '.join(SEARCH_STRATEGIES)} (references: {', '.join(REFERENCES)})")
+    for name in references:
+        if name not in REFERENCES:
+            raise SearchError(f"search reference {name!r}: choose from {', '.join(REFERENCES)}")
+    if probe_top_m is not None and probe_top_m < 1:
+        raise SearchError(f"probe_top_m must be >= 1, got {probe_top_m}")
+    if probe_rank_by not in PROBES:
+        raise SearchError(f"probe_rank_by must be one of {', '.join(PROBES)}, got {probe_rank_by!r}")
+    if int(processes_per_trial) != processes_per_trial or processes_per_trial < 1:
+        raise SearchError(f"processes_per_trial must be an integer >= 1, got {processes_per_trial!r}")
+    processes_per_trial = int(processes_per_trial)
+    if processes_per_trial > 1 and 0 < gpus_per_trial < processes_per_trial:
+        raise SearchError(f"processes_per_trial={processes_per_trial} needs a GPU per process; gpus_per_trial is "
+                          f"{gpus_per_trial:g}")
+    if noninferior_to not in ("best", "full"):
+        raise SearchError(f"noninferior_to must be best or full, got {noninferior_to!r}")
+    for name, value in (("margin", margin), ("budget_epochs", budget_epochs),
+                        ("budget_device_hours", budget_device_hours)):
+        if value is not None and not value > 0:
+            raise SearchError(f"{name} must be > 0, got {value!r}")
+    seeds = list(range(int(seeds))) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not seeds:
+        raise SearchError("search seeds: give at least one seed")
+    return {"strategies": strategies, "references": references, "seeds": seeds,
+            "processes_per_trial": processes_per_trial}
+
+
 @one_run_per_output(SearchError)
 def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dict[str, Any] | None = None,
                strategies: Sequence[str] = ("truncate",), references: Sequence[str] = ("full",),
                cuts: str | Sequence[str] = "block", stage2: bool = True, neighbourhood: int = 1,
                n_folds: int | None = None, seeds: int | Sequence[int] = 1, probe: bool = False,
                probe_top_m: int | None = None, probe_rank_by: str = "linear", evaluate_test: bool = True,
-               executor: str = "local", ray_address: str | None = None, ray_num_cpus: int | None = None,
+               executor: str | Executor = "local", ray_address: str | None = None, ray_num_cpus: int | None = None,
                cpus_per_trial: int | None = None, gpus_per_trial: float = 0, processes_per_trial: int = 1,
                efficiency_runs: int = 10, efficiency_warmup: int = 3, keep_checkpoints: bool = False,
                early_stop: bool = True, eta: int = 3, min_epochs: int | None = None,
@@ -109,35 +150,13 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
     """
     start = time.perf_counter()
     out = Path(output_dir).resolve()
-    strategies, references = list(dict.fromkeys(strategies)), list(dict.fromkeys(["full", *references]))
-    if not strategies:
-        raise SearchError("search strategies: give at least one of " + ", ".join(SEARCH_STRATEGIES))
-    for name in strategies:
-        if name not in SEARCH_STRATEGIES:
-            raise SearchError(f"search strategy {name!r} is not a cut strategy; choose from "
-                              f"{', '.join(SEARCH_STRATEGIES)} (references: {', '.join(REFERENCES)})")
-    for name in references:
-        if name not in REFERENCES:
-            raise SearchError(f"search reference {name!r}: choose from {', '.join(REFERENCES)}")
-    if probe_top_m is not None and probe_top_m < 1:
-        raise SearchError(f"probe_top_m must be >= 1, got {probe_top_m}")
-    if probe_rank_by not in PROBES:
-        raise SearchError(f"probe_rank_by must be one of {', '.join(PROBES)}, got {probe_rank_by!r}")
-    if int(processes_per_trial) != processes_per_trial or processes_per_trial < 1:
-        raise SearchError(f"processes_per_trial must be an integer >= 1, got {processes_per_trial!r}")
-    processes_per_trial = int(processes_per_trial)
-    if processes_per_trial > 1 and 0 < gpus_per_trial < processes_per_trial:
-        raise SearchError(f"processes_per_trial={processes_per_trial} needs a GPU per process; gpus_per_trial is "
-                          f"{gpus_per_trial:g}")
-    if noninferior_to not in ("best", "full"):
-        raise SearchError(f"noninferior_to must be best or full, got {noninferior_to!r}")
-    for name, value in (("margin", margin), ("budget_epochs", budget_epochs),
-                        ("budget_device_hours", budget_device_hours)):
-        if value is not None and not value > 0:
-            raise SearchError(f"{name} must be > 0, got {value!r}")
-    seeds = list(range(int(seeds))) if isinstance(seeds, int) else [int(s) for s in seeds]
-    if not seeds:
-        raise SearchError("search seeds: give at least one seed")
+    checked = check_search_options(
+        strategies=strategies, references=references, seeds=seeds, probe_top_m=probe_top_m,
+        probe_rank_by=probe_rank_by, processes_per_trial=processes_per_trial, gpus_per_trial=gpus_per_trial,
+        noninferior_to=noninferior_to, margin=margin, budget_epochs=budget_epochs,
+        budget_device_hours=budget_device_hours)
+    strategies, references, seeds = checked["strategies"], checked["references"], checked["seeds"]
+    processes_per_trial = checked["processes_per_trial"]
     overrides = dict(overrides or {})
     if n_folds is not None:
         overrides["n_folds"] = int(n_folds)
@@ -193,8 +212,8 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
         """A bracket's prior order: best probe score first when probing, else cheaper (earlier unit) first."""
         return sorted(candidates, key=lambda c: (prior.get(c.unit, math.inf), c.unit))
 
-    search = StageRunner(task, store, make_executor(executor, address=ray_address, num_cpus=ray_num_cpus,
-                                                    gpus_per_trial=gpus_per_trial),
+    runner = make_executor(executor, address=ray_address, num_cpus=ray_num_cpus, gpus_per_trial=gpus_per_trial)
+    search = StageRunner(task, store, runner,
                          folds, seeds, out, threads=cpus_per_trial, processes=processes_per_trial,
                          evaluate_test=evaluate_test, keep_checkpoints=keep_checkpoints, rungs=rungs, eta=eta,
                          budget=Budget(budget_epochs, budget_device_hours))
@@ -247,7 +266,7 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
     seconds = time.perf_counter() - start
     store.add({"kind": "run", "seconds": round(seconds, 3), "trained": search.trained})
     cost = _cost_summary(store, body, strategies, references, len(folds) * len(seeds), max_epochs)
-    metadata = {**config, "key_metric": key_metric, "n_folds": len(folds), "executor": executor,
+    metadata = {**config, "key_metric": key_metric, "n_folds": len(folds), "executor": runner.name,
                 "trials_total": sum(r["n"] for r in rows), "trained_this_run": search.trained,
                 "reused": search.reused, "spearman": correlations, "rungs": rungs, "eta": eta, "margin": margin,
                 "noninferior_to": noninferior_to, "budget": {"epochs": budget_epochs,
@@ -259,6 +278,27 @@ def run_search(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dic
           f"{cost['epochs_fraction']:.0%} of exhaustive; picks: " + ", ".join(f"{k}={v}" for k, v in picks.items())
           + f"; report: {paths['md']}", flush=True)
     return SearchResult(rows, picks, probes, search.trained, search.reused, seconds, cost, paths)
+
+
+class CutoffSearch:
+    """The cutoff search as a bundle component: ``search.yaml`` builds it from its ids and runs ``$@search.run()``.
+
+    The options are :func:`run_search`'s, checked here (:func:`check_search_options`), so a wrong value stops while
+    the config is parsed, before any data are read; ``executor`` may be an executor component
+    (``search#executor``, e.g. :func:`make_executor` or a :class:`RayExecutor`). Errors start with ``search:``,
+    the component's id in the bundles."""
+
+    def __init__(self, bundle_dir: str | Path, output_dir: str | Path, **options: Any) -> None:
+        try:
+            bound = inspect.signature(run_search).bind(bundle_dir, output_dir, **options)
+            bound.apply_defaults()
+            check_search_options(**bound.arguments)
+        except (TypeError, SearchError) as err:
+            raise SearchError(f"search: {err}") from None
+        self.bundle_dir, self.output_dir, self.options = bundle_dir, output_dir, options
+
+    def run(self) -> SearchResult:
+        return run_search(self.bundle_dir, self.output_dir, **self.options)
 
 
 def _cost_summary(store: ResultsStore, body, strategies: Sequence[str], references: Sequence[str], runs: int,

@@ -17,17 +17,18 @@ torchrun data parallelism, and its params / MACs / latency table (:mod:`medtl3d.
    end apart (:mod:`medtl3d.analysis`);
 5. convergence: epochs to 95% of the final validation score, WT vs RI (each run's history).
 
-``medtl3d study --bundle ...`` or the bundles' ``study.yaml`` (merged on ``train.yaml``) run it; the report is
-``study_report.{md,json,csv}`` with ``study_score_cost.png`` and ``study_cka.png``.
+``medtl3d study --bundle ...`` or the bundles' ``study.yaml`` (merged on ``train.yaml``; its ``study`` component is
+:class:`Study`) run it; the report is ``study_report.{md,json,csv}`` with ``study_score_cost.png`` and
+``study_cka.png``.
 """
 
 from ._claims import (CONTRADICTED, INCONCLUSIVE, NOT_TESTED, SUPPORTED, claim_budget, claim_convergence,
                       claim_representation, claim_transfer, claim_truncation, epochs_to_fraction, reuse_share)
-from ._grid import STUDY_STRATEGIES, WEIGHTS, Arm, expand_grid
+from ._grid import STUDY_STRATEGIES, WEIGHTS, Arm, check_grid, expand_grid
 from ._report import figures, plot_figures
-from ._study import StudyResult, StudyTask, run_study
+from ._study import Study, StudyResult, StudyTask, check_study_options, run_study
 
-__all__ = ["Arm", "CONTRADICTED", "INCONCLUSIVE", "NOT_TESTED", "STUDY_STRATEGIES", "SUPPORTED", "StudyResult",
-           "StudyTask", "WEIGHTS", "claim_budget", "claim_convergence", "claim_representation", "claim_transfer",
-           "claim_truncation", "epochs_to_fraction", "expand_grid", "figures", "plot_figures", "reuse_share",
-           "run_study"]
+__all__ = ["Arm", "CONTRADICTED", "INCONCLUSIVE", "NOT_TESTED", "STUDY_STRATEGIES", "SUPPORTED", "Study",
+           "StudyResult", "StudyTask", "WEIGHTS", "check_grid", "check_study_options", "claim_budget",
+           "claim_convergence", "claim_representation", "claim_transfer", "claim_truncation", "epochs_to_fraction",
+           "expand_grid", "figures", "plot_figures", "reuse_share", "run_study"]

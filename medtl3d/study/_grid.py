@@ -39,11 +39,9 @@ class Arm(Candidate):
         return f"RI control of {base}" if self.control else base
 
 
-def expand_grid(backbone, strategies: Sequence[str], cuts: str | Sequence[str],
-                weights: Sequence[str]) -> list[Arm]:
-    """The arms of a study: WT, RI when ``random`` is among ``weights``, then each strategy at each of its
-    applicable ``cuts`` (:func:`medtl3d.search.stage1_cuts`), each truncated or slimmed arm followed by its
-    random-init control."""
+def check_grid(strategies: Sequence[str], weights: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Refuse a grid's unknown strategies and weights (the cuts need the backbone: :func:`expand_grid`); returns
+    both without repeats."""
     strategies = list(dict.fromkeys(strategies))
     weights = list(dict.fromkeys(weights))
     for name in strategies:
@@ -57,6 +55,15 @@ def expand_grid(backbone, strategies: Sequence[str], cuts: str | Sequence[str],
             raise StudyError(f"study weights: {name!r} is not one of {', '.join(WEIGHTS)}")
     if "pretrained" not in weights:
         raise StudyError("study weights: the grid needs 'pretrained' (every claim compares transfer with a control)")
+    return strategies, weights
+
+
+def expand_grid(backbone, strategies: Sequence[str], cuts: str | Sequence[str],
+                weights: Sequence[str]) -> list[Arm]:
+    """The arms of a study: WT, RI when ``random`` is among ``weights``, then each strategy at each of its
+    applicable ``cuts`` (:func:`medtl3d.search.stage1_cuts`), each truncated or slimmed arm followed by its
+    random-init control."""
+    strategies, weights = check_grid(strategies, weights)
     controls = "random" in weights
     arms = [Arm("full", None, 1)] + ([Arm("random", None, 1)] if controls else [])
     arms += [Arm(name, None, 1) for name in strategies if name == "stats"]

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..errors import StudyError, interface, setting
 from ..locking import one_run_per_output
 from ..search import (Budget, BundleTask, ResultsStore, StageRunner, add_costs, configs_hash,
-                      fingerprinted_overrides, make_executor)
+                      Executor, fingerprinted_overrides, make_executor)
 from ..stats import DEFAULT_MARGINS
 from ..weights import weights_or_none
 from . import _claims as claims
-from ._grid import CONTROLLED, expand_grid
+from ._grid import CONTROLLED, check_grid, expand_grid
 from ._report import write_study_report
 from ._representation import cka_rows
 
@@ -54,9 +55,22 @@ class StudyResult:
         return next(c for c in self.claims if c["claim"] == number)
 
 
-def _check(name: str, value, ok: bool, what: str) -> None:
-    if not ok:
-        raise StudyError(f"{setting(name, value)}: {what}")
+def check_study_options(*, seeds: int | Sequence[int], margin: float | None, cka_cases: int, divergence_cka: float,
+                        convergence_fraction: float, processes_per_trial: int,
+                        describe: Callable[[str, Any], str] = setting, **_: Any) -> list[int]:
+    """Refuse the options of :func:`run_study` that no bundle could make valid, each named by ``describe(name,
+    value)`` (default: as the user's interface sets it); returns the seeds as a list."""
+    given, seeds = seeds, list(range(int(seeds))) if isinstance(seeds, int) else [int(s) for s in seeds]
+    for name, value, ok, what in (
+            ("seeds", given, bool(seeds), "give at least one seed"),
+            ("margin", margin, margin is None or margin > 0, "must be > 0"),
+            ("cka_cases", cka_cases, int(cka_cases) >= 4, "must be >= 4 (CKA needs a few cases)"),
+            ("divergence_cka", divergence_cka, 0 < divergence_cka < 1, "must be in (0, 1)"),
+            ("convergence_fraction", convergence_fraction, 0 < convergence_fraction <= 1, "must be in (0, 1]"),
+            ("processes_per_trial", processes_per_trial, int(processes_per_trial) >= 1, "must be an integer >= 1")):
+        if not ok:
+            raise StudyError(f"{describe(name, value)}: {what}")
+    return seeds
 
 
 @one_run_per_output(StudyError)
@@ -64,7 +78,7 @@ def run_study(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dict
               strategies: Sequence[str] = ("full", "stats", "truncate", "transfusion", "lwft"),
               weights: Sequence[str] = ("pretrained", "random"), cuts: str | Sequence[str] = "block",
               n_folds: int | None = None, seeds: int | Sequence[int] = 2, margin: float | None = None,
-              evaluate_test: bool = True, executor: str = "local", ray_address: str | None = None,
+              evaluate_test: bool = True, executor: str | Executor = "local", ray_address: str | None = None,
               ray_num_cpus: int | None = None, cpus_per_trial: int | None = None, gpus_per_trial: float = 0,
               processes_per_trial: int = 1, efficiency_runs: int = 10, efficiency_warmup: int = 3,
               cka_cases: int = 64, divergence_cka: float = 0.5, convergence_fraction: float = 0.95) -> StudyResult:
@@ -78,13 +92,8 @@ def run_study(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dict
     final validation score. The execution options are the search's (:func:`medtl3d.search.run_search`)."""
     out = Path(output_dir)
     start = time.perf_counter()
-    given, seeds = seeds, list(range(int(seeds))) if isinstance(seeds, int) else [int(s) for s in seeds]
-    _check("seeds", given, bool(seeds), "give at least one seed")
-    _check("margin", margin, margin is None or margin > 0, "must be > 0")
-    _check("cka_cases", cka_cases, int(cka_cases) >= 4, "must be >= 4 (CKA needs a few cases)")
-    _check("divergence_cka", divergence_cka, 0 < divergence_cka < 1, "must be in (0, 1)")
-    _check("convergence_fraction", convergence_fraction, 0 < convergence_fraction <= 1, "must be in (0, 1]")
-    _check("processes_per_trial", processes_per_trial, int(processes_per_trial) >= 1, "must be an integer >= 1")
+    seeds = check_study_options(seeds=seeds, margin=margin, cka_cases=cka_cases, divergence_cka=divergence_cka,
+                                convergence_fraction=convergence_fraction, processes_per_trial=processes_per_trial)
     overrides = dict(overrides or {})
     if n_folds is not None:
         overrides["n_folds"] = int(n_folds)
@@ -107,8 +116,8 @@ def run_study(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dict
               **({"processes_per_trial": processes_per_trial} if processes_per_trial > 1 else {})}
     store = ResultsStore(out / "trials.jsonl", config)
     epochs = int(task.parser["epochs"])
-    runner = StageRunner(task, store, make_executor(executor, address=ray_address, num_cpus=ray_num_cpus,
-                                                    gpus_per_trial=gpus_per_trial),
+    executor = make_executor(executor, address=ray_address, num_cpus=ray_num_cpus, gpus_per_trial=gpus_per_trial)
+    runner = StageRunner(task, store, executor,
                          folds, seeds, out, threads=cpus_per_trial, processes=int(processes_per_trial),
                          evaluate_test=evaluate_test, keep_checkpoints=False, rungs=[epochs], eta=3,
                          budget=Budget(), command="study")
@@ -145,7 +154,7 @@ def run_study(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dict
                "test": r["test"], "history": r["history"], "output_dir": r["output_dir"],
                "predictions": str(Path(r["output_dir"]) / "eval" / "predictions.csv") if r["test"] else None}
               for label, found in records.items() for r in found]
-    metadata = {**config, "key_metric": key_metric, "executor": executor, "trained_this_run": runner.trained,
+    metadata = {**config, "key_metric": key_metric, "executor": executor.name, "trained_this_run": runner.trained,
                 "reused": runner.reused, "controls": [a.label for a in arms if a.control],
                 "controlled_strategies": list(CONTROLLED), "divergence_cka": divergence_cka,
                 "convergence_fraction": convergence_fraction, "seconds": round(seconds, 3)}
@@ -155,3 +164,24 @@ def run_study(bundle_dir: str | Path, output_dir: str | Path, *, overrides: dict
           flush=True)
     return StudyResult(rows, judged, limits, runner.trained, runner.reused, seconds, paths)
 
+
+
+class Study:
+    """The study as a bundle component: ``study.yaml`` builds it from its ids and runs ``$@study.run()``.
+
+    The options are :func:`run_study`'s, checked here (:func:`check_study_options`, and the grid's strategies and
+    weights), so a wrong value stops while the config is parsed, before any data are read; ``executor`` may be an
+    executor component (``study#executor``). Errors start with ``study:``, the component's id in the bundles."""
+
+    def __init__(self, bundle_dir: str | Path, output_dir: str | Path, **options: Any) -> None:
+        try:
+            bound = inspect.signature(run_study).bind(bundle_dir, output_dir, **options)
+            bound.apply_defaults()
+            check_study_options(**bound.arguments, describe=lambda name, value: f"{name}={value!r}")
+            check_grid(bound.arguments["strategies"], bound.arguments["weights"])
+        except (TypeError, StudyError) as err:
+            raise StudyError(f"study: {err}") from None
+        self.bundle_dir, self.output_dir, self.options = bundle_dir, output_dir, options
+
+    def run(self) -> StudyResult:
+        return run_study(self.bundle_dir, self.output_dir, **self.options)
