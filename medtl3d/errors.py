@@ -96,6 +96,10 @@ class EvaluationError(Medtl3dError, ValueError):
     runs of two arms, a metric undefined on the cases."""
 
 
+class CasesFailedError(Medtl3dError, RuntimeError):
+    """Some cases of a folder inference failed or were skipped; every row, with its reason, was written."""
+
+
 class SearchError(Medtl3dError, ValueError):
     """A cutoff search that cannot run as configured: no candidates, inapplicable strategy, foreign results store."""
 

@@ -39,7 +39,7 @@ from .data.splits import format_split, holdout_split, kfold_split, split_summary
 from .engine import load_checkpoint
 from .engine.results import settings_path
 from .engine.runtime import on_terminal
-from .errors import DataError, UnknownBackboneError, UnknownCutPointError, interface
+from .errors import CasesFailedError, DataError, UnknownBackboneError, UnknownCutPointError, interface
 from .inference import PredictionWriter, load_network  # noqa: F401  (load_network: the configs call it here)
 from .models.builders import _weights_id, build_classifier, build_segmenter  # noqa: F401
 from .strategies import CUT_STRATEGIES, STRATEGIES
@@ -271,11 +271,12 @@ def check_input_dir(input_dir) -> bool:
 
 def inference_outcome(handlers: Sequence[Any]) -> dict | None:
     """After ``inference.yaml``'s evaluator ran: print what its :class:`~medtl3d.inference.PredictionWriter` (if
-    still among ``handlers``) published; a run where some cases failed wrote every row, then exits with status 1."""
+    still among ``handlers``) published; a run where some cases failed wrote every row, then raises
+    :class:`~medtl3d.errors.CasesFailedError` (a bundle run ends with status 1 and that one line)."""
     summary = next((h.summary for h in handlers if isinstance(h, PredictionWriter)), None)
     if summary is None:
         return None
     print(f"medtl3d: {summary.n_ok}/{summary.n_cases} cases predicted -> {summary.csv_path}")
     if summary.n_failed:
-        raise SystemExit(f"medtl3d: {summary.n_failed} case(s) failed or were skipped; reasons in {summary.csv_path}")
+        raise CasesFailedError(f"{summary.n_failed} case(s) failed or were skipped; reasons in {summary.csv_path}")
     return {"n_cases": summary.n_cases, "n_ok": summary.n_ok, "csv": str(summary.csv_path)}

@@ -20,7 +20,7 @@ from sklearn.metrics import precision_recall_curve
 
 from ..errors import EvaluationError
 from ..stats import (StatisticsError, ThresholdChoice, auroc, average_precision, bootstrap_ci, delong_ci,
-                     expected_calibration_error, operating_point, reliability_bins, roc_curve, threshold_at)
+                     expected_calibration_error, macro_auroc, operating_point, reliability_bins, roc_curve, threshold_at)
 
 SEGMENTATION_COLUMNS = ("dice", "jaccard", "hd95")
 THRESHOLD_METRICS = ("sensitivity", "specificity", "ppv", "npv", "accuracy", "f1", "kappa")
@@ -144,7 +144,7 @@ def _multi(rows, task: str, intervals: _Intervals, class_names: Sequence[str] | 
     columns = [c for c in range(scores.shape[1]) if 0 < onehot[:, c].sum() < len(rows)]
 
     def macro(index) -> float:
-        return float(np.mean([auroc(onehot[index, c], scores[index, c]) for c in columns]))
+        return macro_auroc(onehot[index], scores[index], columns)
 
     # resample case indices; multiclass stratified by class, multilabel plain (its label sets are too many strata)
     strata = labels[:, 0] if task == "multiclass" else None
