@@ -9,15 +9,16 @@ raises, however MONAI wrapped it, end the process with its one line.
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from monai.bundle import ConfigParser, scripts
 
-from .errors import medtl3d_cause
+from .errors import Medtl3dError, medtl3d_cause
 
 
 class ConfigIdError(SystemExit):
@@ -101,3 +102,17 @@ def report_bundle_errors() -> None:
 
     hook.medtl3d_bundle = True  # type: ignore[attr-defined]
     sys.excepthook = hook
+
+
+def check_component_options(component: str, function: Callable, check: Callable[[dict], Any],
+                            error: type[Medtl3dError], *args: Any, **options: Any) -> None:
+    """Check, when a bundle builds a procedure component (``search``, ``study``, ``efficiency``, ``lr_find``), the
+    options it will later call ``function`` with: they must bind to its signature (a misspelt or missing option is
+    otherwise a ``TypeError`` found only when it runs) and pass ``check(arguments)``, defaults applied. A problem
+    raises ``error`` starting with the component's id, so its one line says where to look."""
+    try:
+        bound = inspect.signature(function).bind(*args, **options)
+        bound.apply_defaults()
+        check(bound.arguments)
+    except (TypeError, Medtl3dError) as err:
+        raise error(f"{component}: {err}") from None

@@ -10,7 +10,6 @@ context) that writes CSV, JSON, Markdown and a PNG plot.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import os
 import platform
 from typing import Callable, Sequence
@@ -19,7 +18,8 @@ import torch
 from torch import nn
 
 from ..backbones import Backbone, CutPoint, build_backbone, get_entry
-from ..errors import EfficiencyError, Medtl3dError, StrategyNotApplicableError, UnknownBackboneError
+from ..config_ids import check_component_options
+from ..errors import EfficiencyError, StrategyNotApplicableError, UnknownBackboneError
 from ..models import TruncatedUNet
 from ..strategies import CUT_STRATEGIES, apply_strategy
 from ._counting import EXCLUDED_OPS, MAC_CONVENTION, MacCount, count_macs, count_params, pooling_rules
@@ -302,14 +302,11 @@ class EfficiencyBenchmark:
 
     def __init__(self, backbone: str, output_dir: str, *, segmentation_classes: int | None = None,
                  **options) -> None:
-        try:
-            bound = inspect.signature(efficiency_report).bind(backbone, output_dir=output_dir, **options)
-            bound.apply_defaults()
-            given = bound.arguments
-            check_efficiency_options(backbone, given["input_shape"], given["batch_sizes"], given["device"],
-                                     given["dtype"], given["runs"], given["warmup"])
-        except (TypeError, Medtl3dError) as err:
-            raise EfficiencyError(f"efficiency: {err}") from None
+        check_component_options(
+            "efficiency", efficiency_report,
+            lambda given: check_efficiency_options(backbone, given["input_shape"], given["batch_sizes"],
+                                                   given["device"], given["dtype"], given["runs"], given["warmup"]),
+            EfficiencyError, backbone, output_dir=output_dir, **options)
         if segmentation_classes is not None:
             options["model_builder"] = lambda body, name, num_classes, cut=None, **_: TruncatedUNet(
                 body, segmentation_classes, cut=cut)

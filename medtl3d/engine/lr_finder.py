@@ -9,7 +9,6 @@ done, so the model leaves the finder with the weights it came with.
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from monai.engines import SupervisedTrainer
 from monai.utils import CommonKeys, set_determinism
 from torch import nn
 
+from ..config_ids import check_component_options
 from ..errors import TrainingError
 from ..reporting import pyplot, save_figure, write_table
 from ._blocks import ID_KEY
@@ -130,12 +130,8 @@ class LRFinder:
     bundles."""
 
     def __init__(self, model: nn.Module, train_data, **options) -> None:
-        try:
-            bound = inspect.signature(find_lr).bind(model, train_data, **options)
-            bound.apply_defaults()
-            check_lr_find_options(**bound.arguments)
-        except (TypeError, TrainingError) as err:
-            raise TrainingError(f"lr_find: {err}") from None
+        check_component_options("lr_find", find_lr, lambda given: check_lr_find_options(**given), TrainingError,
+                                model, train_data, **options)
         self.model, self.train_data, self.options = model, train_data, options
 
     def run(self) -> LRFindResult:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..config_ids import check_component_options
 from ..errors import SearchError
 from ..locking import one_run_per_output
 from ..provenance import sha256_file
@@ -289,12 +289,8 @@ class CutoffSearch:
     the component's id in the bundles."""
 
     def __init__(self, bundle_dir: str | Path, output_dir: str | Path, **options: Any) -> None:
-        try:
-            bound = inspect.signature(run_search).bind(bundle_dir, output_dir, **options)
-            bound.apply_defaults()
-            check_search_options(**bound.arguments)
-        except (TypeError, SearchError) as err:
-            raise SearchError(f"search: {err}") from None
+        check_component_options("search", run_search, lambda given: check_search_options(**given), SearchError,
+                                bundle_dir, output_dir, **options)
         self.bundle_dir, self.output_dir, self.options = bundle_dir, output_dir, options
 
     def run(self) -> SearchResult:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..config_ids import check_component_options
 from ..errors import StudyError, interface, setting
 from ..locking import one_run_per_output
 from ..search import (Budget, BundleTask, ResultsStore, StageRunner, add_costs, configs_hash,
@@ -174,13 +174,11 @@ class Study:
     executor component (``study#executor``). Errors start with ``study:``, the component's id in the bundles."""
 
     def __init__(self, bundle_dir: str | Path, output_dir: str | Path, **options: Any) -> None:
-        try:
-            bound = inspect.signature(run_study).bind(bundle_dir, output_dir, **options)
-            bound.apply_defaults()
-            check_study_options(**bound.arguments, describe=lambda name, value: f"{name}={value!r}")
-            check_grid(bound.arguments["strategies"], bound.arguments["weights"])
-        except (TypeError, StudyError) as err:
-            raise StudyError(f"study: {err}") from None
+        def check(given: dict) -> None:
+            check_study_options(**given, describe=lambda name, value: f"{name}={value!r}")
+            check_grid(given["strategies"], given["weights"])
+
+        check_component_options("study", run_study, check, StudyError, bundle_dir, output_dir, **options)
         self.bundle_dir, self.output_dir, self.options = bundle_dir, output_dir, options
 
     def run(self) -> StudyResult:
