@@ -14,6 +14,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from medtl3d.cli import main
 from medtl3d.evaluation import compare_runs, plot_comparison, write_comparison
+from medtl3d.evaluation._compare import find_runs
 from medtl3d.provenance import sha256_file
 from medtl3d.reporting import write_csv, write_json
 from medtl3d.stats import corrected_resampled_ttest
@@ -177,3 +178,25 @@ def test_comparison_pngs_redraw_from_the_json_alone(tmp_path):
         assert png_size(path) == png_size(files[key]) and path.stat().st_size > 1000
     document["curves"] = {}  # several runs per arm, multi-class or segmentation: the forest plot only
     assert set(plot_comparison(document, tmp_path / "forest_only")) == {"png"}
+
+
+def test_an_arm_holds_series_or_study_evaluations_never_both(tmp_path):
+    """A folder of CTPA runs holds ``eval/`` (series) and ``eval/study`` per run: an arm is one level or the other."""
+    rng = np.random.default_rng(3)
+    y = np.arange(40) % 3
+    for run in ("fold0", "fold1"):
+        series, study = tmp_path / run / "eval", tmp_path / run / "eval" / "study"
+        study.mkdir(parents=True)
+        evaluated_multi(series, "multiclass", y, softmax_scores(rng, y, 3, 1.0), fold=int(run[-1]))
+        evaluated_multi(study, "multiclass", y[:20], softmax_scores(rng, y[:20], 3, 1.0), fold=int(run[-1]))
+        document = json.loads((study / "evaluation.json").read_text())
+        document["metadata"]["level"] = "study"
+        (study / "evaluation.json").write_text(json.dumps(document))
+
+    assert sorted(len(run.rows) for run in find_runs(tmp_path)) == [40, 40]
+    assert sorted(len(run.rows) for run in find_runs(tmp_path, study=True)) == [20, 20]
+    assert len(find_runs(tmp_path / "fold0", study=True)[0].rows) == 20
+    comparison = compare_runs([tmp_path], [tmp_path], study=True)
+    assert comparison.rows  # 2 runs per arm, paired by fold: the study level alone
+    with pytest.raises(Exception, match="no study-level evaluation.json"):
+        find_runs(tmp_path / "fold0" / "eval" / "study" / "missing", study=True)
