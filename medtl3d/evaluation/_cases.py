@@ -49,6 +49,24 @@ def binary_arrays(rows: Sequence[dict], what: str = "predictions") -> tuple[np.n
     return labels, scores
 
 
+def multi_arrays(rows: Sequence[dict], task: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, scores)`` of multi-class / multi-label prediction rows: class indices (N,) or 0/1 flags (N, K),
+    and the (N, K) probabilities."""
+    try:
+        scores = np.array([np.ravel(row["probabilities"]) for row in rows], dtype=float)
+        labels = np.array([np.ravel(row["label"]) for row in rows]).astype(int)
+    except (KeyError, TypeError, ValueError) as err:
+        raise EvaluationError(f"{what}: {task} rows need a 'label' and one probability per class ({err})") from None
+    classes = scores.shape[1] if scores.ndim == 2 else 0
+    multiclass = task == "multiclass"
+    fits = (labels.shape == (len(rows), 1 if multiclass else classes)
+            and ((labels >= 0) & (labels < (classes if multiclass else 2))).all())
+    if not classes or not fits:
+        raise EvaluationError(f"{what}: {task} labels of shape {labels.shape} do not fit the probabilities' "
+                              f"{scores.shape} (class indices for multiclass, 0/1 per label for multilabel)")
+    return (labels[:, 0] if task == "multiclass" else labels), scores
+
+
 def _at_threshold(name: str, threshold: float) -> Callable[[np.ndarray, np.ndarray], float]:
     """``metric(y, p)`` of "positive when ``p >= threshold``", from :func:`medtl3d.stats.operating_point`'s counts."""
     def metric(y, p) -> float:
@@ -137,9 +155,8 @@ def _binary(rows, threshold: ThresholdChoice, intervals: _Intervals) -> CaseRepo
 
 
 def _multi(rows, task: str, intervals: _Intervals, class_names: Sequence[str] | None) -> CaseReport:
-    scores = np.array([np.ravel(row["probabilities"]) for row in rows], dtype=float)
-    labels = np.array([np.ravel(row["label"]) for row in rows])
-    onehot = np.eye(scores.shape[1], dtype=int)[labels[:, 0]] if task == "multiclass" else labels.astype(int)
+    labels, scores = multi_arrays(rows, task, "predictions")
+    onehot = np.eye(scores.shape[1], dtype=int)[labels] if task == "multiclass" else labels
     names = list(class_names or range(scores.shape[1]))
     columns = [c for c in range(scores.shape[1]) if 0 < onehot[:, c].sum() < len(rows)]
 
@@ -147,7 +164,7 @@ def _multi(rows, task: str, intervals: _Intervals, class_names: Sequence[str] | 
         return macro_auroc(onehot[index], scores[index], columns)
 
     # resample case indices; multiclass stratified by class, multilabel plain (its label sets are too many strata)
-    strata = labels[:, 0] if task == "multiclass" else None
+    strata = labels if task == "multiclass" else None
     intervals.add("auroc (macro)", (lambda y, index: macro(index)) if strata is not None else macro, strata,
                   np.arange(len(rows)), stratified=strata is not None)
     curves = {}

@@ -41,7 +41,7 @@ from ..provenance import sha256_file
 from ..stats import (DEFAULT_MARGINS, StatisticsError, auroc, average_precision, corrected_resampled_ttest,
                      delong_paired_test, holm_adjust, macro_auroc, mcnemar_test, noninferiority,
                      paired_bootstrap_diff, roc_curve)
-from ._cases import SEGMENTATION_COLUMNS, THRESHOLD_METRICS, _at_threshold, binary_arrays
+from ._cases import SEGMENTATION_COLUMNS, THRESHOLD_METRICS, _at_threshold, binary_arrays, multi_arrays
 
 PRIMARY = {"binary": "auroc", "multiclass": "auroc (macro)", "multilabel": "auroc (macro)", "segmentation": "dice"}
 LOWER_IS_BETTER = {"hd95", "ece"}
@@ -169,29 +169,12 @@ def _per_class(name: str) -> bool:
     return name.startswith("auroc [")
 
 
-def _multi_arrays(rows: Sequence[dict], task: str, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(labels, scores)``: class indices (N,) or 0/1 flags (N, K), and the (N, K) probabilities."""
-    try:
-        scores = np.array([np.ravel(row["probabilities"]) for row in rows], dtype=float)
-        labels = np.array([np.ravel(row["label"]) for row in rows]).astype(int)
-    except (KeyError, TypeError, ValueError) as err:
-        raise EvaluationError(f"{what}: {task} rows need a 'label' and one probability per class ({err})") from None
-    classes = scores.shape[1] if scores.ndim == 2 else 0
-    multiclass = task == "multiclass"
-    fits = (labels.shape == (len(rows), 1 if multiclass else classes)
-            and ((labels >= 0) & (labels < (classes if multiclass else 2))).all())
-    if not classes or not fits:
-        raise EvaluationError(f"{what}: {task} labels of shape {labels.shape} do not fit the probabilities' "
-                              f"{scores.shape} (class indices for multiclass, 0/1 per label for multilabel)")
-    return (labels[:, 0] if task == "multiclass" else labels), scores
-
-
 def _arrays(run: EvaluatedRun, ids: Sequence[str]):
     rows = [run.rows[i] for i in ids]
     if run.task == "segmentation":
         return None, {name: np.array([row[name] for row in rows], dtype=float) for name in SEGMENTATION_COLUMNS}
     if run.task in ("multiclass", "multilabel"):
-        y, scores = _multi_arrays(rows, run.task, str(run.folder))
+        y, scores = multi_arrays(rows, run.task, str(run.folder))
         return y, {"scores": scores, "decisions": scores.argmax(axis=1)}
     y, p = binary_arrays(rows, str(run.folder))
     called = (p >= run.document["threshold"]["threshold"]).astype(float)
